@@ -1,0 +1,36 @@
+# Every target creates .venv and installs what it needs when missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test lint bench schemas golden
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build that lies on this machine's disk; a plain `torch` would pull CUDA (GBs).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/gpufleet generate --stack local
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/generate.py
+
+schemas: setup
+	$(VENV)/bin/gpufleet schema --out schemas
+
+golden: setup
+	$(VENV)/bin/gpufleet generate --out tests/golden/model_repository

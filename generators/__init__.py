@@ -1,0 +1,1 @@
+"""Specs in, artifacts out: Triton configs, model repositories, schemas. Never talks to a cloud."""

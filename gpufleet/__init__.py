@@ -1,0 +1,1 @@
+"""gpufleet: typed specs, generators and gates for GPU model serving with Triton."""

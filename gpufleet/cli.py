@@ -1,0 +1,197 @@
+"""The `gpufleet` command line: generate Triton configs from specs, export schemas, import configs.
+
+Exit codes: 0 ok, 1 differences found (`generate --check`), 2 bad input or could not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from generators.model_repository import (
+    apply_plan,
+    diff_plan,
+    plan_repository,
+    render_repository_files,
+    write_atomically,
+)
+from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
+from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
+from gpufleet.spec.problems import SpecError
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
+SCHEMA_DIR = Path("schemas")
+
+app = typer.Typer(
+    help="Typed specs in, GPU model serving out: generate Triton configs from modelconfigs/*.yaml, "
+    "check them for drift, and import existing configs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# soft_wrap: long paths and diffs must stay on one line for CI logs and grep.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+SpecsOption = Annotated[
+    Path, typer.Option("--specs", help="Directory of model specs (one <model>.yaml each).")
+]
+StacksOption = Annotated[
+    Path, typer.Option("--stacks-dir", help="Directory of Pulumi.<stack>.yaml files.")
+]
+
+
+def _fail(problems: list[str], exit_code: int = EXIT_BAD_INPUT) -> NoReturn:
+    for line in problems:
+        err.print("error:", line, style=None, highlight=False, markup=False)
+    raise typer.Exit(exit_code)
+
+
+@app.command()
+def generate(
+    stack: Annotated[
+        str | None,
+        typer.Option(help="Generate only what this stack (stacks/Pulumi.<stack>.yaml) serves."),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Model repository to write (default: the stack's model_repository, "
+            "else build/model_repository).",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Write nothing; exit 1 and print a diff if files on disk differ."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Render each model spec to <out>/<model>/config.pbtxt (only files that changed are written).
+
+    Examples:
+
+      gpufleet generate                       # every spec -> build/model_repository
+
+      gpufleet generate --stack local --check # CI drift check of the local stack
+    """
+    try:
+        specs = load_model_specs(specs_dir)
+        repository = Path("build/model_repository")
+        if stack is not None:
+            loaded_stack = load_stack_spec(stacks_dir, stack)
+            specs = select_stack_models(loaded_stack, specs)
+            repository = Path(loaded_stack.spec.model_repository)
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    repository = out_dir or repository
+    plan = plan_repository(repository, render_repository_files(specs))
+    if not check:
+        apply_plan(plan)
+    summary = {
+        "ok": plan.in_sync or not check,
+        "repository": str(repository),
+        "created": plan.created,
+        "updated": plan.updated,
+        "unchanged": plan.unchanged,
+        "stale": plan.stale,
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+    elif check:
+        if plan.in_sync:
+            out.print(f"{len(plan.unchanged)} configs in {repository} match their specs.")
+        else:
+            out.print(diff_plan(plan), end="", highlight=False, markup=False)
+            err.print(
+                f"{len(plan.created) + len(plan.updated) + len(plan.stale)} files in "
+                f"{repository} differ from the specs; run `gpufleet generate` to update them."
+            )
+    else:
+        for verb, names in (("created", plan.created), ("updated", plan.updated)):
+            for name in names:
+                out.print(f"{verb} {repository / name}", highlight=False)
+        for name in plan.stale:
+            out.print(f"removed {repository / name} (its spec is gone)", highlight=False)
+        out.print(
+            f"{len(plan.created)} created, {len(plan.updated)} updated, "
+            f"{len(plan.unchanged)} unchanged, {len(plan.stale)} removed in {repository}",
+            highlight=False,
+        )
+    if check and not plan.in_sync:
+        raise typer.Exit(EXIT_DIFFERENT)
+
+
+@app.command()
+def schema(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for the JSON Schema files.")
+    ] = SCHEMA_DIR,
+) -> None:
+    """Write the JSON Schemas of ModelSpec and of stack files, for editor completion and checks.
+
+    Spec files point at them with a first line such as
+    `# yaml-language-server: $schema=../schemas/modelspec.schema.json`.
+    """
+    for name, content in render_schemas().items():
+        write_atomically(out_dir / name, content)
+        out.print(f"wrote {out_dir / name}", highlight=False)
+
+
+@app.command("import-config")
+def import_config(
+    configs: Annotated[
+        list[Path], typer.Argument(help="config.pbtxt files of an existing model repository.")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for the model spec YAML files.")
+    ] = Path("modelconfigs"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite spec files that already exist.")
+    ] = False,
+) -> None:
+    """Turn existing Triton config.pbtxt files into model specs (<out>/<name>.yaml).
+
+    All configs are checked before anything is written. A config that uses a field the spec
+    cannot express is refused with the exact field paths; nothing is dropped silently.
+    """
+    from generators.triton_import import import_model_config, parse_config_pbtxt, spec_to_yaml
+
+    problems: list[str] = []
+    documents: dict[Path, str] = {}
+    for config_path in configs:
+        try:
+            text = config_path.read_bytes().decode("utf-8")
+            message = parse_config_pbtxt(text, origin=str(config_path))
+            if not message.name:
+                # Triton names a model after its directory when the config does not.
+                message.name = config_path.resolve().parent.name
+            spec = import_model_config(message)
+        except UnicodeDecodeError:
+            problems.append(f"{config_path}: not UTF-8 text; save the file as UTF-8")
+            continue
+        except (OSError, ValueError) as error:
+            problems.append(f"{config_path}: {error}")
+            continue
+        target = out_dir / f"{spec.name}.yaml"
+        if target in documents:
+            problems.append(f"{config_path}: a second config for model {spec.name!r}")
+        elif target.exists() and not force:
+            problems.append(f"{config_path}: {target} exists; pass --force to overwrite it")
+        else:
+            schema_ref = os.path.relpath(SCHEMA_DIR / MODEL_SCHEMA_FILE, out_dir)
+            documents[target] = spec_to_yaml(spec, schema_ref=schema_ref)
+    if problems:
+        _fail(problems)
+    for target, document in documents.items():
+        write_atomically(target, document)
+        out.print(f"wrote {target}", highlight=False)

@@ -1,0 +1,1 @@
+"""The typed specs (ModelSpec, StackSpec), their cross-field checks and their loading."""

@@ -1,0 +1,199 @@
+"""Load ModelSpecs from `modelconfigs/`, reporting every problem with file, line and field path.
+
+    specs = load_model_specs(Path("modelconfigs"))   # raises SpecError listing all problems
+    for loaded in specs:
+        print(loaded.spec.name, loaded.spec_hash)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gpufleet.spec.model import ModelSpec
+from gpufleet.spec.model_checks import check_model_set, check_model_spec
+from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
+from gpufleet.spec.stack import CONFIG_NAMESPACE, StackSpec
+from gpufleet.spec.yaml_source import YamlSource, read_yaml_file, validation_problems
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class LoadedModelSpec:
+    """A valid spec, the file it came from, and the hash of its content."""
+
+    spec: ModelSpec
+    path: Path
+    source: YamlSource
+
+    @property
+    def spec_hash(self) -> str:
+        return model_spec_hash(self.spec)
+
+
+def model_spec_hash(spec: ModelSpec) -> str:
+    """sha256 of the spec's meaning: comments, key order and spelled-out defaults don't count."""
+    content = spec.model_dump(mode="json", exclude_defaults=True)
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_model_spec_file(path: Path) -> LoadedModelSpec:
+    """Load one spec file; SpecError lists all of its problems, each on its own line."""
+    source = read_yaml_file(path, "model spec")
+    problems: list[SpecProblem] = []
+    name = source.data.get("name")
+    if isinstance(name, str) and name != path.stem:
+        problems.append(
+            source.problem(
+                ("name",),
+                f"name {name!r} differs from the file name {path.name!r}; "
+                f"rename the file to {name}{path.suffix} or change name",
+            )
+        )
+    try:
+        spec = ModelSpec.model_validate(
+            source.data, context={"defer_cross_field_checks": True}
+        )
+    except ValidationError as error:
+        problems.extend(validation_problems(error, ModelSpec, source))
+        raise SpecError(_by_line(problems)) from None
+    problems.extend(source.problem(p.path, p.message) for p in check_model_spec(spec))
+    if problems:
+        raise SpecError(_by_line(problems))
+    return LoadedModelSpec(spec=spec, path=path, source=source)
+
+
+def _by_line(problems: list[SpecProblem]) -> list[SpecProblem]:
+    return sorted(problems, key=lambda problem: problem.line or 0)
+
+
+def find_spec_files(location: Path) -> list[Path]:
+    """The spec files in a directory (sorted), or the file itself."""
+    if location.is_dir():
+        return sorted(p for p in location.iterdir() if p.suffix in SPEC_SUFFIXES and p.is_file())
+    if location.is_file():
+        return [location]
+    raise SpecError([SpecProblem((), "no such file or directory", file=location)])
+
+
+def load_model_specs(locations: Path | Iterable[Path]) -> list[LoadedModelSpec]:
+    """Load every spec under the given directories or files, checking references between them.
+
+    All problems of all files are collected before SpecError is raised.
+    """
+    if isinstance(locations, Path):
+        locations = [locations]
+    problems: list[SpecProblem] = []
+    loaded: list[LoadedModelSpec] = []
+    for location in locations:
+        try:
+            files = find_spec_files(location)
+        except SpecError as error:
+            problems.extend(error.problems)
+            continue
+        for path in files:
+            try:
+                loaded.append(load_model_spec_file(path))
+            except SpecError as error:
+                problems.extend(error.problems)
+    first_file: dict[str, Path] = {}
+    unique: list[LoadedModelSpec] = []
+    for item in loaded:
+        other = first_file.setdefault(item.spec.name, item.path)
+        if other != item.path:
+            problems.append(
+                item.source.problem(
+                    ("name",),
+                    f"model name {item.spec.name!r} is already used by {other}; "
+                    "model names must be unique",
+                )
+            )
+        else:
+            unique.append(item)
+    by_name = {item.spec.name: item for item in unique}
+    # Ensemble references can only be checked when every spec they could name is valid.
+    if not problems:
+        for name, found in check_model_set([item.spec for item in unique]).items():
+            source = by_name[name].source
+            problems.extend(source.problem(p.path, p.message) for p in found)
+    if problems:
+        raise SpecError(problems)
+    return unique
+
+
+@dataclass(frozen=True)
+class LoadedStackSpec:
+    """A valid stack spec and the file it came from."""
+
+    name: str
+    spec: StackSpec
+    source: YamlSource
+
+
+def stack_file(stacks_dir: Path, stack: str) -> Path:
+    return stacks_dir / f"Pulumi.{stack}.yaml"
+
+
+def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
+    """Load `<stacks_dir>/Pulumi.<stack>.yaml`; its `gpufleet:` config keys form the StackSpec."""
+    path = stack_file(stacks_dir, stack)
+    if not path.is_file():
+        known = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+        raise SpecError(
+            [
+                SpecProblem(
+                    (),
+                    f"no stack named {stack!r} (known stacks: {', '.join(known) or 'none'})",
+                    file=path,
+                )
+            ]
+        )
+    source = read_yaml_file(path, "Pulumi stack file")
+    config = source.data.get("config", {})
+    if not isinstance(config, dict):
+        raise SpecError([source.problem(("config",), "config must be a mapping of keys to values")])
+    prefix = f"{CONFIG_NAMESPACE}:"
+    fields = {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
+    try:
+        spec = StackSpec.model_validate(fields)
+    except ValidationError as error:
+        problems = validation_problems(error, StackSpec, source, prefix=("config",))
+        # pydantic names `environment`; the file says `gpufleet:environment`.
+        problems = [
+            source.problem(_namespaced(p.path, prefix), p.message) for p in problems
+        ]
+        raise SpecError(problems) from None
+    return LoadedStackSpec(name=stack, spec=spec, source=source)
+
+
+def _namespaced(path: FieldPath, prefix: str) -> FieldPath:
+    if len(path) >= 2 and path[0] == "config":
+        return ("config", f"{prefix}{path[1]}", *path[2:])
+    return path
+
+
+def select_stack_models(
+    stack: LoadedStackSpec, specs: list[LoadedModelSpec]
+) -> list[LoadedModelSpec]:
+    """The specs a stack serves, in the stack's order; unknown names are located problems."""
+    if not stack.spec.models:
+        return specs
+    by_name = {item.spec.name: item for item in specs}
+    missing = [
+        stack.source.problem(
+            ("config", f"{CONFIG_NAMESPACE}:models", index),
+            f"no model spec named {name!r} (known: {', '.join(sorted(by_name)) or 'none'})",
+        )
+        for index, name in enumerate(stack.spec.models)
+        if name not in by_name
+    ]
+    if missing:
+        raise SpecError(missing)
+    return [by_name[name] for name in stack.spec.models]

@@ -1,0 +1,326 @@
+"""ModelSpec: the typed description of one served model, kept in `modelconfigs/<name>.yaml`.
+
+Field names are friendly (`fp16`, `max_queue_delay_us`, `kind: gpu`); `generators.triton_config`
+maps them onto Triton's own `ModelConfig` protobuf. Optional sub-objects are `None` when not set,
+so "not set" stays distinct from "set to Triton's default" and an imported config regenerates to
+an equal protobuf. Scalars whose Triton default is the protobuf zero use that default directly.
+
+Cross-field rules live in `gpufleet.spec.model_checks`; they run in the `after` validator here
+and, with a located message per problem, in `gpufleet.spec.loading`.
+
+    >>> spec = ModelSpec.model_validate({"name": "m", "backend": "python", "max_batch_size": 8})
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+# Names Triton accepts for a model and that are safe as a directory name.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+Backend = Literal[
+    "onnxruntime",
+    "pytorch",
+    "tensorrt",
+    "tensorflow",
+    "openvino",
+    "python",
+    "dali",
+    "fil",
+    "vllm",
+    "tensorrtllm",
+    "ensemble",
+]
+Platform = Literal[
+    "onnxruntime_onnx",
+    "pytorch_libtorch",
+    "tensorrt_plan",
+    "tensorflow_graphdef",
+    "tensorflow_savedmodel",
+    "ensemble",
+]
+BACKEND_ALIASES = {"libtorch": "pytorch", "torch": "pytorch", "onnx": "onnxruntime", "trt": "tensorrt"}
+
+DType = Literal[
+    "bool",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "fp16",
+    "fp32",
+    "fp64",
+    "bf16",
+    "string",
+]
+DTYPE_ALIASES = {
+    "float16": "fp16",
+    "half": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    "float64": "fp64",
+    "double": "fp64",
+    "bfloat16": "bf16",
+    "bytes": "string",
+}
+
+GpuFamily = Literal["t4", "a10", "a100", "l4", "l40s", "h100", "h200"]
+
+
+def _normalize(aliases: dict[str, str]) -> Any:
+    def normalize(value: Any) -> Any:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return aliases.get(lowered, lowered)
+        return value
+
+    return BeforeValidator(normalize)
+
+
+def _stringify_scalar(value: Any) -> Any:
+    """Triton parameters are strings; let YAML authors write numbers and booleans plainly."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+StringValue = Annotated[
+    str,
+    BeforeValidator(_stringify_scalar),
+    WithJsonSchema({"type": ["string", "number", "boolean"]}),
+]
+def _reject_zero_dim(dim: int) -> int:
+    if dim == 0:
+        raise ValueError("a dimension of 0 holds no data; use a positive size or -1")
+    return dim
+
+
+Dim = Annotated[
+    int,
+    Field(ge=-1),
+    AfterValidator(_reject_zero_dim),
+    WithJsonSchema({"type": "integer", "minimum": -1, "not": {"const": 0}}),
+]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Microseconds = Annotated[int, Field(ge=0, description="Microseconds.")]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec object: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(SpecModel):
+    """One input tensor. `shape` excludes the batch dimension when `max_batch_size > 0`."""
+
+    name: str = Field(min_length=1)
+    dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
+    shape: list[Dim] = Field(min_length=1, description="Dimensions; -1 for a variable size.")
+    reshape: list[PositiveInt] | None = Field(
+        default=None, description="Shape the backend sees; [] turns a [1] tensor into a scalar."
+    )
+    format: Literal["nchw", "nhwc"] | None = None
+    optional: bool = False
+    shape_tensor: bool = False
+    ragged_batch: bool = False
+    non_linear_format_io: bool = False
+
+
+class OutputSpec(SpecModel):
+    """One output tensor. `shape` excludes the batch dimension when `max_batch_size > 0`."""
+
+    name: str = Field(min_length=1)
+    dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
+    shape: list[Dim] = Field(min_length=1, description="Dimensions; -1 for a variable size.")
+    reshape: list[PositiveInt] | None = None
+    label_file: str | None = Field(default=None, description="Classification labels file.")
+    shape_tensor: bool = False
+    non_linear_format_io: bool = False
+
+
+class QueuePolicy(SpecModel):
+    """How long a request may wait and how many may wait (Triton's ModelQueuePolicy)."""
+
+    max_queue_size: NonNegativeInt = Field(default=0, description="0 means unbounded.")
+    timeout_us: Microseconds = Field(default=0, description="0 means no timeout.")
+    timeout_action: Literal["reject", "delay"] = "reject"
+    allow_timeout_override: bool = False
+
+
+class DynamicBatching(SpecModel):
+    """Server-side batching of individual requests (Triton's ModelDynamicBatching)."""
+
+    max_queue_delay_us: Microseconds = Field(
+        default=0, description="How long the batcher may hold a request to form a larger batch."
+    )
+    preferred_batch_sizes: list[PositiveInt] = Field(default_factory=list)
+    preserve_ordering: bool = False
+    priority_levels: NonNegativeInt = 0
+    default_priority_level: NonNegativeInt = 0
+    default_queue_policy: QueuePolicy | None = None
+    priority_queue_policies: dict[PositiveInt, QueuePolicy] = Field(
+        default_factory=dict, description="Queue policy per priority level (1 is highest)."
+    )
+
+
+class InstanceGroup(SpecModel):
+    """Copies of the model and where they run (Triton's ModelInstanceGroup)."""
+
+    kind: Literal["auto", "gpu", "cpu", "model"] = "auto"
+    count: PositiveInt | None = Field(default=None, description="Instances per device; Triton's default is 1.")
+    gpus: list[NonNegativeInt] = Field(default_factory=list, description="GPU indices, kind gpu only.")
+    name: str | None = None
+    profiles: list[str] = Field(default_factory=list, description="TensorRT optimization profiles.")
+    passive: bool = False
+    host_policy: str | None = None
+
+
+class VersionPolicy(SpecModel):
+    """Which versions Triton serves: exactly one of `latest`, `all` or `specific`."""
+
+    latest: PositiveInt | None = Field(default=None, description="Serve the N newest versions.")
+    all: Literal[True] | None = None
+    specific: list[PositiveInt] | None = None
+
+
+class WarmupInput(SpecModel):
+    """Data fed to one input during warmup: `data: zero|random` or a `data_file`."""
+
+    dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
+    shape: list[PositiveInt]
+    data: Literal["zero", "random"] | None = None
+    data_file: str | None = None
+
+
+class Warmup(SpecModel):
+    """A warmup request Triton runs before it reports the model ready."""
+
+    name: str = Field(min_length=1)
+    batch_size: NonNegativeInt = 0
+    count: NonNegativeInt = 0
+    inputs: dict[str, WarmupInput] = Field(default_factory=dict)
+
+
+class Accelerator(SpecModel):
+    """An execution accelerator such as `tensorrt` (GPU) or `openvino` (CPU), with its parameters."""
+
+    name: str = Field(min_length=1)
+    parameters: dict[str, StringValue] = Field(default_factory=dict)
+
+
+class Accelerators(SpecModel):
+    gpu: list[Accelerator] = Field(default_factory=list)
+    cpu: list[Accelerator] = Field(default_factory=list)
+
+
+class CudaOptimization(SpecModel):
+    graphs: bool = Field(default=False, description="Capture CUDA graphs (TensorRT backend).")
+    busy_wait_events: bool = False
+    output_copy_stream: bool = False
+
+
+class Optimization(SpecModel):
+    """Backend optimization settings (Triton's ModelOptimizationPolicy)."""
+
+    graph_level: int | None = None
+    priority: Literal["default", "max", "min"] = "default"
+    cuda: CudaOptimization | None = None
+    accelerators: Accelerators | None = None
+    input_pinned_memory: bool | None = None
+    output_pinned_memory: bool | None = None
+    gather_kernel_buffer_threshold: NonNegativeInt = 0
+    eager_batching: bool = False
+
+
+class EnsembleStep(SpecModel):
+    """One step of an ensemble: which model runs and how ensemble tensors map to its tensors."""
+
+    model: str = Field(min_length=1)
+    version: Annotated[int, Field(ge=-1)] = Field(default=-1, description="-1 is the latest.")
+    inputs: dict[str, str] = Field(description="Model input name -> ensemble tensor name.")
+    outputs: dict[str, str] = Field(description="Model output name -> ensemble tensor name.")
+
+
+class Objectives(SpecModel):
+    """Service objectives the load gate holds the served model to."""
+
+    p99_latency_ms: float | None = Field(default=None, gt=0)
+    concurrency: PositiveInt = Field(default=1, description="Concurrent requests for the p99.")
+    min_throughput_per_s: float | None = Field(default=None, gt=0)
+
+
+class ModelSpec(SpecModel):
+    """A model to serve with Triton: its interface, batching, placement and objectives."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Triton model name; also the file name.")
+    backend: Annotated[Backend, _normalize(BACKEND_ALIASES)] | None = None
+    platform: Platform | None = None
+    source: str | None = Field(
+        default=None,
+        description="Where the model comes from: an MLflow URI (models:/name@alias, "
+        "models:/name/3) or a path.",
+    )
+    max_batch_size: NonNegativeInt = Field(default=0, description="0 disables batching.")
+    inputs: list[InputSpec] = Field(default_factory=list)
+    outputs: list[OutputSpec] = Field(default_factory=list)
+    dynamic_batching: DynamicBatching | None = None
+    instance_groups: list[InstanceGroup] = Field(default_factory=list)
+    version_policy: VersionPolicy | None = None
+    warmup: list[Warmup] = Field(default_factory=list)
+    optimization: Optimization | None = None
+    response_cache: bool | None = None
+    decoupled: bool | None = Field(default=None, description="Streaming responses.")
+    default_model_filename: str | None = None
+    parameters: dict[str, StringValue] = Field(default_factory=dict)
+    ensemble_steps: list[EnsembleStep] = Field(default_factory=list)
+    objectives: Objectives | None = None
+    gpu_families: list[GpuFamily] = Field(
+        default_factory=list, description="GPU families the model may run on; empty means any."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_well_formed(cls, source: str | None) -> str | None:
+        if source is not None and source.startswith("models:/"):
+            if not re.fullmatch(r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)", source):
+                raise ValueError(
+                    "an MLflow model URI is models:/<name>@<alias> or models:/<name>/<version>"
+                )
+        return source
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self, info: ValidationInfo) -> ModelSpec:
+        # The file loader runs the same checks itself to report each problem with its line.
+        if info.context and info.context.get("defer_cross_field_checks"):
+            return self
+        from gpufleet.spec.model_checks import check_model_spec
+
+        problems = check_model_spec(self)
+        if problems:
+            raise ValueError("; ".join(f"{p.path_text}: {p.message}" for p in problems))
+        return self
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.backend == "ensemble" or self.platform == "ensemble"

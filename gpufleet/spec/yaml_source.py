@@ -1,0 +1,194 @@
+"""Read a YAML spec file so that every later problem can point at its file and line.
+
+PyYAML silently keeps the last of two equal keys and forgets line numbers once it builds
+Python objects; `read_yaml_file` refuses duplicate keys and returns a `YamlSource` whose
+`line_of(path)` finds the line of any field path (or of its nearest parent that exists).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
+
+_BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """Safe loader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {seen[key].start_mark.line + 1}); "
+                    "remove one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+@dataclass
+class YamlSource:
+    """A parsed YAML file: its data, and the line of each field path on demand."""
+
+    path: Path
+    text: str
+    data: Any
+
+    @cached_property
+    def _line_index(self) -> dict[tuple[str, ...], int]:
+        index: dict[tuple[str, ...], int] = {}
+        root = yaml.compose(self.text, Loader=_BaseLoader)
+        if root is not None:
+            _index_node(root, (), index)
+        return index
+
+    def line_of(self, path: FieldPath) -> int | None:
+        """Line (1-based) of the deepest existing node along `path`."""
+        keys = tuple(str(part) for part in path)
+        for end in range(len(keys), -1, -1):
+            line = self._line_index.get(keys[:end])
+            if line is not None:
+                return line
+        return None
+
+    def problem(self, path: FieldPath, message: str) -> SpecProblem:
+        return SpecProblem(path, message, file=self.path, line=self.line_of(path))
+
+
+def _index_node(node: yaml.Node, path: tuple[str, ...], index: dict[tuple[str, ...], int]) -> None:
+    index.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*path, str(key_node.value))
+            index[child] = key_node.start_mark.line + 1
+            _index_node(value_node, child, index)
+    elif isinstance(node, yaml.SequenceNode):
+        for position, item in enumerate(node.value):
+            _index_node(item, (*path, str(position)), index)
+
+
+def read_yaml_file(path: Path, what: str) -> YamlSource:
+    """Read and parse `path`, or raise SpecError saying why it is not a YAML mapping."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise SpecError(
+            [
+                SpecProblem(
+                    (),
+                    f"not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
+                    "save the file as UTF-8",
+                    file=path,
+                    line=line,
+                )
+            ]
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        reason = " ".join(part for part in (error.context, error.problem) if part)
+        if not isinstance(error, yaml.constructor.ConstructorError):
+            reason += "; fix the syntax"
+        raise SpecError(
+            [
+                SpecProblem(
+                    (),
+                    f"invalid YAML: {reason}",
+                    file=path,
+                    line=mark.line + 1 if mark else None,
+                )
+            ]
+        ) from None
+    except yaml.YAMLError as error:
+        raise SpecError([SpecProblem((), f"invalid YAML: {error}", file=path)]) from None
+    if data is None:
+        raise SpecError([SpecProblem((), f"the file is empty; write a {what} in it", file=path)])
+    if not isinstance(data, dict):
+        raise SpecError(
+            [
+                SpecProblem(
+                    (),
+                    f"a {what} is a YAML mapping of keys to values, not a {type(data).__name__}",
+                    file=path,
+                    line=1,
+                )
+            ]
+        )
+    return YamlSource(path=path, text=text, data=data)
+
+
+def validation_problems(
+    error: ValidationError,
+    model: type[BaseModel],
+    source: YamlSource,
+    prefix: FieldPath = (),
+) -> list[SpecProblem]:
+    """Turn pydantic's errors into located, one-line problems (`prefix` maps to file paths)."""
+    problems = []
+    for detail in error.errors(include_url=False):
+        loc = tuple(part for part in detail["loc"] if part != "[key]")
+        kind = detail["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            allowed = _field_names_at(model, loc[:-1])
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+            message = f"unknown key {key!r}; {hint}"
+        elif kind == "missing":
+            message = "required key is missing; add it"
+        else:
+            message = detail["msg"].removeprefix("Value error, ")
+            if not isinstance(detail["input"], dict | list):
+                message += f" (got {detail['input']!r})"
+        problems.append(source.problem((*prefix, *loc), message))
+    return problems
+
+
+def _field_names_at(model: type[BaseModel], path: FieldPath) -> list[str]:
+    """Field names of the (nested) model found at `path`, for "did you mean" hints."""
+    current: Any = model
+    for part in path:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            info = current.model_fields.get(str(part))
+            current = info.annotation if info else None
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1]  # the item type of a list or the value type of a dict
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip `Annotated[...]` and `X | None` down to X."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, UnionType):
+            members = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation

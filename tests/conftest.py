@@ -1,0 +1,31 @@
+"""Shared fixtures: the project's paths, sample specs copied into a scratch project, Triton."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.triton_fixtures"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_SPECS = PROJECT_ROOT / "modelconfigs"
+GOLDEN_REPOSITORY = Path(__file__).resolve().parent / "golden" / "model_repository"
+
+
+@pytest.fixture
+def scratch_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the sample specs and stacks in tmp_path, which becomes the working directory."""
+    shutil.copytree(SAMPLE_SPECS, tmp_path / "modelconfigs")
+    shutil.copytree(PROJECT_ROOT / "stacks", tmp_path / "stacks")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_spec(directory: Path, name: str, text: str) -> Path:
+    """Write `<directory>/<name>.yaml` (creating the directory) and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path

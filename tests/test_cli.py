@@ -1,0 +1,171 @@
+"""The `gpufleet` CLI: generate, --check drift detection, exit codes, atomic output, schema.
+
+Real: the Typer app run in-process with CliRunner, spec files and output directories on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from generators.schemas import render_schemas
+from gpufleet.cli import app
+from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS, write_spec
+
+runner = CliRunner()
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_generate_writes_a_model_repository(scratch_project: Path) -> None:
+    result = runner.invoke(app, ["generate"])
+    assert result.exit_code == 0, result.output
+    repository = scratch_project / "build" / "model_repository"
+    assert (repository / "resnet50" / "config.pbtxt").is_file()
+    assert "5 created, 0 updated, 0 unchanged, 0 removed" in result.output
+
+
+def test_second_generate_rewrites_nothing(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    config = scratch_project / "build/model_repository/resnet50/config.pbtxt"
+    before = config.stat().st_mtime_ns
+    result = runner.invoke(app, ["generate"])
+    assert "0 created, 0 updated, 5 unchanged" in result.output
+    assert config.stat().st_mtime_ns == before
+
+
+def test_check_passes_when_in_sync_and_reports_a_diff_when_not(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    assert runner.invoke(app, ["generate", "--check"]).exit_code == 0
+    spec = scratch_project / "modelconfigs/tabular_mlp.yaml"
+    spec.write_text(spec.read_text().replace("max_queue_delay_us: 2000", "max_queue_delay_us: 3000"))
+    before = snapshot(scratch_project / "build")
+    result = runner.invoke(app, ["generate", "--check"])
+    assert result.exit_code == 1
+    assert "-  max_queue_delay_microseconds: 2000" in result.output
+    assert "+  max_queue_delay_microseconds: 3000" in result.output
+    assert "run `gpufleet generate` to update them" in result.output
+    assert snapshot(scratch_project / "build") == before, "--check must write nothing"
+
+
+def test_check_on_an_empty_directory_reports_every_file(scratch_project: Path) -> None:
+    result = runner.invoke(app, ["generate", "--check", "--json"])
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is False and len(summary["created"]) == 5
+    assert not (scratch_project / "build").exists()
+
+
+def test_hand_edited_config_is_drift(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    config = scratch_project / "build/model_repository/bert_encoder/config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 16", "max_batch_size: 4"))
+    result = runner.invoke(app, ["generate", "--check"])
+    assert result.exit_code == 1 and "+max_batch_size: 16" in result.output
+
+
+def test_removed_spec_removes_only_its_generated_config(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    repository = scratch_project / "build/model_repository"
+    (repository / "bert_encoder" / "1").mkdir()
+    (repository / "bert_encoder" / "1" / "model.onnx").write_bytes(b"weights")
+    (repository / "handmade").mkdir()
+    (repository / "handmade" / "config.pbtxt").write_text('name: "handmade"\n')
+    (scratch_project / "modelconfigs/bert_encoder.yaml").unlink()
+    assert runner.invoke(app, ["generate", "--check"]).exit_code == 1
+    result = runner.invoke(app, ["generate"])
+    assert "removed" in result.output and result.exit_code == 0
+    assert not (repository / "bert_encoder" / "config.pbtxt").exists()
+    assert (repository / "bert_encoder" / "1" / "model.onnx").read_bytes() == b"weights"
+    assert (repository / "handmade" / "config.pbtxt").exists(), "configs gpufleet did not write stay"
+
+
+def test_bad_spec_exits_2_and_leaves_the_repository_as_it_was(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    repository = scratch_project / "build/model_repository"
+    before = snapshot(repository)
+    # One good change and one bad file: nothing at all may be written.
+    spec = scratch_project / "modelconfigs/tabular_mlp.yaml"
+    spec.write_text(spec.read_text().replace("count: 2", "count: 3"))
+    write_spec(scratch_project / "modelconfigs", "broken", "name: broken\nbackend: python\nmax_batch_size: -4\n")
+    result = runner.invoke(app, ["generate"])
+    assert result.exit_code == 2
+    assert "broken.yaml:3: max_batch_size: Input should be greater than or equal to 0" in result.output
+    assert "Traceback" not in result.output
+    assert snapshot(repository) == before
+
+
+def test_generate_for_a_stack_uses_its_models_and_repository(scratch_project: Path) -> None:
+    result = runner.invoke(app, ["generate", "--stack", "local"])
+    assert result.exit_code == 0, result.output
+    repository = scratch_project / "build/local/model_repository"
+    assert sorted(p.name for p in repository.iterdir()) == ["tabular_mlp"]
+
+
+@pytest.mark.parametrize(
+    ("stack_text", "expected"),
+    [
+        ("config:\n  gpufleet:environment: moon\n", "Pulumi.bad.yaml:2: config.gpufleet:environment: Input should be 'local', 'proxmox' or 'azure'"),
+        ("config:\n  gpufleet:environment: local\n  gpufleet:modles: []\n", "Pulumi.bad.yaml:3: config.gpufleet:modles: unknown key 'modles'; did you mean 'models'?"),
+        ("config:\n  gpufleet:environment: local\n  gpufleet:models: [resnet50, nope]\n", "Pulumi.bad.yaml:3: config.gpufleet:models[1]: no model spec named 'nope'"),
+        ("config:\n  aws:region: x\n", "Pulumi.bad.yaml:1: config.gpufleet:environment: required key is missing"),
+    ],
+)
+def test_bad_stack_file(scratch_project: Path, stack_text: str, expected: str) -> None:
+    (scratch_project / "stacks" / "Pulumi.bad.yaml").write_text(stack_text)
+    result = runner.invoke(app, ["generate", "--stack", "bad"])
+    assert result.exit_code == 2
+    assert expected in result.output, result.output
+
+
+def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
+    result = runner.invoke(app, ["generate", "--stack", "nope"])
+    assert result.exit_code == 2 and "no stack named 'nope' (known stacks: local)" in result.output
+
+
+def test_help_explains_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("generate", "schema", "import-config"):
+        assert command in result.output
+    assert "--check" in runner.invoke(app, ["generate", "--help"]).output
+
+
+def test_committed_schemas_are_current() -> None:
+    for name, content in render_schemas().items():
+        assert (PROJECT_ROOT / "schemas" / name).read_text() == content, "run `make schemas`"
+
+
+def test_schema_command_writes_both_schemas(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
+    assert result.exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["modelspec.schema.json", "stackspec.schema.json"]
+
+
+@pytest.mark.parametrize("spec_path", sorted(SAMPLE_SPECS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_sample_specs_validate_against_the_schema_they_name(spec_path: Path) -> None:
+    first_line = spec_path.read_text().splitlines()[0]
+    assert first_line == "# yaml-language-server: $schema=../schemas/modelspec.schema.json"
+    schema = json.loads((SAMPLE_SPECS / "../schemas/modelspec.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load(spec_path.read_text()), schema)
+
+
+def test_schema_catches_an_editor_typo() -> None:
+    schema = json.loads((PROJECT_ROOT / "schemas/modelspec.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError, match="max_batchsize"):
+        jsonschema.validate({"name": "m", "backend": "python", "max_batchsize": 1}, schema)
+
+
+def test_stack_files_validate_against_the_stack_schema() -> None:
+    schema = json.loads((PROJECT_ROOT / "schemas/stackspec.schema.json").read_text())
+    for stack in (PROJECT_ROOT / "stacks").glob("Pulumi.*.yaml"):
+        jsonschema.validate(yaml.safe_load(stack.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"config": {"gpufleet:environment": "moon"}}, schema)
