@@ -107,7 +107,9 @@ def apply_plan(plan: RepositoryPlan) -> None:
 def write_atomically(target: Path, content: str) -> None:
     """Replace `target` with `content` in one step: readers see the old file or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(content.encode())

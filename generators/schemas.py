@@ -27,8 +27,7 @@ def stack_file_schema() -> dict[str, Any]:
     prefix = f"{CONFIG_NAMESPACE}:"
     config = {
         "type": "object",
-        "description": "Pulumi stack configuration; gpufleet's keys carry the "
-        f"'{prefix}' prefix.",
+        "description": f"Pulumi stack configuration; gpufleet's keys carry the '{prefix}' prefix.",
         "properties": {f"{prefix}{key}": value for key, value in stack["properties"].items()},
         "required": [f"{prefix}{key}" for key in stack.get("required", [])],
         # Keys of other namespaces (azure-native:, proxmox:...) belong to other tools.

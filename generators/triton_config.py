@@ -10,6 +10,7 @@ in tritonclient), so it is valid by construction and parses back to the same mes
 from __future__ import annotations
 
 from google.protobuf import text_format
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from tritonclient.grpc import model_config_pb2 as pb
 
 from gpufleet.spec.model import (
@@ -185,10 +186,12 @@ def _render_warmup(sample: Warmup, target: pb.ModelWarmup) -> None:
 
 def _render_accelerators(
     accelerators: list[Accelerator],
-    target: pb.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator,  # repeated container
+    target: RepeatedCompositeFieldContainer[
+        pb.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator
+    ],
 ) -> None:
     for accelerator in accelerators:
-        target.add(name=accelerator.name, parameters=accelerator.parameters)  # type: ignore[attr-defined]
+        target.add(name=accelerator.name, parameters=accelerator.parameters)
 
 
 def _render_optimization(optimization: Optimization, target: pb.ModelOptimizationPolicy) -> None:
@@ -206,11 +209,11 @@ def _render_optimization(optimization: Optimization, target: pb.ModelOptimizatio
         target.execution_accelerators.SetInParent()
         _render_accelerators(
             optimization.accelerators.gpu,
-            target.execution_accelerators.gpu_execution_accelerator,  # type: ignore[arg-type]
+            target.execution_accelerators.gpu_execution_accelerator,
         )
         _render_accelerators(
             optimization.accelerators.cpu,
-            target.execution_accelerators.cpu_execution_accelerator,  # type: ignore[arg-type]
+            target.execution_accelerators.cpu_execution_accelerator,
         )
     if optimization.input_pinned_memory is not None:
         target.input_pinned_memory.enable = optimization.input_pinned_memory
@@ -222,7 +225,7 @@ def _render_optimization(optimization: Optimization, target: pb.ModelOptimizatio
 
 def config_to_text(config: pb.ModelConfig) -> str:
     """Triton's text format for `config`: stable field order, so same message, same bytes."""
-    return text_format.MessageToString(config)
+    return str(text_format.MessageToString(config))
 
 
 def render_config_pbtxt(spec: ModelSpec, source_name: str, spec_hash: str) -> str:

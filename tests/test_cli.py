@@ -21,7 +21,11 @@ runner = CliRunner()
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_generate_writes_a_model_repository(scratch_project: Path) -> None:
@@ -45,7 +49,9 @@ def test_check_passes_when_in_sync_and_reports_a_diff_when_not(scratch_project: 
     runner.invoke(app, ["generate"])
     assert runner.invoke(app, ["generate", "--check"]).exit_code == 0
     spec = scratch_project / "modelconfigs/tabular_mlp.yaml"
-    spec.write_text(spec.read_text().replace("max_queue_delay_us: 2000", "max_queue_delay_us: 3000"))
+    spec.write_text(
+        spec.read_text().replace("max_queue_delay_us: 2000", "max_queue_delay_us: 3000")
+    )
     before = snapshot(scratch_project / "build")
     result = runner.invoke(app, ["generate", "--check"])
     assert result.exit_code == 1
@@ -59,7 +65,8 @@ def test_check_on_an_empty_directory_reports_every_file(scratch_project: Path) -
     result = runner.invoke(app, ["generate", "--check", "--json"])
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
-    assert summary["ok"] is False and len(summary["created"]) == 5
+    assert summary["ok"] is False
+    assert len(summary["created"]) == 5
     assert not (scratch_project / "build").exists()
 
 
@@ -68,7 +75,8 @@ def test_hand_edited_config_is_drift(scratch_project: Path) -> None:
     config = scratch_project / "build/model_repository/bert_encoder/config.pbtxt"
     config.write_text(config.read_text().replace("max_batch_size: 16", "max_batch_size: 4"))
     result = runner.invoke(app, ["generate", "--check"])
-    assert result.exit_code == 1 and "+max_batch_size: 16" in result.output
+    assert result.exit_code == 1
+    assert "+max_batch_size: 16" in result.output
 
 
 def test_removed_spec_removes_only_its_generated_config(scratch_project: Path) -> None:
@@ -81,10 +89,13 @@ def test_removed_spec_removes_only_its_generated_config(scratch_project: Path) -
     (scratch_project / "modelconfigs/bert_encoder.yaml").unlink()
     assert runner.invoke(app, ["generate", "--check"]).exit_code == 1
     result = runner.invoke(app, ["generate"])
-    assert "removed" in result.output and result.exit_code == 0
+    assert "removed" in result.output
+    assert result.exit_code == 0
     assert not (repository / "bert_encoder" / "config.pbtxt").exists()
     assert (repository / "bert_encoder" / "1" / "model.onnx").read_bytes() == b"weights"
-    assert (repository / "handmade" / "config.pbtxt").exists(), "configs gpufleet did not write stay"
+    assert (repository / "handmade" / "config.pbtxt").exists(), (
+        "configs gpufleet did not write stay"
+    )
 
 
 def test_bad_spec_exits_2_and_leaves_the_repository_as_it_was(scratch_project: Path) -> None:
@@ -94,10 +105,16 @@ def test_bad_spec_exits_2_and_leaves_the_repository_as_it_was(scratch_project: P
     # One good change and one bad file: nothing at all may be written.
     spec = scratch_project / "modelconfigs/tabular_mlp.yaml"
     spec.write_text(spec.read_text().replace("count: 2", "count: 3"))
-    write_spec(scratch_project / "modelconfigs", "broken", "name: broken\nbackend: python\nmax_batch_size: -4\n")
+    write_spec(
+        scratch_project / "modelconfigs",
+        "broken",
+        "name: broken\nbackend: python\nmax_batch_size: -4\n",
+    )
     result = runner.invoke(app, ["generate"])
     assert result.exit_code == 2
-    assert "broken.yaml:3: max_batch_size: Input should be greater than or equal to 0" in result.output
+    assert (
+        "broken.yaml:3: max_batch_size: Input should be greater than or equal to 0" in result.output
+    )
     assert "Traceback" not in result.output
     assert snapshot(repository) == before
 
@@ -112,10 +129,22 @@ def test_generate_for_a_stack_uses_its_models_and_repository(scratch_project: Pa
 @pytest.mark.parametrize(
     ("stack_text", "expected"),
     [
-        ("config:\n  gpufleet:environment: moon\n", "Pulumi.bad.yaml:2: config.gpufleet:environment: Input should be 'local', 'proxmox' or 'azure'"),
-        ("config:\n  gpufleet:environment: local\n  gpufleet:modles: []\n", "Pulumi.bad.yaml:3: config.gpufleet:modles: unknown key 'modles'; did you mean 'models'?"),
-        ("config:\n  gpufleet:environment: local\n  gpufleet:models: [resnet50, nope]\n", "Pulumi.bad.yaml:3: config.gpufleet:models[1]: no model spec named 'nope'"),
-        ("config:\n  aws:region: x\n", "Pulumi.bad.yaml:1: config.gpufleet:environment: required key is missing"),
+        (
+            "config:\n  gpufleet:environment: moon\n",
+            "Pulumi.bad.yaml:2: config.gpufleet:environment: Input should be 'local', 'proxmox' or 'azure'",
+        ),
+        (
+            "config:\n  gpufleet:environment: local\n  gpufleet:modles: []\n",
+            "Pulumi.bad.yaml:3: config.gpufleet:modles: unknown key 'modles'; did you mean 'models'?",
+        ),
+        (
+            "config:\n  gpufleet:environment: local\n  gpufleet:models: [resnet50, nope]\n",
+            "Pulumi.bad.yaml:3: config.gpufleet:models[1]: no model spec named 'nope'",
+        ),
+        (
+            "config:\n  aws:region: x\n",
+            "Pulumi.bad.yaml:1: config.gpufleet:environment: required key is missing",
+        ),
     ],
 )
 def test_bad_stack_file(scratch_project: Path, stack_text: str, expected: str) -> None:
@@ -127,7 +156,8 @@ def test_bad_stack_file(scratch_project: Path, stack_text: str, expected: str) -
 
 def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
     result = runner.invoke(app, ["generate", "--stack", "nope"])
-    assert result.exit_code == 2 and "no stack named 'nope' (known stacks: local)" in result.output
+    assert result.exit_code == 2
+    assert "no stack named 'nope' (known stacks: local)" in result.output
 
 
 def test_help_explains_the_commands() -> None:
@@ -146,7 +176,10 @@ def test_committed_schemas_are_current() -> None:
 def test_schema_command_writes_both_schemas(tmp_path: Path) -> None:
     result = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert result.exit_code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["modelspec.schema.json", "stackspec.schema.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "modelspec.schema.json",
+        "stackspec.schema.json",
+    ]
 
 
 @pytest.mark.parametrize("spec_path", sorted(SAMPLE_SPECS.glob("*.yaml")), ids=lambda p: p.stem)

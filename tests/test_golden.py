@@ -37,7 +37,9 @@ def test_sample_matches_golden_file(relative: str) -> None:
 
 
 def test_every_golden_file_has_a_sample() -> None:
-    golden = {p.relative_to(GOLDEN_REPOSITORY).as_posix() for p in GOLDEN_REPOSITORY.rglob("*.pbtxt")}
+    golden = {
+        p.relative_to(GOLDEN_REPOSITORY).as_posix() for p in GOLDEN_REPOSITORY.rglob("*.pbtxt")
+    }
     assert golden == set(RENDERED), f"stale golden files; regenerate with: {REGENERATE}"
 
 
@@ -46,5 +48,7 @@ def test_golden_file_parses_as_a_triton_config(relative: str) -> None:
     message = text_format.Parse(RENDERED[relative], pb.ModelConfig())
     assert message.name == relative.split("/")[0]
     # Printing the parsed message again gives the same text below the header comment.
-    body = "".join(line for line in RENDERED[relative].splitlines(keepends=True) if not line.startswith("#"))
+    body = "".join(
+        line for line in RENDERED[relative].splitlines(keepends=True) if not line.startswith("#")
+    )
     assert text_format.MessageToString(message) == body

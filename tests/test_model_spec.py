@@ -44,7 +44,13 @@ def test_sample_specs_load() -> None:
 
 
 def test_valid_spec_loads_with_friendly_names_normalised(tmp_path: Path) -> None:
-    path = write_spec(tmp_path, "m", VALID.replace("dtype: fp32\n    shape: [4]\noutputs", "dtype: float32\n    shape: [4]\noutputs"))
+    path = write_spec(
+        tmp_path,
+        "m",
+        VALID.replace(
+            "dtype: fp32\n    shape: [4]\noutputs", "dtype: float32\n    shape: [4]\noutputs"
+        ),
+    )
     spec = load_model_spec_file(path).spec
     assert spec.inputs[0].dtype == "fp32"
     assert spec.dynamic_batching is not None
@@ -55,29 +61,129 @@ def test_valid_spec_loads_with_friendly_names_normalised(tmp_path: Path) -> None
     ("text", "expected"),
     [
         pytest.param("name: m\n  backend: [\n", "m.yaml:2: invalid YAML", id="yaml-syntax"),
-        pytest.param("name: m\nbackend: python\nname: m\n", "m.yaml:3: invalid YAML: key 'name' is given twice", id="duplicate-key"),
-        pytest.param(VALID + "max_batchsize: 4\n", "m.yaml:15: max_batchsize: unknown key 'max_batchsize'; did you mean 'max_batch_size'?", id="unknown-key"),
-        pytest.param(VALID.replace("max_queue_delay_us: 100", "max_queue_delay: 100"), "m.yaml:13: dynamic_batching.max_queue_delay: unknown key 'max_queue_delay'; did you mean 'max_queue_delay_us'?", id="unknown-nested-key"),
-        pytest.param(VALID.replace("max_batch_size: 8", "max_batch_size: eight"), "m.yaml:3: max_batch_size: Input should be a valid integer", id="wrong-type"),
-        pytest.param(VALID.replace("max_batch_size: 8", "max_batch_size: -1"), "m.yaml:3: max_batch_size: Input should be greater than or equal to 0", id="negative-size"),
-        pytest.param(VALID.replace("shape: [4]\noutputs", "shape: [0]\noutputs"), "m.yaml:7: inputs[0].shape[0]: a dimension of 0 holds no data", id="zero-dim"),
-        pytest.param(VALID.replace("shape: [4]\noutputs", "shape: [-3]\noutputs"), "m.yaml:7: inputs[0].shape[0]: Input should be greater than or equal to -1", id="negative-dim"),
-        pytest.param(VALID.replace("shape: [4]\noutputs", "shape: []\noutputs"), "m.yaml:7: inputs[0].shape: List should have at least 1 item", id="empty-shape"),
-        pytest.param(VALID.replace("dtype: fp32\n    shape: [4]\noutputs", "dtype: fp33\n    shape: [4]\noutputs"), "m.yaml:6: inputs[0].dtype: Input should be 'bool'", id="unknown-dtype"),
-        pytest.param(VALID.replace("- name: y", "- name: x").replace("  - name: x\n    dtype: fp32\n    shape: [4]\noutputs:\n", "  - name: x\n    dtype: fp32\n    shape: [4]\n  - name: x\n    dtype: fp32\n    shape: [4]\noutputs:\n"), "m.yaml:8: inputs[1].name: input name 'x' is used twice", id="duplicate-tensor"),
-        pytest.param(VALID.replace("[4, 8]", "[4, 16]"), "m.yaml:14: dynamic_batching.preferred_batch_sizes[1]: preferred batch size 16 is above max_batch_size 8", id="preferred-above-max"),
-        pytest.param(VALID.replace("max_batch_size: 8", "max_batch_size: 0").replace("  preferred_batch_sizes: [4, 8]\n", ""), "m.yaml:12: dynamic_batching: dynamic batching needs max_batch_size > 0", id="batching-without-batch"),
-        pytest.param(VALID + "  priority_levels: 2\n  default_priority_level: 1\n  priority_queue_policies:\n    3: {max_queue_size: 4}\n", "m.yaml:18: dynamic_batching.priority_queue_policies[3]: priority level 3 is above priority_levels (2)", id="priority-above-levels"),
-        pytest.param(VALID + "  priority_levels: 2\n", "m.yaml:12: dynamic_batching.default_priority_level: default_priority_level must be between 1 and priority_levels (2)", id="default-priority-missing"),
-        pytest.param(VALID + "instance_groups:\n  - kind: cpu\n    gpus: [0]\n", "m.yaml:17: instance_groups[0].gpus: gpus are only meaningful with kind gpu", id="gpus-on-cpu"),
-        pytest.param(VALID + "instance_groups:\n  - kind: gpu\n    count: 0\n", "m.yaml:17: instance_groups[0].count: Input should be greater than or equal to 1", id="zero-count"),
-        pytest.param(VALID + "version_policy: {latest: 1, all: true}\n", "m.yaml:15: version_policy: set exactly one of latest, all or specific (found latest, all)", id="two-version-policies"),
-        pytest.param(VALID.replace("shape: [4]\noutputs", "shape: [4]\n    reshape: [3]\noutputs"), "m.yaml:8: inputs[0].reshape: reshape [3] holds 3 elements but shape [4] holds 4", id="reshape-count"),
-        pytest.param(VALID + "warmup:\n  - name: w\n    batch_size: 9\n", "m.yaml:17: warmup[0].batch_size: warmup batch_size 9 is above max_batch_size 8", id="warmup-batch"),
-        pytest.param(VALID + "source: models:/m@@prod\n", "m.yaml:15: source: an MLflow model URI is models:/<name>@<alias>", id="bad-mlflow-uri"),
-        pytest.param(VALID.replace("backend: python", "backend: pyton"), "m.yaml:2: backend: Input should be 'onnxruntime'", id="unknown-backend"),
-        pytest.param(VALID.replace("backend: python\n", ""), "m.yaml:1: backend: set backend", id="no-backend"),
-        pytest.param(VALID.replace("name: m", "name: other"), "m.yaml:1: name: name 'other' differs from the file name 'm.yaml'", id="name-mismatch"),
+        pytest.param(
+            "name: m\nbackend: python\nname: m\n",
+            "m.yaml:3: invalid YAML: key 'name' is given twice",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            VALID + "max_batchsize: 4\n",
+            "m.yaml:15: max_batchsize: unknown key 'max_batchsize'; did you mean 'max_batch_size'?",
+            id="unknown-key",
+        ),
+        pytest.param(
+            VALID.replace("max_queue_delay_us: 100", "max_queue_delay: 100"),
+            "m.yaml:13: dynamic_batching.max_queue_delay: unknown key 'max_queue_delay'; did you mean 'max_queue_delay_us'?",
+            id="unknown-nested-key",
+        ),
+        pytest.param(
+            VALID.replace("max_batch_size: 8", "max_batch_size: eight"),
+            "m.yaml:3: max_batch_size: Input should be a valid integer",
+            id="wrong-type",
+        ),
+        pytest.param(
+            VALID.replace("max_batch_size: 8", "max_batch_size: -1"),
+            "m.yaml:3: max_batch_size: Input should be greater than or equal to 0",
+            id="negative-size",
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: [0]\noutputs"),
+            "m.yaml:7: inputs[0].shape[0]: a dimension of 0 holds no data",
+            id="zero-dim",
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: [-3]\noutputs"),
+            "m.yaml:7: inputs[0].shape[0]: Input should be greater than or equal to -1",
+            id="negative-dim",
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: []\noutputs"),
+            "m.yaml:7: inputs[0].shape: List should have at least 1 item",
+            id="empty-shape",
+        ),
+        pytest.param(
+            VALID.replace(
+                "dtype: fp32\n    shape: [4]\noutputs", "dtype: fp33\n    shape: [4]\noutputs"
+            ),
+            "m.yaml:6: inputs[0].dtype: Input should be 'bool'",
+            id="unknown-dtype",
+        ),
+        pytest.param(
+            VALID.replace("- name: y", "- name: x").replace(
+                "  - name: x\n    dtype: fp32\n    shape: [4]\noutputs:\n",
+                "  - name: x\n    dtype: fp32\n    shape: [4]\n  - name: x\n    dtype: fp32\n    shape: [4]\noutputs:\n",
+            ),
+            "m.yaml:8: inputs[1].name: input name 'x' is used twice",
+            id="duplicate-tensor",
+        ),
+        pytest.param(
+            VALID.replace("[4, 8]", "[4, 16]"),
+            "m.yaml:14: dynamic_batching.preferred_batch_sizes[1]: preferred batch size 16 is above max_batch_size 8",
+            id="preferred-above-max",
+        ),
+        pytest.param(
+            VALID.replace("max_batch_size: 8", "max_batch_size: 0").replace(
+                "  preferred_batch_sizes: [4, 8]\n", ""
+            ),
+            "m.yaml:12: dynamic_batching: dynamic batching needs max_batch_size > 0",
+            id="batching-without-batch",
+        ),
+        pytest.param(
+            VALID
+            + "  priority_levels: 2\n  default_priority_level: 1\n  priority_queue_policies:\n    3: {max_queue_size: 4}\n",
+            "m.yaml:18: dynamic_batching.priority_queue_policies[3]: priority level 3 is above priority_levels (2)",
+            id="priority-above-levels",
+        ),
+        pytest.param(
+            VALID + "  priority_levels: 2\n",
+            "m.yaml:12: dynamic_batching.default_priority_level: default_priority_level must be between 1 and priority_levels (2)",
+            id="default-priority-missing",
+        ),
+        pytest.param(
+            VALID + "instance_groups:\n  - kind: cpu\n    gpus: [0]\n",
+            "m.yaml:17: instance_groups[0].gpus: gpus are only meaningful with kind gpu",
+            id="gpus-on-cpu",
+        ),
+        pytest.param(
+            VALID + "instance_groups:\n  - kind: gpu\n    count: 0\n",
+            "m.yaml:17: instance_groups[0].count: Input should be greater than or equal to 1",
+            id="zero-count",
+        ),
+        pytest.param(
+            VALID + "version_policy: {latest: 1, all: true}\n",
+            "m.yaml:15: version_policy: set exactly one of latest, all or specific (found latest, all)",
+            id="two-version-policies",
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: [4]\n    reshape: [3]\noutputs"),
+            "m.yaml:8: inputs[0].reshape: reshape [3] holds 3 elements but shape [4] holds 4",
+            id="reshape-count",
+        ),
+        pytest.param(
+            VALID + "warmup:\n  - name: w\n    batch_size: 9\n",
+            "m.yaml:17: warmup[0].batch_size: warmup batch_size 9 is above max_batch_size 8",
+            id="warmup-batch",
+        ),
+        pytest.param(
+            VALID + "source: models:/m@@prod\n",
+            "m.yaml:15: source: an MLflow model URI is models:/<name>@<alias>",
+            id="bad-mlflow-uri",
+        ),
+        pytest.param(
+            VALID.replace("backend: python", "backend: pyton"),
+            "m.yaml:2: backend: Input should be 'onnxruntime'",
+            id="unknown-backend",
+        ),
+        pytest.param(
+            VALID.replace("backend: python\n", ""),
+            "m.yaml:1: backend: set backend",
+            id="no-backend",
+        ),
+        pytest.param(
+            VALID.replace("name: m", "name: other"),
+            "m.yaml:1: name: name 'other' differs from the file name 'm.yaml'",
+            id="name-mismatch",
+        ),
         pytest.param("", "m.yaml: the file is empty", id="empty-file"),
         pytest.param("# only a comment\n", "m.yaml: the file is empty", id="comment-only"),
         pytest.param("- name: m\n", "m.yaml:1: a model spec is a YAML mapping", id="not-a-mapping"),
@@ -99,7 +205,9 @@ def test_non_utf8_file_is_refused_with_its_line(tmp_path: Path) -> None:
 
 def test_all_problems_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
     text = VALID.replace("[4, 8]", "[4, 16]") + "instance_groups:\n  - kind: cpu\n    gpus: [0]\n"
-    text = text.replace("shape: [4]\ndynamic", "shape: [4]\n  - {name: y, dtype: fp16, shape: [2]}\ndynamic")
+    text = text.replace(
+        "shape: [4]\ndynamic", "shape: [4]\n  - {name: y, dtype: fp16, shape: [2]}\ndynamic"
+    )
     write_spec(tmp_path, "m", text)
     found = problems_of(tmp_path)
     assert len(found) == 3, found
@@ -109,7 +217,11 @@ def test_all_problems_of_a_file_are_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_problems_in_several_files_are_all_reported(tmp_path: Path) -> None:
-    write_spec(tmp_path, "a", VALID.replace("name: m", "name: a").replace("max_batch_size: 8", "max_batch_size: x"))
+    write_spec(
+        tmp_path,
+        "a",
+        VALID.replace("name: m", "name: a").replace("max_batch_size: 8", "max_batch_size: x"),
+    )
     write_spec(tmp_path, "b", VALID.replace("name: m", "name: b").replace("fp32", "fp99", 1))
     found = problems_of(tmp_path)
     assert any("a.yaml:3" in line for line in found)
@@ -120,7 +232,9 @@ def test_two_specs_with_the_same_model_name(tmp_path: Path) -> None:
     write_spec(tmp_path, "m", VALID)
     (tmp_path / "m.yml").write_text(VALID)
     found = problems_of(tmp_path)
-    assert found == [f"{tmp_path / 'm.yml'}:1: name: model name 'm' is already used by {tmp_path / 'm.yaml'}; model names must be unique"]
+    assert found == [
+        f"{tmp_path / 'm.yml'}:1: name: model name 'm' is already used by {tmp_path / 'm.yaml'}; model names must be unique"
+    ]
 
 
 ENSEMBLE = """\
@@ -145,11 +259,26 @@ def test_ensemble_referencing_existing_model_and_tensors_loads(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("model: m", "model: missing"), "pipeline.yaml:7: ensemble_steps[0].model: no model spec named 'missing' (known models: m, pipeline)"),
-        (("inputs: {x: raw}", "inputs: {nope: raw}"), "pipeline.yaml:8: ensemble_steps[0].inputs.nope: model 'm' has no input named 'nope' (it has: x)"),
-        (("inputs: {x: raw}", "inputs: {x: ghost}"), "pipeline.yaml:8: ensemble_steps[0].inputs.x: ensemble tensor 'ghost' is neither an ensemble input nor any step's output"),
-        (("outputs: {y: result}", "outputs: {y: other}"), "pipeline.yaml:5: outputs[0].name: ensemble output 'result' is not produced by any step"),
-        (("max_batch_size: 8\n", "max_batch_size: 8\ndynamic_batching: {}\n"), "pipeline.yaml:4: dynamic_batching: an ensemble cannot batch itself"),
+        (
+            ("model: m", "model: missing"),
+            "pipeline.yaml:7: ensemble_steps[0].model: no model spec named 'missing' (known models: m, pipeline)",
+        ),
+        (
+            ("inputs: {x: raw}", "inputs: {nope: raw}"),
+            "pipeline.yaml:8: ensemble_steps[0].inputs.nope: model 'm' has no input named 'nope' (it has: x)",
+        ),
+        (
+            ("inputs: {x: raw}", "inputs: {x: ghost}"),
+            "pipeline.yaml:8: ensemble_steps[0].inputs.x: ensemble tensor 'ghost' is neither an ensemble input nor any step's output",
+        ),
+        (
+            ("outputs: {y: result}", "outputs: {y: other}"),
+            "pipeline.yaml:5: outputs[0].name: ensemble output 'result' is not produced by any step",
+        ),
+        (
+            ("max_batch_size: 8\n", "max_batch_size: 8\ndynamic_batching: {}\n"),
+            "pipeline.yaml:4: dynamic_batching: an ensemble cannot batch itself",
+        ),
     ],
 )
 def test_ensemble_mistakes(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
@@ -162,8 +291,12 @@ def test_ensemble_mistakes(tmp_path: Path, change: tuple[str, str], expected: st
 def test_programmatic_construction_runs_the_same_checks() -> None:
     with pytest.raises(ValueError, match="preferred batch size 16 is above max_batch_size 8"):
         ModelSpec.model_validate(
-            {"name": "m", "backend": "python", "max_batch_size": 8,
-             "dynamic_batching": {"preferred_batch_sizes": [16]}}
+            {
+                "name": "m",
+                "backend": "python",
+                "max_batch_size": 8,
+                "dynamic_batching": {"preferred_batch_sizes": [16]},
+            }
         )
 
 
@@ -172,6 +305,8 @@ def test_spec_hash_ignores_comments_and_spelled_out_defaults(tmp_path: Path) -> 
     verbose = load_model_spec_file(
         write_spec(tmp_path / "b", "m", "# comment\n" + VALID + "  preserve_ordering: false\n")
     ).spec
-    changed = load_model_spec_file(write_spec(tmp_path / "c", "m", VALID.replace("100", "200"))).spec
+    changed = load_model_spec_file(
+        write_spec(tmp_path / "c", "m", VALID.replace("100", "200"))
+    ).spec
     assert model_spec_hash(plain) == model_spec_hash(verbose)
     assert model_spec_hash(plain) != model_spec_hash(changed)

@@ -29,7 +29,12 @@ def render(**changes: Any) -> pb.ModelConfig:
 
 def test_name_backend_and_batch_size() -> None:
     config = render()
-    assert (config.name, config.backend, config.platform, config.max_batch_size) == ("m", "python", "", 8)
+    assert (config.name, config.backend, config.platform, config.max_batch_size) == (
+        "m",
+        "python",
+        "",
+        8,
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,7 +45,9 @@ def test_name_backend_and_batch_size() -> None:
         (None, "tensorrt_plan", ("", "tensorrt_plan")),
     ],
 )
-def test_backend_and_platform(backend: str | None, platform: str | None, expected: tuple[str, str]) -> None:
+def test_backend_and_platform(
+    backend: str | None, platform: str | None, expected: tuple[str, str]
+) -> None:
     config = render(backend=backend, platform=platform)
     assert (config.backend, config.platform) == expected
 
@@ -54,18 +61,34 @@ def test_every_dtype_maps_to_its_triton_type(dtype: str) -> None:
 
 
 def test_friendly_dtype_names() -> None:
-    config = render(inputs=[{"name": "x", "dtype": "float16", "shape": [2]}, {"name": "t", "dtype": "bytes", "shape": [1]}])
+    config = render(
+        inputs=[
+            {"name": "x", "dtype": "float16", "shape": [2]},
+            {"name": "t", "dtype": "bytes", "shape": [1]},
+        ]
+    )
     assert [pb.DataType.Name(t.data_type) for t in config.input] == ["TYPE_FP16", "TYPE_STRING"]
 
 
 def test_tensor_options() -> None:
     config = render(
-        inputs=[{"name": "x", "dtype": "fp32", "shape": [1], "reshape": [], "format": "nhwc", "optional": True}],
+        inputs=[
+            {
+                "name": "x",
+                "dtype": "fp32",
+                "shape": [1],
+                "reshape": [],
+                "format": "nhwc",
+                "optional": True,
+            }
+        ],
         outputs=[{"name": "y", "dtype": "fp32", "shape": [3], "label_file": "labels.txt"}],
     )
     tensor = config.input[0]
-    assert tensor.HasField("reshape") and list(tensor.reshape.shape) == []
-    assert tensor.format == pb.ModelInput.FORMAT_NHWC and tensor.optional
+    assert tensor.HasField("reshape")
+    assert list(tensor.reshape.shape) == []
+    assert tensor.format == pb.ModelInput.FORMAT_NHWC
+    assert tensor.optional
     assert config.output[0].label_filename == "labels.txt"
     assert not config.output[0].HasField("reshape")
 
@@ -78,16 +101,31 @@ def test_dynamic_batching_with_queue_policies() -> None:
             "preserve_ordering": True,
             "priority_levels": 2,
             "default_priority_level": 2,
-            "default_queue_policy": {"max_queue_size": 10, "timeout_us": 100, "timeout_action": "delay", "allow_timeout_override": True},
+            "default_queue_policy": {
+                "max_queue_size": 10,
+                "timeout_us": 100,
+                "timeout_action": "delay",
+                "allow_timeout_override": True,
+            },
             "priority_queue_policies": {1: {"max_queue_size": 3}},
         }
     )
     batching = config.dynamic_batching
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
-    assert (batching.max_queue_delay_microseconds, list(batching.preferred_batch_size)) == (500, [2, 4])
-    assert batching.preserve_ordering and batching.priority_levels == 2 and batching.default_priority_level == 2
+    assert (batching.max_queue_delay_microseconds, list(batching.preferred_batch_size)) == (
+        500,
+        [2, 4],
+    )
+    assert batching.preserve_ordering
+    assert batching.priority_levels == 2
+    assert batching.default_priority_level == 2
     policy = batching.default_queue_policy
-    assert (policy.max_queue_size, policy.default_timeout_microseconds, policy.timeout_action, policy.allow_timeout_override) == (10, 100, pb.ModelQueuePolicy.DELAY, True)
+    assert (
+        policy.max_queue_size,
+        policy.default_timeout_microseconds,
+        policy.timeout_action,
+        policy.allow_timeout_override,
+    ) == (10, 100, pb.ModelQueuePolicy.DELAY, True)
     assert batching.priority_queue_policy[1].max_queue_size == 3
 
 
@@ -104,8 +142,17 @@ def test_instance_groups() -> None:
         ]
     )
     gpu, cpu = config.instance_group
-    assert (gpu.kind, gpu.count, list(gpu.gpus), list(gpu.profile), gpu.name) == (pb.ModelInstanceGroup.KIND_GPU, 2, [0, 1], ["0"], "g")
-    assert (cpu.kind, cpu.count) == (pb.ModelInstanceGroup.KIND_CPU, 0)  # count unset: Triton's default 1
+    assert (gpu.kind, gpu.count, list(gpu.gpus), list(gpu.profile), gpu.name) == (
+        pb.ModelInstanceGroup.KIND_GPU,
+        2,
+        [0, 1],
+        ["0"],
+        "g",
+    )
+    assert (cpu.kind, cpu.count) == (
+        pb.ModelInstanceGroup.KIND_CPU,
+        0,
+    )  # count unset: Triton's default 1
 
 
 @pytest.mark.parametrize(
@@ -119,7 +166,14 @@ def test_version_policies(policy: dict[str, Any], field: str) -> None:
 
 def test_warmup() -> None:
     config = render(
-        warmup=[{"name": "w", "batch_size": 4, "count": 2, "inputs": {"x": {"dtype": "fp32", "shape": [4], "data": "random"}}}]
+        warmup=[
+            {
+                "name": "w",
+                "batch_size": 4,
+                "count": 2,
+                "inputs": {"x": {"dtype": "fp32", "shape": [4], "data": "random"}},
+            }
+        ]
     )
     sample = config.model_warmup[0]
     assert (sample.name, sample.batch_size, sample.count) == ("w", 4, 2)
@@ -131,25 +185,49 @@ def test_optimization_accelerators_and_cuda() -> None:
         optimization={
             "priority": "max",
             "cuda": {"graphs": True},
-            "accelerators": {"gpu": [{"name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": 1 << 30}}]},
+            "accelerators": {
+                "gpu": [
+                    {
+                        "name": "tensorrt",
+                        "parameters": {
+                            "precision_mode": "FP16",
+                            "max_workspace_size_bytes": 1 << 30,
+                        },
+                    }
+                ]
+            },
             "input_pinned_memory": False,
         }
     )
     optimization = config.optimization
-    assert optimization.priority == pb.ModelOptimizationPolicy.PRIORITY_MAX and optimization.cuda.graphs
+    assert optimization.priority == pb.ModelOptimizationPolicy.PRIORITY_MAX
+    assert optimization.cuda.graphs
     accelerator = optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt"
-    assert dict(accelerator.parameters) == {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}
+    assert dict(accelerator.parameters) == {
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": "1073741824",
+    }
     # An explicit `false` is kept: Triton's default for pinned memory is on.
-    assert optimization.HasField("input_pinned_memory") and not optimization.input_pinned_memory.enable
+    assert optimization.HasField("input_pinned_memory")
+    assert not optimization.input_pinned_memory.enable
     assert not optimization.HasField("output_pinned_memory")
 
 
 def test_cache_transaction_policy_parameters_and_filename() -> None:
-    config = render(response_cache=True, decoupled=False, parameters={"threads": 2, "flag": True}, default_model_filename="net.py")
+    config = render(
+        response_cache=True,
+        decoupled=False,
+        parameters={"threads": 2, "flag": True},
+        default_model_filename="net.py",
+    )
     assert config.response_cache.enable
-    assert config.HasField("model_transaction_policy") and not config.model_transaction_policy.decoupled
-    assert {key: value.string_value for key, value in config.parameters.items()} == {"threads": "2", "flag": "true"}
+    assert config.HasField("model_transaction_policy")
+    assert not config.model_transaction_policy.decoupled
+    assert {key: value.string_value for key, value in config.parameters.items()} == {
+        "threads": "2",
+        "flag": "true",
+    }
     assert config.default_model_filename == "net.py"
 
 
@@ -165,11 +243,18 @@ def test_ensemble_renders_as_platform_with_steps() -> None:
     )
     assert (config.platform, config.backend) == ("ensemble", "")
     step = config.ensemble_scheduling.step[0]
-    assert (step.model_name, step.model_version, dict(step.input_map), dict(step.output_map)) == ("inner", -1, {"a": "x"}, {"b": "y"})
+    assert (step.model_name, step.model_version, dict(step.input_map), dict(step.output_map)) == (
+        "inner",
+        -1,
+        {"a": "x"},
+        {"b": "y"},
+    )
 
 
 def test_output_is_deterministic_and_parses_back() -> None:
-    spec = ModelSpec.model_validate({**BASE, "parameters": {"b": "1", "a": "2"}, "dynamic_batching": {}})
+    spec = ModelSpec.model_validate(
+        {**BASE, "parameters": {"b": "1", "a": "2"}, "dynamic_batching": {}}
+    )
     first = render_config_pbtxt(spec, "modelconfigs/m.yaml", "abc")
     second = render_config_pbtxt(spec.model_copy(), "modelconfigs/m.yaml", "abc")
     assert first == second

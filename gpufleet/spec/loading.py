@@ -1,8 +1,8 @@
 """Load ModelSpecs from `modelconfigs/`, reporting every problem with file, line and field path.
 
-    specs = load_model_specs(Path("modelconfigs"))   # raises SpecError listing all problems
-    for loaded in specs:
-        print(loaded.spec.name, loaded.spec_hash)
+specs = load_model_specs(Path("modelconfigs"))   # raises SpecError listing all problems
+for loaded in specs:
+    print(loaded.spec.name, loaded.spec_hash)
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ def load_model_spec_file(path: Path) -> LoadedModelSpec:
             )
         )
     try:
-        spec = ModelSpec.model_validate(
-            source.data, context={"defer_cross_field_checks": True}
-        )
+        spec = ModelSpec.model_validate(source.data, context={"defer_cross_field_checks": True})
     except ValidationError as error:
         problems.extend(validation_problems(error, ModelSpec, source))
         raise SpecError(_by_line(problems)) from None
@@ -145,7 +143,9 @@ def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
     """Load `<stacks_dir>/Pulumi.<stack>.yaml`; its `gpufleet:` config keys form the StackSpec."""
     path = stack_file(stacks_dir, stack)
     if not path.is_file():
-        known = sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml"))
+        known = sorted(
+            p.name[len("Pulumi.") : -len(".yaml")] for p in stacks_dir.glob("Pulumi.*.yaml")
+        )
         raise SpecError(
             [
                 SpecProblem(
@@ -166,9 +166,7 @@ def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
     except ValidationError as error:
         problems = validation_problems(error, StackSpec, source, prefix=("config",))
         # pydantic names `environment`; the file says `gpufleet:environment`.
-        problems = [
-            source.problem(_namespaced(p.path, prefix), p.message) for p in problems
-        ]
+        problems = [source.problem(_namespaced(p.path, prefix), p.message) for p in problems]
         raise SpecError(problems) from None
     return LoadedStackSpec(name=stack, spec=spec, source=source)
 

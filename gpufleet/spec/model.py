@@ -30,6 +30,7 @@ from pydantic import (
 
 # Names Triton accepts for a model and that are safe as a directory name.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MLFLOW_MODEL_URI_PATTERN = r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)"
 
 Backend = Literal[
     "onnxruntime",
@@ -52,7 +53,12 @@ Platform = Literal[
     "tensorflow_savedmodel",
     "ensemble",
 ]
-BACKEND_ALIASES = {"libtorch": "pytorch", "torch": "pytorch", "onnx": "onnxruntime", "trt": "tensorrt"}
+BACKEND_ALIASES = {
+    "libtorch": "pytorch",
+    "torch": "pytorch",
+    "onnx": "onnxruntime",
+    "trt": "tensorrt",
+}
 
 DType = Literal[
     "bool",
@@ -108,6 +114,8 @@ StringValue = Annotated[
     BeforeValidator(_stringify_scalar),
     WithJsonSchema({"type": ["string", "number", "boolean"]}),
 ]
+
+
 def _reject_zero_dim(dim: int) -> int:
     if dim == 0:
         raise ValueError("a dimension of 0 holds no data; use a positive size or -1")
@@ -137,7 +145,7 @@ class InputSpec(SpecModel):
     name: str = Field(min_length=1)
     dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
     shape: list[Dim] = Field(min_length=1, description="Dimensions; -1 for a variable size.")
-    reshape: list[PositiveInt] | None = Field(
+    reshape: list[Dim] | None = Field(
         default=None, description="Shape the backend sees; [] turns a [1] tensor into a scalar."
     )
     format: Literal["nchw", "nhwc"] | None = None
@@ -153,7 +161,7 @@ class OutputSpec(SpecModel):
     name: str = Field(min_length=1)
     dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
     shape: list[Dim] = Field(min_length=1, description="Dimensions; -1 for a variable size.")
-    reshape: list[PositiveInt] | None = None
+    reshape: list[Dim] | None = None
     label_file: str | None = Field(default=None, description="Classification labels file.")
     shape_tensor: bool = False
     non_linear_format_io: bool = False
@@ -188,8 +196,12 @@ class InstanceGroup(SpecModel):
     """Copies of the model and where they run (Triton's ModelInstanceGroup)."""
 
     kind: Literal["auto", "gpu", "cpu", "model"] = "auto"
-    count: PositiveInt | None = Field(default=None, description="Instances per device; Triton's default is 1.")
-    gpus: list[NonNegativeInt] = Field(default_factory=list, description="GPU indices, kind gpu only.")
+    count: PositiveInt | None = Field(
+        default=None, description="Instances per device; Triton's default is 1."
+    )
+    gpus: list[NonNegativeInt] = Field(
+        default_factory=list, description="GPU indices, kind gpu only."
+    )
     name: str | None = None
     profiles: list[str] = Field(default_factory=list, description="TensorRT optimization profiles.")
     passive: bool = False
@@ -223,7 +235,7 @@ class Warmup(SpecModel):
 
 
 class Accelerator(SpecModel):
-    """An execution accelerator such as `tensorrt` (GPU) or `openvino` (CPU), with its parameters."""
+    """An accelerator such as `tensorrt` (GPU) or `openvino` (CPU), and its parameters."""
 
     name: str = Field(min_length=1)
     parameters: dict[str, StringValue] = Field(default_factory=dict)
@@ -273,7 +285,9 @@ class Objectives(SpecModel):
 class ModelSpec(SpecModel):
     """A model to serve with Triton: its interface, batching, placement and objectives."""
 
-    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Triton model name; also the file name.")
+    name: str = Field(
+        pattern=MODEL_NAME_PATTERN, description="Triton model name; also the file name."
+    )
     backend: Annotated[Backend, _normalize(BACKEND_ALIASES)] | None = None
     platform: Platform | None = None
     source: str | None = Field(
@@ -302,11 +316,11 @@ class ModelSpec(SpecModel):
     @field_validator("source")
     @classmethod
     def _source_is_well_formed(cls, source: str | None) -> str | None:
-        if source is not None and source.startswith("models:/"):
-            if not re.fullmatch(r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)", source):
-                raise ValueError(
-                    "an MLflow model URI is models:/<name>@<alias> or models:/<name>/<version>"
-                )
+        is_registry_uri = source is not None and source.startswith("models:/")
+        if is_registry_uri and not re.fullmatch(MLFLOW_MODEL_URI_PATTERN, source or ""):
+            raise ValueError(
+                "an MLflow model URI is models:/<name>@<alias> or models:/<name>/<version>"
+            )
         return source
 
     @model_validator(mode="after")

@@ -149,6 +149,12 @@ def _batching(spec: ModelSpec) -> Iterator[SpecProblem]:
             ("dynamic_batching", "default_priority_level"),
             f"default_priority_level must be between 1 and priority_levels ({levels})",
         )
+    if batching.preserve_ordering and levels > 1:
+        yield SpecProblem(
+            ("dynamic_batching", "preserve_ordering"),
+            "Triton preserves ordering only with a single priority level; "
+            "turn preserve_ordering off or use priority_levels: 1",
+        )
     for level in batching.priority_queue_policies:
         if level > levels:
             yield SpecProblem(
@@ -160,7 +166,8 @@ def _batching(spec: ModelSpec) -> Iterator[SpecProblem]:
 
 def _instance_groups(spec: ModelSpec) -> Iterator[SpecProblem]:
     for index, group in enumerate(spec.instance_groups):
-        if group.gpus and group.kind != "gpu":
+        # Triton resolves kind auto to gpu or cpu at load time, so auto may list GPUs.
+        if group.gpus and group.kind not in ("gpu", "auto"):
             yield SpecProblem(
                 ("instance_groups", index, "gpus"),
                 f"gpus are only meaningful with kind gpu (this group is kind {group.kind})",
@@ -171,9 +178,7 @@ def _version_policy(spec: ModelSpec) -> Iterator[SpecProblem]:
     policy = spec.version_policy
     if policy is None:
         return
-    chosen = [
-        name for name in ("latest", "all", "specific") if getattr(policy, name) is not None
-    ]
+    chosen = [name for name in ("latest", "all", "specific") if getattr(policy, name) is not None]
     if len(chosen) != 1:
         yield SpecProblem(
             ("version_policy",),
@@ -228,7 +233,9 @@ def _ensemble(spec: ModelSpec) -> Iterator[SpecProblem]:
     produced: dict[str, int] = {}  # ensemble tensor -> index of the step producing it
     for index, step in enumerate(spec.ensemble_steps):
         if step.model == spec.name:
-            yield SpecProblem(("ensemble_steps", index, "model"), "a step cannot call the ensemble itself")
+            yield SpecProblem(
+                ("ensemble_steps", index, "model"), "a step cannot call the ensemble itself"
+            )
         for model_output, tensor in step.outputs.items():
             if tensor in produced:
                 yield SpecProblem(
@@ -248,16 +255,15 @@ def _ensemble(spec: ModelSpec) -> Iterator[SpecProblem]:
                     f"ensemble tensor {tensor!r} is neither an ensemble input nor any step's "
                     "output",
                 )
-    for index, tensor in enumerate(spec.outputs):
-        if tensor.name not in produced:
+    for index, output in enumerate(spec.outputs):
+        if output.name not in produced:
             yield SpecProblem(
                 ("outputs", index, "name"),
-                f"ensemble output {tensor.name!r} is not produced by any step",
+                f"ensemble output {output.name!r} is not produced by any step",
             )
-    for index, tensor in enumerate(spec.inputs):
-        if tensor.name not in consumed:
+    for index, declared in enumerate(spec.inputs):
+        if declared.name not in consumed:
             yield SpecProblem(
                 ("inputs", index, "name"),
-                f"ensemble input {tensor.name!r} is not used by any step",
+                f"ensemble input {declared.name!r} is not used by any step",
             )
-

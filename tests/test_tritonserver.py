@@ -1,0 +1,223 @@
+"""Tests of validation/tritonserver.py against the real tritonserver binary.
+
+What is real: everything. Each test starts the tritonserver shipped in the nvidia-pytriton wheel
+(on the CPU, loopback ports), with Triton's Python backend running model.py files written into
+tmp_path; inference goes through tritonclient over HTTP. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from validation.tritonserver import (
+    INSTALL_HINT,
+    LocalTritonServer,
+    TritonBinary,
+    TritonModelControlError,
+    TritonStartError,
+    TritonUnavailableError,
+)
+
+if TYPE_CHECKING:  # importing it for real here would keep pytest from loading it as a plugin
+    from tests.triton_fixtures import TritonServerFactory
+
+pytest_plugins = ["tests.triton_fixtures"]
+
+ADD_ONE = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+                y = pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[y]))
+            return responses
+"""
+
+FAILS_IN_INITIALIZE = """
+    class TritonPythonModel:
+        def initialize(self, args):
+            raise RuntimeError("deliberate failure in initialize")
+
+        def execute(self, requests):
+            return []
+"""
+
+
+def write_python_model(repository: Path, name: str, model_py: str) -> None:
+    """A Python-backend model with one FP32 vector input INPUT0 and output OUTPUT0."""
+    version_dir = repository / name / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "model.py").write_text(textwrap.dedent(model_py))
+    (repository / name / "config.pbtxt").write_text(
+        textwrap.dedent(
+            f"""\
+            name: "{name}"
+            backend: "python"
+            max_batch_size: 0
+            input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+            output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+            instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+            """
+        )
+    )
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As any server would: a closed connection's TIME_WAIT does not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def process_group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_python_model_loads_and_serves_inference(
+    triton_server_factory: TritonServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+
+    server = triton_server_factory(repository)
+
+    assert server.is_ready()
+    assert [(m["name"], m["state"]) for m in server.repository_index()] == [("add_one", "READY")]
+    assert server.model_config("add_one")["backend"] == "python"
+    x = np.array([1.0, 2.5, -3.0], dtype=np.float32)
+    client = httpclient.InferenceServerClient(url=server.http_url)
+    try:
+        tensor = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("add_one", [tensor])
+    finally:
+        client.close()
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
+    [stats] = server.model_statistics("add_one")["model_stats"]
+    assert stats["inference_count"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra_args",
+    [
+        pytest.param([], id="triton-exits"),
+        # Triton stays up, live but not ready; the reason then comes from the repository index.
+        pytest.param(["--exit-on-error=false"], id="triton-stays-up"),
+    ],
+)
+def test_model_failing_to_load_is_a_start_error_quoting_triton(
+    tmp_path: Path, extra_args: list[str]
+) -> None:
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    write_python_model(repository, "broken", FAILS_IN_INITIALIZE)
+    server = LocalTritonServer(repository, tmp_path / "work", extra_args=extra_args)
+
+    try:
+        with pytest.raises(TritonStartError) as caught:
+            server.start()
+    finally:
+        server.stop()
+
+    message = str(caught.value)
+    assert "failed to load 'broken'" in message
+    assert "RuntimeError: deliberate failure in initialize" in message
+    assert "add_one" not in message  # only the failing model is reported
+    assert "CudaDriverHelper" not in message  # CPU-only noise is left out
+    assert caught.value.log_path == server.log_path
+    assert server.pid is not None
+    assert process_group_is_gone(server.pid)  # the Python backend stubs too
+    assert not server.running
+
+
+def test_stop_is_idempotent_and_frees_the_ports(
+    triton_server_factory: TritonServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    server = triton_server_factory(repository)
+    ports = server.ports
+    assert not any(port_is_free(port) for port in ports)
+
+    server.stop()
+    server.stop()
+
+    assert server.pid is not None
+    assert process_group_is_gone(server.pid)
+    assert all(port_is_free(port) for port in ports)
+    assert not server.is_ready()
+
+
+def test_model_control_errors_quote_triton(
+    triton_server_factory: TritonServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    write_python_model(repository, "broken", FAILS_IN_INITIALIZE)
+    server = triton_server_factory(repository, load_models=[])
+
+    with pytest.raises(TritonModelControlError, match="could not load model 'nope'") as caught:
+        server.load_model("nope")
+    assert caught.value.triton_message == (
+        "failed to load 'nope', failed to poll from model repository"
+    )
+    with pytest.raises(TritonModelControlError, match=r"could not unload model 'nope'.*no such"):
+        server.unload_model("nope")
+    with pytest.raises(TritonModelControlError, match="deliberate failure in initialize"):
+        server.load_model("broken")
+
+    server.load_model("add_one")
+    assert server.model_config("add_one")["name"] == "add_one"
+    server.unload_model("add_one")
+    states = {m["name"]: m["state"] for m in server.repository_index()}
+    assert states == {"add_one": "UNAVAILABLE", "broken": "UNAVAILABLE"}
+
+
+@pytest.mark.parametrize("which", ["http_port", "grpc_port", "metrics_port"])
+def test_port_in_use_is_reported(tmp_path: Path, which: str) -> None:
+    # The metrics case matters most: Triton answers ready on HTTP before it finds the metrics
+    # port taken and exits, and start() must not take that for success.
+    repository = tmp_path / "models"
+    repository.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LocalTritonServer(repository, tmp_path / "work", **{which: port})
+        try:
+            expected = re.escape(f"Socket '127.0.0.1:{port}' already in use")
+            with pytest.raises(TritonStartError, match=expected):
+                server.start()
+        finally:
+            server.stop()
+        assert server.pid is not None
+        assert process_group_is_gone(server.pid)
+
+
+def test_missing_python_stub_says_what_to_install() -> None:
+    with pytest.raises(TritonUnavailableError) as caught:
+        TritonBinary.discover(python_version=(2, 7))
+    assert "no Python backend stub for Python 2.7" in str(caught.value)
+    assert INSTALL_HINT in str(caught.value)

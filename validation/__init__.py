@@ -1,0 +1,1 @@
+"""Checks that run generated artefacts against the real tools that consume them."""
