@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from generators.schemas import render_schemas
 from gpufleet.cli import app
-from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS, write_spec
+from tests.conftest import GOLDEN_REPOSITORY, PROJECT_ROOT, SAMPLE_SPECS, write_spec
 
 runner = CliRunner()
 
@@ -202,3 +202,65 @@ def test_stack_files_validate_against_the_stack_schema() -> None:
         jsonschema.validate(yaml.safe_load(stack.read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"config": {"gpufleet:environment": "moon"}}, schema)
+
+
+def test_import_config_writes_specs_that_regenerate_the_same_config(tmp_path: Path) -> None:
+    """Golden configs -> import-config -> generate: the same Triton configs come back."""
+    specs_dir, repository = tmp_path / "specs", tmp_path / "repository"
+    configs = sorted(GOLDEN_REPOSITORY.glob("*/config.pbtxt"))
+    result = runner.invoke(app, ["import-config", *map(str, configs), "--out", str(specs_dir)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in specs_dir.iterdir()) == sorted(p.parent.name for p in configs)
+    first_line = (specs_dir / "resnet50.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# yaml-language-server: $schema=")
+    assert first_line.endswith("schemas/modelspec.schema.json")
+    result = runner.invoke(app, ["generate", "--specs", str(specs_dir), "--out", str(repository)])
+    assert result.exit_code == 0, result.output
+    for config in configs:
+        regenerated = repository / config.parent.name / "config.pbtxt"
+        body = [line for line in regenerated.read_text().splitlines() if not line.startswith("#")]
+        assert body == [
+            line for line in config.read_text().splitlines() if not line.startswith("#")
+        ]
+
+
+def test_import_config_takes_the_model_name_from_the_directory(tmp_path: Path) -> None:
+    config = tmp_path / "repo" / "echo" / "config.pbtxt"
+    config.parent.mkdir(parents=True)
+    config.write_text('backend: "python"\nmax_batch_size: 4\n')
+    result = runner.invoke(app, ["import-config", str(config), "--out", str(tmp_path / "specs")])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "specs" / "echo.yaml").read_text())["name"] == "echo"
+
+
+def test_import_config_refuses_unsupported_fields_and_writes_nothing(tmp_path: Path) -> None:
+    good = tmp_path / "good.pbtxt"
+    good.write_text('name: "good"\nbackend: "python"\n')
+    sequence = tmp_path / "sequence.pbtxt"
+    sequence.write_text(
+        'name: "seq"\nbackend: "python"\nmax_batch_size: 4\nsequence_batching { }\n'
+    )
+    broken = tmp_path / "broken.pbtxt"
+    broken.write_text('name: "broken"\nmax_batch_size: [\n')
+    result = runner.invoke(
+        app,
+        ["import-config", str(good), str(sequence), str(broken), "--out", str(tmp_path / "specs")],
+    )
+    assert result.exit_code == 2
+    assert "sequence_batching" in result.output
+    assert f"{broken}:" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "specs").exists(), "one bad config means nothing is written"
+
+
+def test_import_config_does_not_overwrite_without_force(tmp_path: Path) -> None:
+    config = tmp_path / "m.pbtxt"
+    config.write_text('name: "m"\nbackend: "python"\n')
+    existing = write_spec(tmp_path / "specs", "m", "name: m\nbackend: onnxruntime\n")
+    arguments = ["import-config", str(config), "--out", str(tmp_path / "specs")]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2
+    assert "pass --force to overwrite it" in result.output
+    assert "onnxruntime" in existing.read_text()
+    assert runner.invoke(app, [*arguments, "--force"]).exit_code == 0
+    assert "backend: python" in existing.read_text()

@@ -36,7 +36,8 @@ PYTHON_MODELS = Path(__file__).parent / "data" / "python_models"
 
 def _load_torch_mlp_module() -> Any:
     spec = importlib.util.spec_from_file_location("torch_mlp", PYTHON_MODELS / "torch_mlp.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
