@@ -347,7 +347,7 @@ def spec_to_yaml(spec: ModelSpec, schema_ref: str | None = DEFAULT_SCHEMA_REF) -
         Dumper=_YamlDumper,
         sort_keys=False,
         default_flow_style=False,
-        allow_unicode=True,
+        allow_unicode=False,  # PyYAML writes U+0085 raw, which reads back as a line break
         width=100,
     )
     header = f"# yaml-language-server: $schema={schema_ref}\n" if schema_ref is not None else ""

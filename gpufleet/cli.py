@@ -35,8 +35,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # soft_wrap: long paths and diffs must stay on one line for CI logs and grep.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# emoji=False: rich would turn `file.yaml:100:` into an emoji.
+out = Console(soft_wrap=True, emoji=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False, highlight=False)
 
 SpecsOption = Annotated[
     Path, typer.Option("--specs", help="Directory of model specs (one <model>.yaml each).")

@@ -98,7 +98,6 @@ def test_dynamic_batching_with_queue_policies() -> None:
         dynamic_batching={
             "max_queue_delay_us": 500,
             "preferred_batch_sizes": [2, 4],
-            "preserve_ordering": True,
             "priority_levels": 2,
             "default_priority_level": 2,
             "default_queue_policy": {
@@ -116,7 +115,7 @@ def test_dynamic_batching_with_queue_policies() -> None:
         500,
         [2, 4],
     )
-    assert batching.preserve_ordering
+    assert not batching.preserve_ordering
     assert batching.priority_levels == 2
     assert batching.default_priority_level == 2
     policy = batching.default_queue_policy
@@ -127,6 +126,10 @@ def test_dynamic_batching_with_queue_policies() -> None:
         policy.allow_timeout_override,
     ) == (10, 100, pb.ModelQueuePolicy.DELAY, True)
     assert batching.priority_queue_policy[1].max_queue_size == 3
+
+
+def test_preserve_ordering() -> None:
+    assert render(dynamic_batching={"preserve_ordering": True}).dynamic_batching.preserve_ordering
 
 
 def test_empty_dynamic_batching_still_turns_batching_on() -> None:

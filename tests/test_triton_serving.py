@@ -10,15 +10,17 @@ from tests/data/python_models (filling a repository from MLflow is a later issue
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.http as triton_http
+import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.grpc import model_config_pb2 as pb
 from typer.testing import CliRunner
@@ -168,17 +170,32 @@ def _infer_concurrently(
     input_name: str,
     output_name: str,
 ) -> list[np.ndarray]:
-    with triton_http.InferenceServerClient(server.http_url, concurrency=len(batches)) as client:
-        pending = []
-        for batch in batches:
-            request = triton_http.InferInput(input_name, list(batch.shape), "FP32")
+    """Send every batch at once (gRPC async calls, answered on gRPC's threads); wait for all."""
+    results: dict[int, np.ndarray] = {}
+    errors: list[Exception] = []
+    done = threading.Semaphore(0)
+
+    def collect(index: int, result: Any, error: Exception | None) -> None:
+        if error is not None:
+            errors.append(error)
+        else:
+            results[index] = result.as_numpy(output_name)
+        done.release()
+
+    with triton_grpc.InferenceServerClient(server.grpc_url) as client:
+        for index, batch in enumerate(batches):
+            request = triton_grpc.InferInput(input_name, list(batch.shape), "FP32")
             request.set_data_from_numpy(batch)
-            pending.append(
-                client.async_infer(
-                    model, [request], outputs=[triton_http.InferRequestedOutput(output_name)]
-                )
+            client.async_infer(
+                model,
+                [request],
+                functools.partial(collect, index),
+                outputs=[triton_grpc.InferRequestedOutput(output_name)],
             )
-        return [p.get_result(timeout=60).as_numpy(output_name) for p in pending]
+        for _ in batches:
+            assert done.acquire(timeout=60), "Triton did not answer within 60 s"
+    assert not errors, errors
+    return [results[index] for index in range(len(batches))]
 
 
 def _counts(server: LocalTritonServer, model: str) -> tuple[int, int]:

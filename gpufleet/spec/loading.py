@@ -50,22 +50,27 @@ def load_model_spec_file(path: Path) -> LoadedModelSpec:
     problems: list[SpecProblem] = []
     name = source.data.get("name")
     if isinstance(name, str) and name != path.stem:
-        problems.append(
-            source.problem(
-                ("name",),
-                f"name {name!r} differs from the file name {path.name!r}; "
-                f"rename the file to {name}{path.suffix} or change name",
-            )
-        )
+        problems.append(_name_differs(source, name))
     try:
         spec = ModelSpec.model_validate(source.data, context={"defer_cross_field_checks": True})
     except ValidationError as error:
         problems.extend(validation_problems(error, ModelSpec, source))
         raise SpecError(_by_line(problems)) from None
+    if not problems and spec.name != path.stem:  # a name YAML gave as another type (!!binary)
+        problems.append(_name_differs(source, spec.name))
     problems.extend(source.problem(p.path, p.message) for p in check_model_spec(spec))
     if problems:
         raise SpecError(_by_line(problems))
     return LoadedModelSpec(spec=spec, path=path, source=source)
+
+
+def _name_differs(source: YamlSource, name: str) -> SpecProblem:
+    path = source.path
+    return source.problem(
+        ("name",),
+        f"name {name!r} differs from the file name {path.name!r}; "
+        f"rename the file to {name}{path.suffix} or change name",
+    )
 
 
 def _by_line(problems: list[SpecProblem]) -> list[SpecProblem]:

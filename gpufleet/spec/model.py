@@ -122,15 +122,20 @@ def _reject_zero_dim(dim: int) -> int:
     return dim
 
 
+# Bounds of the protobuf integer types, so every valid spec renders (Triton's fields are
+# int32/uint32/int64/uint64; counts and sizes use the smallest of them).
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
 Dim = Annotated[
     int,
-    Field(ge=-1),
+    Field(ge=-1, le=INT64_MAX),
     AfterValidator(_reject_zero_dim),
     WithJsonSchema({"type": "integer", "minimum": -1, "not": {"const": 0}}),
 ]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-Microseconds = Annotated[int, Field(ge=0, description="Microseconds.")]
+PositiveInt = Annotated[int, Field(ge=1, le=INT32_MAX)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Microseconds = Annotated[int, Field(ge=0, le=INT64_MAX, description="Microseconds.")]
 
 
 class SpecModel(BaseModel):
@@ -255,7 +260,7 @@ class CudaOptimization(SpecModel):
 class Optimization(SpecModel):
     """Backend optimization settings (Triton's ModelOptimizationPolicy)."""
 
-    graph_level: int | None = None
+    graph_level: Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)] | None = None
     priority: Literal["default", "max", "min"] = "default"
     cuda: CudaOptimization | None = None
     accelerators: Accelerators | None = None
@@ -269,7 +274,9 @@ class EnsembleStep(SpecModel):
     """One step of an ensemble: which model runs and how ensemble tensors map to its tensors."""
 
     model: str = Field(min_length=1)
-    version: Annotated[int, Field(ge=-1)] = Field(default=-1, description="-1 is the latest.")
+    version: Annotated[int, Field(ge=-1, le=INT64_MAX)] = Field(
+        default=-1, description="-1 is the latest."
+    )
     inputs: dict[str, str] = Field(description="Model input name -> ensemble tensor name.")
     outputs: dict[str, str] = Field(description="Model output name -> ensemble tensor name.")
 

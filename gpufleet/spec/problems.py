@@ -42,7 +42,14 @@ class SpecProblem:
         if self.file is not None:
             where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
         field = f"{self.path_text}: " if self.path else ""
-        return f"{where}{field}{self.message}"
+        return _printable(f"{where}{field}{self.message}")
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (a key or name holding a newline must not split the line)."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class SpecError(Exception):

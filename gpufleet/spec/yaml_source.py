@@ -26,9 +26,20 @@ class _StrictLoader(_BaseLoader):  # type: ignore[misc]
     """Safe loader that refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # e.g. `!!map x`: let PyYAML say why
+            return super().construct_mapping(node, deep=deep)
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "a key must be a plain value, not a list or mapping",
+                    key_node.start_mark,
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
@@ -60,8 +71,12 @@ class YamlSource:
     def line_of(self, path: FieldPath) -> int | None:
         """Line (1-based) of the deepest existing node along `path`."""
         keys = tuple(str(part) for part in path)
+        try:
+            index = self._line_index
+        except RecursionError:  # an alias that contains itself: no lines, the message stays
+            return None
         for end in range(len(keys), -1, -1):
-            line = self._line_index.get(keys[:end])
+            line = index.get(keys[:end])
             if line is not None:
                 return line
         return None
@@ -102,9 +117,14 @@ def read_yaml_file(path: Path, what: str) -> YamlSource:
         ) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
+    except RecursionError:
+        raise SpecError(
+            [SpecProblem((), "the YAML nests too deeply or refers to itself", file=path)]
+        ) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         reason = " ".join(part for part in (error.context, error.problem) if part)
+        reason = " ".join(reason.split())  # PyYAML's messages may span lines
         if not isinstance(error, yaml.constructor.ConstructorError):
             reason += "; fix the syntax"
         raise SpecError(
