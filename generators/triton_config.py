@@ -119,32 +119,30 @@ def render_model_config(spec: ModelSpec) -> pb.ModelConfig:
     return config
 
 
-def _render_input(tensor: InputSpec, target: pb.ModelInput) -> None:
+def _render_tensor(tensor: InputSpec | OutputSpec, target: pb.ModelInput | pb.ModelOutput) -> None:
+    """Fields inputs and outputs share."""
     target.name = tensor.name
     target.data_type = DTYPE_TO_TRITON[tensor.dtype]
     target.dims.extend(tensor.shape)
     if tensor.reshape is not None:
         target.reshape.shape.extend(tensor.reshape)
         target.reshape.SetInParent()  # keeps `reshape: []` (a scalar) distinct from no reshape
+    target.is_shape_tensor = tensor.shape_tensor
+    target.is_non_linear_format_io = tensor.non_linear_format_io
+
+
+def _render_input(tensor: InputSpec, target: pb.ModelInput) -> None:
+    _render_tensor(tensor, target)
     if tensor.format is not None:
         target.format = FORMAT_TO_TRITON[tensor.format]
     target.optional = tensor.optional
-    target.is_shape_tensor = tensor.shape_tensor
     target.allow_ragged_batch = tensor.ragged_batch
-    target.is_non_linear_format_io = tensor.non_linear_format_io
 
 
 def _render_output(tensor: OutputSpec, target: pb.ModelOutput) -> None:
-    target.name = tensor.name
-    target.data_type = DTYPE_TO_TRITON[tensor.dtype]
-    target.dims.extend(tensor.shape)
-    if tensor.reshape is not None:
-        target.reshape.shape.extend(tensor.reshape)
-        target.reshape.SetInParent()
+    _render_tensor(tensor, target)
     if tensor.label_file is not None:
         target.label_filename = tensor.label_file
-    target.is_shape_tensor = tensor.shape_tensor
-    target.is_non_linear_format_io = tensor.non_linear_format_io
 
 
 def _render_queue_policy(policy: QueuePolicy, target: pb.ModelQueuePolicy) -> None:

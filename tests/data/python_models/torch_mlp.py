@@ -1,8 +1,10 @@
 """Triton python-backend model for tests: a seeded torch MLP that reads its tensor names from
 the model config, so one file serves any spec with one input and one output.
 
-Each execute() sleeps briefly so that concurrent requests pile up and the dynamic batcher has
-something to batch; tests compare the outputs with `reference_outputs` computed locally.
+It runs where Triton placed the instance (`kind: gpu` -> cuda:<device>, else the CPU). Each
+execute() sleeps `execute_delay_ms` (model parameter, default 20) so that concurrent requests
+pile up and the dynamic batcher has something to batch; `hidden_size` (default 32) sets the
+width. Tests compare outputs with `reference_outputs`, computed locally with the same seed.
 """
 
 import json
@@ -17,13 +19,14 @@ except ImportError:  # imported by the tests themselves, for reference_outputs()
     pb_utils = None
 
 SEED = 1234
-EXECUTE_DELAY_S = 0.02
 
 
-def build_network(in_features: int, out_features: int) -> torch.nn.Module:
+def build_network(in_features: int, out_features: int, hidden_size: int = 32) -> torch.nn.Module:
     torch.manual_seed(SEED)
     return torch.nn.Sequential(
-        torch.nn.Linear(in_features, 32), torch.nn.ReLU(), torch.nn.Linear(32, out_features)
+        torch.nn.Linear(in_features, hidden_size),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden_size, out_features),
     ).eval()
 
 
@@ -33,6 +36,11 @@ def reference_outputs(features: np.ndarray, out_features: int) -> np.ndarray:
         return network(torch.from_numpy(features)).numpy()
 
 
+def _parameter(config: dict, name: str, default: float) -> float:
+    value = config.get("parameters", {}).get(name, {}).get("string_value")
+    return float(value) if value else default
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -40,17 +48,27 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
         in_features = int(config["input"][0]["dims"][-1])
         out_features = int(config["output"][0]["dims"][-1])
-        torch.set_num_threads(1)
-        self.network = build_network(in_features, out_features)
+        hidden_size = int(_parameter(config, "hidden_size", 32))
+        self.delay_s = _parameter(config, "execute_delay_ms", 20) / 1000
+        if args["model_instance_kind"] == "GPU":
+            self.device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(1)
+        network = build_network(in_features, out_features, hidden_size)
+        self.network = network.to(self.device)
+        pb_utils.Logger.log_info(f"{args['model_instance_name']}: network on {self.device}")
 
     def execute(self, requests):
-        time.sleep(EXECUTE_DELAY_S)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         responses = []
         for request in requests:
             features = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
             with torch.no_grad():
-                result = self.network(torch.from_numpy(features)).numpy().astype(np.float32)
+                result = self.network(torch.from_numpy(features).to(self.device))
+            scores = result.cpu().numpy().astype(np.float32)
             responses.append(
-                pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, result)])
+                pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, scores)])
             )
         return responses
