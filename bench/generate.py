@@ -9,7 +9,7 @@ renamed members, and a few values varied per copy - then times, in one run, with
   load      `load_model_specs(dir)`: read YAML, validate with pydantic, cross-field and
             cross-spec (ensemble) checks
   render    `render_repository_files(specs)`: ModelConfig protobufs -> config.pbtxt text
-  write     `plan_repository` + `apply_plan` into a fresh repository (atomic writes, fsync)
+  write     `plan_repository` + `apply_plan` into a fresh repository (staged, then renamed)
   no-change `plan_repository` again against that repository: reads and compares, writes nothing
 
 and prints each phase's seconds and specs/s, the total of load + render + write against the

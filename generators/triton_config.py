@@ -4,7 +4,7 @@ The text is printed by `google.protobuf.text_format` from `model_config_pb2` (th
 in tritonclient), so it is valid by construction and parses back to the same message.
 
     message = render_model_config(spec)
-    text = render_config_pbtxt(spec, source_name="modelconfigs/resnet50.yaml")
+    text = render_config_pbtxt(spec, "modelconfigs/resnet50.yaml", spec_hash=model_spec_hash(spec))
 """
 
 from __future__ import annotations

@@ -283,7 +283,11 @@ def import_config_file(path: Path) -> ModelSpec:
             "Triton reads config.pbtxt as UTF-8, so re-save the file as UTF-8"
         ) from error
     origin = str(path)
-    return import_model_config(parse_config_pbtxt(text, origin), origin=origin)
+    config = parse_config_pbtxt(text, origin)
+    if not config.name:
+        # Triton names a model after its directory when the config does not.
+        config.name = path.resolve().parent.name
+    return import_model_config(config, origin=origin)
 
 
 def import_model_config(config: pb.ModelConfig, *, origin: str = "ModelConfig") -> ModelSpec:

@@ -5,8 +5,10 @@ Exit codes: 0 ok, 1 differences found (`generate --check`), 2 bad input or could
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -36,8 +38,8 @@ app = typer.Typer(
 )
 # soft_wrap: long paths and diffs must stay on one line for CI logs and grep.
 # emoji=False: rich would turn `file.yaml:100:` into an emoji.
-out = Console(soft_wrap=True, emoji=False, highlight=False)
-err = Console(stderr=True, soft_wrap=True, emoji=False, highlight=False)
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 SpecsOption = Annotated[
     Path, typer.Option("--specs", help="Directory of model specs (one <model>.yaml each).")
@@ -49,8 +51,18 @@ StacksOption = Annotated[
 
 def _fail(problems: list[str], exit_code: int = EXIT_BAD_INPUT) -> NoReturn:
     for line in problems:
-        err.print("error:", line, style=None, highlight=False, markup=False)
+        err.print("error:", line, markup=False)
     raise typer.Exit(exit_code)
+
+
+@contextlib.contextmanager
+def _file_errors_exit() -> Iterator[None]:
+    """A file that cannot be read or written is bad input (exit 2), not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        where = error.filename or "a file"
+        _fail([f"{where}: {error.strerror}; check the path and its permissions"])
 
 
 @app.command()
@@ -95,9 +107,10 @@ def generate(
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
     repository = out_dir or repository
-    plan = plan_repository(repository, render_repository_files(specs))
-    if not check:
-        apply_plan(plan)
+    with _file_errors_exit():
+        plan = plan_repository(repository, render_repository_files(specs))
+        if not check:
+            apply_plan(plan)
     summary = {
         "ok": plan.in_sync or not check,
         "repository": str(repository),
@@ -112,7 +125,7 @@ def generate(
         if plan.in_sync:
             out.print(f"{len(plan.unchanged)} configs in {repository} match their specs.")
         else:
-            out.print(diff_plan(plan), end="", highlight=False, markup=False)
+            out.print(diff_plan(plan), end="", markup=False)
             err.print(
                 f"{len(plan.created) + len(plan.updated) + len(plan.stale)} files in "
                 f"{repository} differ from the specs; run `gpufleet generate` to update them."
@@ -120,13 +133,12 @@ def generate(
     else:
         for verb, names in (("created", plan.created), ("updated", plan.updated)):
             for name in names:
-                out.print(f"{verb} {repository / name}", highlight=False)
+                out.print(f"{verb} {repository / name}")
         for name in plan.stale:
-            out.print(f"removed {repository / name} (its spec is gone)", highlight=False)
+            out.print(f"removed {repository / name} (its spec is gone)")
         out.print(
             f"{len(plan.created)} created, {len(plan.updated)} updated, "
-            f"{len(plan.unchanged)} unchanged, {len(plan.stale)} removed in {repository}",
-            highlight=False,
+            f"{len(plan.unchanged)} unchanged, {len(plan.stale)} removed in {repository}"
         )
     if check and not plan.in_sync:
         raise typer.Exit(EXIT_DIFFERENT)
@@ -143,9 +155,10 @@ def schema(
     Spec files point at them with a first line such as
     `# yaml-language-server: $schema=../schemas/modelspec.schema.json`.
     """
-    for name, content in render_schemas().items():
-        write_atomically(out_dir / name, content)
-        out.print(f"wrote {out_dir / name}", highlight=False)
+    with _file_errors_exit():
+        for name, content in render_schemas().items():
+            write_atomically(out_dir / name, content)
+            out.print(f"wrote {out_dir / name}")
 
 
 @app.command("import-config")
@@ -165,23 +178,33 @@ def import_config(
     All configs are checked before anything is written. A config that uses a field the spec
     cannot express is refused with the exact field paths; nothing is dropped silently.
     """
-    from generators.triton_import import import_model_config, parse_config_pbtxt, spec_to_yaml
+    from generators.triton_import import (
+        InvalidImportError,
+        UnsupportedConfigError,
+        import_config_file,
+        spec_to_yaml,
+    )
 
     problems: list[str] = []
     documents: dict[Path, str] = {}
     for config_path in configs:
         try:
-            text = config_path.read_bytes().decode("utf-8")
-            message = parse_config_pbtxt(text, origin=str(config_path))
-            if not message.name:
-                # Triton names a model after its directory when the config does not.
-                message.name = config_path.resolve().parent.name
-            spec = import_model_config(message)
-        except UnicodeDecodeError:
-            problems.append(f"{config_path}: not UTF-8 text; save the file as UTF-8")
+            spec = import_config_file(config_path)
+        except UnsupportedConfigError as error:
+            problems += [
+                f"{config_path}: {path}: the model spec cannot express this field; remove it "
+                "from the config, or extend ModelSpec and the generator"
+                for path in error.field_paths
+            ]
             continue
-        except (OSError, ValueError) as error:
-            problems.append(f"{config_path}: {error}")
+        except InvalidImportError as error:
+            problems += [f"{config_path}: {reason}" for reason in error.reasons]
+            continue
+        except OSError as error:
+            problems.append(f"{config_path}: {error.strerror}")
+            continue
+        except ValueError as error:  # syntax errors and non-UTF-8 text name the file already
+            problems.append(str(error))
             continue
         target = out_dir / f"{spec.name}.yaml"
         if target in documents:
@@ -193,6 +216,7 @@ def import_config(
             documents[target] = spec_to_yaml(spec, schema_ref=schema_ref)
     if problems:
         _fail(problems)
-    for target, document in documents.items():
-        write_atomically(target, document)
-        out.print(f"wrote {target}", highlight=False)
+    with _file_errors_exit():
+        for target, document in documents.items():
+            write_atomically(target, document)
+            out.print(f"wrote {target}")

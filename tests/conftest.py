@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["tests.triton_fixtures"]
+
+# CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples on every run, so a red
+# build is reproducible; locally every run explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_SPECS = PROJECT_ROOT / "modelconfigs"

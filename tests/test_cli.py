@@ -264,3 +264,117 @@ def test_import_config_does_not_overwrite_without_force(tmp_path: Path) -> None:
     assert "onnxruntime" in existing.read_text()
     assert runner.invoke(app, [*arguments, "--force"]).exit_code == 0
     assert "backend: python" in existing.read_text()
+
+
+def test_empty_specs_directory_is_bad_input_not_a_mass_removal(scratch_project: Path) -> None:
+    runner.invoke(app, ["generate"])
+    empty = scratch_project / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["generate", "--specs", str(empty)])
+    assert result.exit_code == 2
+    assert "no model specs (*.yaml) here" in result.output
+    assert len(list((scratch_project / "build/model_repository").glob("*/config.pbtxt"))) == 5
+
+
+def test_a_write_that_fails_midway_leaves_the_repository_as_it_was(scratch_project: Path) -> None:
+    """tabular_mlp is written before zz_blocked fails: both must be absent afterwards."""
+    repository = scratch_project / "repo"
+    repository.mkdir()
+    (repository / "zz_blocked").write_text("a file where a model directory must go")
+    write_spec(
+        scratch_project / "modelconfigs", "zz_blocked", "name: zz_blocked\nbackend: python\n"
+    )
+    before = snapshot(repository)
+    result = runner.invoke(app, ["generate", "--out", str(repository)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {repository / 'zz_blocked'}")
+    assert "Traceback" not in result.output
+    assert snapshot(repository) == before
+    assert sorted(p.name for p in repository.iterdir()) == ["zz_blocked"], "no empty model dirs"
+
+
+def test_output_path_that_is_a_file_is_bad_input(scratch_project: Path) -> None:
+    (scratch_project / "not_a_dir").write_text("x")
+    result = runner.invoke(app, ["generate", "--out", "not_a_dir"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: not_a_dir/")
+    assert "Traceback" not in result.output
+
+
+def test_header_names_the_spec_the_same_way_from_any_working_directory(
+    scratch_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner.invoke(app, ["generate"])
+    monkeypatch.chdir(scratch_project / "modelconfigs")
+    result = runner.invoke(
+        app, ["generate", "--specs", ".", "--out", "../build/model_repository", "--check"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        (
+            "[image_classifier, resnet50]",
+            "config.gpufleet:models[0]: ensemble 'image_classifier' calls 'image_preprocess', which this stack does not serve; add image_preprocess to gpufleet:models",
+        ),
+        (
+            "[resnet50, resnet50]",
+            "config.gpufleet:models[1]: 'resnet50' is listed twice; remove one",
+        ),
+    ],
+)
+def test_stack_models_must_be_servable(scratch_project: Path, models: str, expected: str) -> None:
+    (scratch_project / "stacks" / "Pulumi.bad.yaml").write_text(
+        f"config:\n  gpufleet:environment: local\n  gpufleet:models: {models}\n"
+    )
+    result = runner.invoke(app, ["generate", "--stack", "bad"])
+    assert result.exit_code == 2
+    assert f"Pulumi.bad.yaml:3: {expected}" in result.output, result.output
+
+
+def test_yaml_1_1_booleans_and_octals_stay_as_written_in_parameters(scratch_project: Path) -> None:
+    """PyYAML alone would turn `no` into "false" and `010` into "8" in the Triton config."""
+    write_spec(
+        scratch_project / "modelconfigs",
+        "params",
+        "name: params\nbackend: python\nparameters:\n  FORCE_CPU_ONLY_INPUT_TENSORS: no\n"
+        "  padded: 010\n  duration: 1:30\n  enabled: true\n",
+    )
+    assert runner.invoke(app, ["generate"]).exit_code == 0
+    config = (scratch_project / "build/model_repository/params/config.pbtxt").read_text()
+    for key, value in (
+        ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),
+        ("padded", "10"),
+        ("duration", "1:30"),
+        ("enabled", "true"),
+    ):
+        assert f'key: "{key}"\n  value {{\n    string_value: "{value}"' in config
+
+
+def test_import_config_errors_are_one_line_each_naming_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "m.pbtxt"
+    config.write_text(
+        'name: "m"\nbackend: "python"\nmax_batch_size: 4\nsequence_batching { }\nbatch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_FP32 } ]\n'
+    )
+    bad_syntax = tmp_path / "s.pbtxt"
+    bad_syntax.write_text('name: "s"\nmax_batch_size: [\n')
+    result = runner.invoke(
+        app, ["import-config", str(config), str(bad_syntax), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        f"error: {config}: sequence_batching: the model spec cannot express this field; remove it from the config, or extend ModelSpec and the generator",
+        f"error: {config}: batch_input: the model spec cannot express this field; remove it from the config, or extend ModelSpec and the generator",
+        f"error: {bad_syntax}:2:17: " + lines[2].split(f"{bad_syntax}:2:17: ", 1)[1],
+    ]
+
+
+def test_import_config_reads_a_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    config = tmp_path / "bom.pbtxt"
+    config.write_bytes('\ufeffname: "bom"\nbackend: "python"\n'.encode())
+    result = runner.invoke(app, ["import-config", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "bom.yaml").exists()

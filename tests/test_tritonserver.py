@@ -7,10 +7,15 @@ tmp_path; inference goes through tritonclient over HTTP. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +34,6 @@ from validation.tritonserver import (
 
 if TYPE_CHECKING:  # importing it for real here would keep pytest from loading it as a plugin
     from tests.triton_fixtures import TritonServerFactory
-
-pytest_plugins = ["tests.triton_fixtures"]
 
 ADD_ONE = """
     import numpy as np
@@ -221,3 +224,43 @@ def test_missing_python_stub_says_what_to_install() -> None:
         TritonBinary.discover(python_version=(2, 7))
     assert "no Python backend stub for Python 2.7" in str(caught.value)
     assert INSTALL_HINT in str(caught.value)
+
+
+def test_triton_stops_when_the_process_that_started_it_is_killed(tmp_path: Path) -> None:
+    """A test run killed by SIGKILL (a CI timeout) leaves no tritonserver behind."""
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from validation.tritonserver import LocalTritonServer\n"
+            "server = LocalTritonServer(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+            "server.start()\n"
+            "print(server.pid, flush=True)\n"
+            "time.sleep(600)\n",
+            str(repository),
+            str(tmp_path / "work"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    triton_pid: int | None = None
+    try:
+        assert starter.stdout is not None
+        triton_pid = int(starter.stdout.readline())
+        assert not process_group_is_gone(triton_pid)
+        starter.kill()  # SIGKILL: no atexit, no finally, no stop()
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while not process_group_is_gone(triton_pid) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert process_group_is_gone(triton_pid)
+    finally:
+        starter.kill()
+        if triton_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(triton_pid, signal.SIGKILL)

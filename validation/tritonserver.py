@@ -15,6 +15,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import http.client
 import importlib.util
@@ -59,6 +60,7 @@ _RELEVANT_LOG_LINE = re.compile(r"^E\d{4} |[Ff]ailed to load|^error: |" + re.esc
 # Error-level lines Triton prints on every start on a machine without a CUDA driver.
 _LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 _MAX_QUOTED_LINES = 40
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAX_LINE_CHARS = 1000
 
 
@@ -192,8 +194,11 @@ class LocalTritonServer:
 
     ``load_models`` names the models loaded at start (None: every model in the repository,
     ``[]``: none, load them later with ``load_model``). Ports left as None are picked free.
-    ``extra_args`` are appended to Triton's command line last. Use as a context manager, or call
-    ``start()`` and ``stop()``. Everything Triton prints goes to ``log_path`` in ``work_dir``.
+    ``extra_args`` are appended to Triton's command line last. With ``stop_with_parent`` (the
+    default) the kernel stops Triton when the process that started it dies, even by SIGKILL, so
+    a killed test run leaves no server behind; pass False for a server meant to outlive it.
+    Use as a context manager, or call ``start()`` and ``stop()``. Everything Triton prints goes
+    to ``log_path`` in ``work_dir``.
     """
 
     def __init__(
@@ -208,12 +213,14 @@ class LocalTritonServer:
         startup_timeout_s: float = 120.0,
         extra_args: Sequence[str] = (),
         binary: TritonBinary | None = None,
+        stop_with_parent: bool = True,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.load_models = None if load_models is None else list(load_models)
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = list(extra_args)
+        self.stop_with_parent = stop_with_parent
         self._requested_ports = (http_port, grpc_port, metrics_port)
         self._binary = binary
         self._ports: Ports | None = None
@@ -437,6 +444,7 @@ class LocalTritonServer:
                 env=binary.environment(),
                 # Own process group: stop() can signal Triton and its stubs, and nothing else.
                 process_group=0,
+                preexec_fn=_die_with_parent if self.stop_with_parent else None,
             )
         self._pid = self._process.pid
 
@@ -580,6 +588,13 @@ def _pick_free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.bind((LOOPBACK, 0))
         return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent thread exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:

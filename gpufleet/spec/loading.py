@@ -101,6 +101,11 @@ def load_model_specs(locations: Path | Iterable[Path]) -> list[LoadedModelSpec]:
         except SpecError as error:
             problems.extend(error.problems)
             continue
+        if not files:
+            # Generating from nothing would remove every generated config: refuse instead.
+            problems.append(
+                SpecProblem((), "no model specs (*.yaml) here; write one or pass --specs", location)
+            )
         for path in files:
             try:
                 loaded.append(load_model_spec_file(path))
@@ -189,14 +194,27 @@ def select_stack_models(
     if not stack.spec.models:
         return specs
     by_name = {item.spec.name: item for item in specs}
-    missing = [
-        stack.source.problem(
-            ("config", f"{CONFIG_NAMESPACE}:models", index),
-            f"no model spec named {name!r} (known: {', '.join(sorted(by_name)) or 'none'})",
-        )
-        for index, name in enumerate(stack.spec.models)
-        if name not in by_name
-    ]
-    if missing:
-        raise SpecError(missing)
+    selected = stack.spec.models
+    problems: list[SpecProblem] = []
+    for index, name in enumerate(selected):
+        where = ("config", f"{CONFIG_NAMESPACE}:models", index)
+        if name in selected[:index]:
+            problems.append(stack.source.problem(where, f"{name!r} is listed twice; remove one"))
+        elif name not in by_name:
+            known = ", ".join(sorted(by_name)) or "none"
+            problems.append(
+                stack.source.problem(where, f"no model spec named {name!r} (known: {known})")
+            )
+        else:
+            problems.extend(
+                stack.source.problem(
+                    where,
+                    f"ensemble {name!r} calls {step.model!r}, which this stack does not serve; "
+                    f"add {step.model} to {CONFIG_NAMESPACE}:models",
+                )
+                for step in by_name[name].spec.ensemble_steps
+                if step.model not in selected
+            )
+    if problems:
+        raise SpecError(problems)
     return [by_name[name] for name in stack.spec.models]

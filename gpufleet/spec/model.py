@@ -333,6 +333,7 @@ class ModelSpec(SpecModel):
     @model_validator(mode="after")
     def _cross_field_checks(self, info: ValidationInfo) -> ModelSpec:
         # The file loader runs the same checks itself to report each problem with its line.
+        # Imported here: model_checks imports this module.
         if info.context and info.context.get("defer_cross_field_checks"):
             return self
         from gpufleet.spec.model_checks import check_model_spec

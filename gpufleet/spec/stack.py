@@ -29,5 +29,5 @@ class StackSpec(SpecModel):
     model_repository: str = Field(
         default="build/model_repository",
         description="Directory of the generated Triton model repository, relative to the "
-        "project root.",
+        "directory gpufleet runs in (the project root).",
     )

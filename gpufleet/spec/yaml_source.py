@@ -8,22 +8,39 @@ Python objects; `read_yaml_file` refuses duplicate keys and returns a `YamlSourc
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
 
-_BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+_BOOL_TAG, _INT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
 
 
 class _StrictLoader(_BaseLoader):  # type: ignore[misc]
-    """Safe loader that refuses a key given twice in one mapping."""
+    """Safe loader that refuses a key given twice in one mapping, with YAML 1.2 scalars.
+
+    PyYAML follows YAML 1.1, where `no` is false, `010` is 8 and `1:30` is 90: a Triton
+    parameter written `no` would silently become "false". Here only true/false are booleans
+    and only plain decimal digits are integers; anything else stays the string written.
+    """
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _INT_TAG)]
+        for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        return int(self.construct_scalar(node), 10)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if not isinstance(node, yaml.MappingNode):  # e.g. `!!map x`: let PyYAML say why
@@ -50,6 +67,13 @@ class _StrictLoader(_BaseLoader):  # type: ignore[misc]
                 )
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+_StrictLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_StrictLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int)
 
 
 @dataclass
@@ -99,7 +123,10 @@ def _index_node(node: yaml.Node, path: tuple[str, ...], index: dict[tuple[str, .
 
 def read_yaml_file(path: Path, what: str) -> YamlSource:
     """Read and parse `path`, or raise SpecError saying why it is not a YAML mapping."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise SpecError([SpecProblem((), f"cannot read: {error.strerror}", file=path)]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
