@@ -165,6 +165,30 @@ def test_valid_spec_loads_with_friendly_names_normalised(tmp_path: Path) -> None
             id="warmup-batch",
         ),
         pytest.param(
+            VALID
+            + "warmup:\n  - name: w\n    inputs: {x: {dtype: fp32, shape: [4], data: zero}}\n",
+            "m.yaml:16: warmup[0].batch_size: required key is missing",
+            id="warmup-batch-size-missing",
+        ),
+        pytest.param(
+            VALID
+            + "warmup:\n  - name: w\n    batch_size: 0\n"
+            + "    inputs: {x: {dtype: fp32, shape: [4], data: zero}}\n",
+            "m.yaml:17: warmup[0].batch_size: Input should be greater than or equal to 1",
+            id="warmup-batch-size-zero",  # Triton would skip the sample without a word
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: [4]\n    optional: true\noutputs")
+            + "warmup:\n  - name: w\n    batch_size: 1\n",
+            "m.yaml:17: warmup[0].inputs: a warmup sample needs data for at least one input",
+            id="warmup-without-inputs",  # Triton 2.51 refuses it, or crashes (signal 11)
+        ),
+        pytest.param(
+            VALID.replace("shape: [4]\noutputs", "shape: [-1, 4]\n    reshape: [-1, 2]\noutputs"),
+            "m.yaml:8: inputs[0].reshape: reshape [-1, 2] does not keep the element counts",
+            id="reshape-between-variable-dims",
+        ),
+        pytest.param(
             VALID + "source: models:/m@@prod\n",
             "m.yaml:15: source: an MLflow model URI is models:/<name>@<alias>",
             id="bad-mlflow-uri",
@@ -279,6 +303,20 @@ def test_ensemble_referencing_existing_model_and_tensors_loads(tmp_path: Path) -
             ("max_batch_size: 8\n", "max_batch_size: 8\ndynamic_batching: {}\n"),
             "pipeline.yaml:4: dynamic_batching: an ensemble cannot batch itself",
         ),
+        (
+            ("model: m", "model: m\n    version: 0"),
+            "pipeline.yaml:8: ensemble_steps[0].version: Triton has no model version 0",
+        ),
+        (
+            ("max_batch_size: 8", "max_batch_size: 16"),
+            "pipeline.yaml:3: max_batch_size: max_batch_size 16 is above the max_batch_size 8 of "
+            "model 'm' (step 0)",
+        ),
+        (
+            ("dtype: fp32, shape: [4]}]\noutputs", "dtype: fp16, shape: [4]}]\noutputs"),
+            "pipeline.yaml:8: ensemble_steps[0].inputs.x: ensemble tensor 'raw' is fp32 for model "
+            "'m' input 'x' but fp16 for the ensemble's input 'raw'",
+        ),
     ],
 )
 def test_ensemble_mistakes(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
@@ -310,3 +348,53 @@ def test_spec_hash_ignores_comments_and_spelled_out_defaults(tmp_path: Path) -> 
     ).spec
     assert model_spec_hash(plain) == model_spec_hash(verbose)
     assert model_spec_hash(plain) != model_spec_hash(changed)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reshape", "accepted"),
+    [
+        ([4], [2, 2], True),
+        ([4], [3], False),
+        ([1], [], True),  # a scalar (batching models only)
+        ([2], [], False),
+        ([-1], [2, 2], False),  # Triton: "has different size for dims and reshape"
+        ([4], [-1], False),
+        ([-1], [], False),
+        ([-1, 4], [-1, 2, 2], True),
+        ([-1, 4], [-1, 2], False),
+        ([-1], [-1, -1], False),  # "different number of variable-size dimensions"
+        ([2, 4, -1, 6], [8, -1, 1, 6], True),  # the example in Triton's ValidateIOShape
+        ([2, 4, -1, 6], [4, -1, 2, 6], False),
+        ([-1, -1], [1, -1, -1, 1], True),
+    ],
+)
+def test_reshape_rule_follows_triton(shape: list[int], reshape: list[int], accepted: bool) -> None:
+    data = {
+        "name": "m",
+        "backend": "python",
+        "max_batch_size": 8,
+        "inputs": [{"name": "x", "dtype": "fp32", "shape": shape, "reshape": reshape}],
+    }
+    if accepted:
+        assert ModelSpec.model_validate(data).inputs[0].reshape == reshape
+    else:
+        with pytest.raises(ValueError, match=r"inputs\[0\]\.reshape: reshape"):
+            ModelSpec.model_validate(data)
+
+
+def test_ensemble_problems_are_reported_beside_another_file_s_problems(tmp_path: Path) -> None:
+    """A broken unrelated file hides nothing; a step calling the broken model is not blamed."""
+    write_spec(tmp_path, "m", VALID)
+    write_spec(tmp_path, "broken", "name: broken\nbackend: python\nmax_batch_size: -1\n")
+    write_spec(tmp_path, "pipeline", ENSEMBLE.replace("model: m", "model: ghost"))
+    calls_broken = ENSEMBLE.replace("name: pipeline", "name: second").replace(
+        "model: m", "model: broken"
+    )
+    write_spec(tmp_path, "second", calls_broken)
+    found = problems_of(tmp_path)
+    assert any("broken.yaml:3: max_batch_size" in line for line in found)
+    assert any(
+        "pipeline.yaml:7: ensemble_steps[0].model: no model spec named 'ghost'" in line
+        for line in found
+    )
+    assert not any("second.yaml" in line for line in found), found

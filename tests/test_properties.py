@@ -3,7 +3,9 @@
 Real: everything - the pydantic models, the YAML loader, spec files on disk, the renderer,
 protobuf's text parser and the Typer CLI run in-process. Hypothesis generates the inputs:
 valid spec dicts built to satisfy the cross-field rules by construction, ensemble sets, random
-bytes, random and YAML-ish text, random YAML documents, and valid specs with one mutation.
+bytes, random and YAML-ish text, random YAML documents, and valid specs with one mutation;
+a mutation that always breaks a spec (an unknown key, a 0 dimension...) must be refused with an
+error line naming the mutated field.
 
 Each `@example` below reproduces a bug these properties found, smallest form. Hypothesis runs
 explicit examples first and skips the random search while one fails, so fixing those bugs turns
@@ -18,11 +20,11 @@ import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
 import yaml
 from google.protobuf import text_format
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2 as pb
 from typer.testing import CliRunner
@@ -34,6 +36,7 @@ from gpufleet.spec import model as spec_model
 from gpufleet.spec.loading import load_model_specs, model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import PLATFORM_BACKEND
+from gpufleet.spec.problems import SpecProblem
 from tests.conftest import SAMPLE_SPECS, write_spec
 
 runner = CliRunner()
@@ -86,38 +89,54 @@ dims = st.one_of(st.just(-1), st.integers(1, 64))
 
 
 @st.composite
-def reshapes(draw: st.DrawFn, shape: list[int]) -> list[int]:
-    """A reshape holding as many elements as `shape` (anything goes when shape has a -1)."""
-    if -1 in shape:
-        return draw(st.lists(dims, max_size=4))
-    factors = draw(st.permutations(shape))
+def merged_factors(draw: st.DrawFn, factors: list[int]) -> list[int]:
+    """The same element count as `factors`, regrouped: permuted, neighbours merged, 1s added."""
     merged: list[int] = []
-    for factor in factors:
+    for factor in draw(st.permutations(factors)):
         if merged and draw(st.booleans()):
             merged[-1] *= factor
         else:
             merged.append(factor)
-    ones = draw(st.integers(0, 2))
-    for _ in range(ones):
+    for _ in range(draw(st.integers(0, 2))):
         merged.insert(draw(st.integers(0, len(merged))), 1)
-    if all(size == 1 for size in merged) and draw(st.booleans()):
-        return []  # a [1]-like tensor seen as a scalar
     return merged
 
 
 @st.composite
-def tensors(draw: st.DrawFn, name: str, *, output: bool) -> dict[str, Any]:
+def reshapes(draw: st.DrawFn, shape: list[int], *, batching: bool) -> list[int]:
+    """A reshape Triton accepts for `shape`: the same -1s, and between them the same counts."""
+    runs: list[list[int]] = [[]]
+    for dim in shape:
+        if dim == -1:
+            runs.append([])
+        else:
+            runs[-1].append(dim)
+    parts = [draw(merged_factors(run)) for run in runs]
+    reshape = [dim for index, part in enumerate(parts) for dim in ([-1] if index else []) + part]
+    if batching and all(size == 1 for size in reshape) and draw(st.booleans()):
+        return []  # a [1]-like tensor seen as a scalar: only in a batching model
+    return reshape
+
+
+@st.composite
+def tensors(
+    draw: st.DrawFn, name: str, *, output: bool, batching: bool, tensorrt: bool
+) -> dict[str, Any]:
     shape = draw(st.lists(dims, min_size=1, max_size=4))
     tensor: dict[str, Any] = {"name": name, "dtype": draw(dtypes), "shape": shape}
     if draw(st.booleans()):
-        tensor["reshape"] = draw(reshapes(shape))
-    flags = ["shape_tensor", "non_linear_format_io"]
+        tensor["reshape"] = draw(reshapes(shape, batching=batching))
+    flags = []
+    if tensorrt:  # shape tensors and non-linear IO formats are TensorRT's only
+        flags.append("shape_tensor")
+        if len(shape) == 3:
+            flags.append("non_linear_format_io")
     if output:
         if draw(st.booleans()):
             tensor["label_file"] = draw(text)
     else:
         flags += ["optional", "ragged_batch"]
-        if draw(st.booleans()):
+        if len(shape) == 3 and draw(st.booleans()):
             tensor["format"] = draw(st.sampled_from(["nchw", "nhwc"]))
     for flag in flags:
         if draw(st.booleans()):
@@ -160,24 +179,29 @@ def dynamic_batchings(draw: st.DrawFn, max_batch_size: int) -> dict[str, Any]:
         batching["default_priority_level"] = 0
     if draw(st.booleans()):  # Triton keeps the order only with a single priority level
         batching["preserve_ordering"] = levels <= 1 and draw(st.booleans())
+    if batching.get("preserve_ordering"):  # ... and without delaying timed-out requests
+        policies = [
+            batching.get("default_queue_policy"),
+            *batching.get("priority_queue_policies", {}).values(),
+        ]
+        for policy in policies:
+            if policy and policy.get("timeout_action") == "delay":
+                policy.pop("timeout_us", None)
     return batching
 
 
 @st.composite
-def instance_groups(draw: st.DrawFn) -> dict[str, Any]:
+def instance_groups(draw: st.DrawFn, *, tensorrt: bool) -> dict[str, Any]:
     kind = draw(st.sampled_from(["auto", "gpu", "cpu", "model"]))
-    group = draw(
-        st.fixed_dictionaries(
-            {"kind": st.just(kind)},
-            optional={
-                "count": st.integers(1, 8),
-                "name": text,
-                "profiles": st.lists(text, max_size=2),
-                "passive": st.booleans(),
-                "host_policy": text,
-            },
-        )
-    )
+    optional: dict[str, st.SearchStrategy[Any]] = {
+        "count": st.integers(1, 8),
+        "name": text,
+        "passive": st.booleans(),
+        "host_policy": text,
+    }
+    if tensorrt:  # TensorRT optimization profiles
+        optional["profiles"] = st.lists(text, max_size=2)
+    group = draw(st.fixed_dictionaries({"kind": st.just(kind)}, optional=optional))
     if kind in ("gpu", "auto") and draw(st.booleans()):  # auto may become gpu at load time
         group["gpus"] = draw(st.lists(st.integers(0, 7), min_size=1, max_size=4))
     return group
@@ -191,23 +215,28 @@ version_policies = st.one_of(
 
 
 @st.composite
-def warmups(draw: st.DrawFn, input_names: list[str], max_batch_size: int) -> dict[str, Any]:
-    names = draw(st.lists(st.sampled_from(input_names), unique=True)) if input_names else []
-    inputs = {}
-    for name in names:
-        data = {"dtype": draw(dtypes), "shape": draw(st.lists(st.integers(1, 64), max_size=4))}
+def warmups(draw: st.DrawFn, inputs: list[dict[str, Any]], max_batch_size: int) -> dict[str, Any]:
+    """Data for every required input and some optional ones, in the input's dtype and shape."""
+    chosen = [t for t in inputs if not t.get("optional") or draw(st.booleans())]
+    if not chosen:  # Triton refuses a warmup request without inputs
+        chosen = [draw(st.sampled_from(inputs))]
+    data: dict[str, Any] = {}
+    for tensor in chosen:
+        shape = [draw(st.integers(1, 64)) if dim == -1 else dim for dim in tensor["shape"]]
+        sample: dict[str, Any] = {"dtype": tensor["dtype"], "shape": shape}
         if draw(st.booleans()):
-            data["data"] = draw(st.sampled_from(["zero", "random"]))
+            sample["data"] = draw(st.sampled_from(["zero", "random"]))
         else:
-            data["data_file"] = draw(text)
-        inputs[name] = data
+            sample["data_file"] = draw(text)
+        data[tensor["name"]] = sample
     return draw(
         st.fixed_dictionaries(
-            {"name": text, "inputs": st.just(inputs)},
-            optional={
-                "batch_size": st.integers(0, max(max_batch_size, 1)),
-                "count": st.integers(0, 5),
+            {
+                "name": text,
+                "batch_size": st.integers(1, max(max_batch_size, 1)),
+                "inputs": st.just(data),
             },
+            optional={"count": st.integers(0, 5)},
         )
     )
 
@@ -276,23 +305,32 @@ def tensor_names() -> st.SearchStrategy[list[str]]:
     return st.lists(text, min_size=1, max_size=4, unique=True)
 
 
+def canonical(value: str, aliases: dict[str, str]) -> str:
+    """A spelled value as the spec normalizes it."""
+    lowered = value.strip().lower()
+    return aliases.get(lowered, lowered)
+
+
 @st.composite
 def spec_dicts(draw: st.DrawFn, name: st.SearchStrategy[str] = model_names) -> dict[str, Any]:
     """A valid ModelSpec dict (not an ensemble) touching every part of the spec."""
     spec: dict[str, Any] = {"name": draw(name), **draw(backend_keys())}
+    backend = canonical(spec.get("backend", ""), spec_model.BACKEND_ALIASES)
+    tensorrt = backend == "tensorrt" or spec.get("platform") == "tensorrt_plan"
     max_batch_size = draw(st.integers(0, 64))
     if max_batch_size or draw(st.booleans()):
         spec["max_batch_size"] = max_batch_size
     input_names, output_names = draw(tensor_names()), draw(tensor_names())
-    spec["inputs"] = [draw(tensors(n, output=False)) for n in input_names]
-    spec["outputs"] = [draw(tensors(n, output=True)) for n in output_names]
+    shared = {"batching": max_batch_size > 0, "tensorrt": tensorrt}
+    spec["inputs"] = [draw(tensors(n, output=False, **shared)) for n in input_names]
+    spec["outputs"] = [draw(tensors(n, output=True, **shared)) for n in output_names]
     if max_batch_size and draw(st.booleans()):
         spec["dynamic_batching"] = draw(dynamic_batchings(max_batch_size))
     optional = {
         "source": sources,
-        "instance_groups": st.lists(instance_groups(), max_size=3),
+        "instance_groups": st.lists(instance_groups(tensorrt=tensorrt), max_size=3),
         "version_policy": version_policies,
-        "warmup": st.lists(warmups(input_names, max_batch_size), max_size=2),
+        "warmup": st.lists(warmups(spec["inputs"], max_batch_size), max_size=2),
         "optimization": optimizations,
         "response_cache": st.booleans(),
         "decoupled": st.booleans(),
@@ -302,12 +340,22 @@ def spec_dicts(draw: st.DrawFn, name: st.SearchStrategy[str] = model_names) -> d
         "gpu_families": st.lists(st.sampled_from(GPU_FAMILIES), unique=True),
     }
     spec.update(draw(st.fixed_dictionaries({}, optional=optional)))
+    if spec.get("decoupled") and spec.get("response_cache"):  # no response cache when decoupled
+        spec["response_cache"] = False
     return spec
+
+
+def dims_agree(one: list[int], other: list[int]) -> bool:
+    return len(one) == len(other) and all(
+        a == b or -1 in (a, b) for a, b in zip(one, other, strict=True)
+    )
 
 
 @st.composite
 def model_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """1-3 member specs and an ensemble whose steps chain them, tensors wired consistently."""
+    """1-3 member specs and an ensemble whose steps chain them, tensors wired as Triton wants:
+    one dtype and agreeing shapes per ensemble tensor, every produced tensor used, a batch size
+    no member's max_batch_size is below."""
     names = draw(st.lists(model_names, min_size=2, max_size=4, unique=True))
     members = [draw(spec_dicts(name=st.just(n))) for n in names[1:]]
     ensemble: dict[str, Any] = {
@@ -321,34 +369,54 @@ def model_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
                 ]
             )
         ),
-        "max_batch_size": draw(st.integers(0, 64)),
     }
-    ensemble_inputs: list[str] = []
-    produced: list[str] = []
+    ensemble_inputs: list[dict[str, Any]] = []
+    produced: dict[str, dict[str, Any]] = {}  # ensemble tensor -> the member output producing it
+    consumed: set[str] = set()
     steps = []
-    for index, member in enumerate(
-        draw(st.lists(st.sampled_from(members), min_size=1, max_size=4))
-    ):
+    called = draw(st.lists(st.sampled_from(members), min_size=1, max_size=4))
+    for index, member in enumerate(called):
         step_inputs = {}
         for tensor in member["inputs"]:
-            if produced and draw(st.booleans()):
-                step_inputs[tensor["name"]] = draw(st.sampled_from(produced))
+            dtype = canonical(tensor["dtype"], spec_model.DTYPE_ALIASES)
+            fitting = [
+                name
+                for name, source in produced.items()
+                if canonical(source["dtype"], spec_model.DTYPE_ALIASES) == dtype
+                and dims_agree(source["shape"], tensor["shape"])
+            ]
+            if fitting and draw(st.booleans()):
+                step_inputs[tensor["name"]] = draw(st.sampled_from(fitting))
+                consumed.add(step_inputs[tensor["name"]])
             else:
-                ensemble_inputs.append(f"in{len(ensemble_inputs)}")
-                step_inputs[tensor["name"]] = ensemble_inputs[-1]
+                name = f"in{len(ensemble_inputs)}"
+                ensemble_inputs.append(
+                    {"name": name, "dtype": tensor["dtype"], "shape": tensor["shape"]}
+                )
+                step_inputs[tensor["name"]] = name
         step_outputs = {t["name"]: f"s{index}_{k}" for k, t in enumerate(member["outputs"])}
-        produced.extend(step_outputs.values())
+        produced.update({f"s{index}_{k}": t for k, t in enumerate(member["outputs"])})
         step: dict[str, Any] = {
             "model": member["name"],
             "inputs": step_inputs,
             "outputs": step_outputs,
         }
         if draw(st.booleans()):
-            step["version"] = draw(st.integers(-1, 5))
+            step["version"] = draw(st.one_of(st.just(-1), st.integers(1, 5)))
         steps.append(step)
-    ensemble["inputs"] = [draw(tensors(n, output=False)) for n in ensemble_inputs]
-    final = draw(st.lists(st.sampled_from(produced), min_size=1, max_size=3, unique=True))
-    ensemble["outputs"] = [draw(tensors(n, output=True)) for n in final]
+    limits = [m.get("max_batch_size", 0) for m in called if m.get("max_batch_size", 0)]
+    ensemble["max_batch_size"] = draw(st.integers(0, min(limits, default=64)))
+    ensemble["inputs"] = ensemble_inputs
+    unused = [name for name in produced if name not in consumed]
+    also = (
+        draw(st.lists(st.sampled_from(sorted(consumed)), unique=True, max_size=2))
+        if consumed
+        else []
+    )
+    ensemble["outputs"] = [
+        {"name": name, "dtype": produced[name]["dtype"], "shape": produced[name]["shape"]}
+        for name in [*unused, *also]
+    ]
     ensemble["ensemble_steps"] = steps
     ensemble.update(
         draw(
@@ -429,8 +497,11 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     }
 
 
-def check_generate_refuses_or_accepts(content: bytes, file_stem: str = FUZZ) -> None:
-    """Run `generate` on the anchor plus `content`: exit 2 with clean errors and no writes, or 0."""
+def check_generate_refuses_or_accepts(content: bytes, file_stem: str = FUZZ) -> list[str]:
+    """Run `generate` on the anchor plus `content`: exit 2 with clean errors and no writes, or 0.
+
+    Returns the error lines (none when the file was accepted).
+    """
     with tempfile.TemporaryDirectory() as temp:
         specs, out = Path(temp) / "specs", Path(temp) / "out"
         specs.mkdir()
@@ -454,13 +525,14 @@ def check_generate_refuses_or_accepts(content: bytes, file_stem: str = FUZZ) -> 
             for line in lines:
                 assert line.startswith(f"error: {fuzzed}:"), f"not a located error line: {line!r}"
             assert snapshot(out) == before, "a refused run must leave the repository as it was"
-            return
+            return lines
         # Accepted: the file was a valid spec after all; every spec has its config, named after it.
         loaded = load_model_specs(specs)
         names = {item.spec.name for item in loaded}
         assert names == {ANCHOR, file_stem}, f"accepted models {names} are not named as their files"
         for relative, expected in render_repository_files(loaded).items():
             assert (out / relative).read_text(encoding="utf-8") == expected
+        return []
 
 
 # Bytes: anything at all, and byte-level damage (truncation, a changed byte) to a valid file.
@@ -611,15 +683,15 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-MUTATIONS = [
-    "drop_key",
+MUTATIONS = [  # the first five always make an invalid spec; the others may not
     "unknown_key",
-    "wrong_type",
     "negative",
-    "out_of_range",
     "zero_dim",
     "duplicate_tensor",
     "preferred_above_max",
+    "drop_key",
+    "wrong_type",
+    "out_of_range",
 ]
 wrong_values = st.one_of(
     st.text(max_size=6),
@@ -631,13 +703,26 @@ wrong_values = st.one_of(
 )
 
 
+class Mutated(NamedTuple):
+    mutation: str
+    stem: str  # the file stem: the name the spec had before the mutation
+    spec: dict[str, Any]
+    refused_at: tuple[Any, ...] | None  # the field a refusal must name; None: may be valid
+
+
+def is_free_form(path: tuple[Any, ...]) -> bool:
+    """Inside `parameters`, any key is fine and numbers become strings."""
+    return "parameters" in path
+
+
 @st.composite
-def mutated_specs(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
-    """(mutation, file stem, spec dict) - the stem is the name the spec had before the mutation."""
+def mutated_specs(draw: st.DrawFn) -> Mutated:
+    """A valid spec with one mutation, and the field path its refusal must name if it must be."""
     spec = copy.deepcopy(draw(spec_dicts(name=model_names.filter(lambda n: n != ANCHOR))))
     stem = spec["name"]
     mutation = draw(st.sampled_from(MUTATIONS))
     paths = list(node_paths(spec))
+    refused_at: tuple[Any, ...] | None = None
     if mutation == "drop_key":
         path = draw(
             st.sampled_from([p for p in paths if p and isinstance(node_at(spec, p[:-1]), dict)])
@@ -646,43 +731,68 @@ def mutated_specs(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
     elif mutation == "unknown_key":
         path = draw(st.sampled_from([p for p in paths if isinstance(node_at(spec, p), dict)]))
         node = node_at(spec, path)
-        node[draw(text.filter(lambda k: k not in node))] = draw(scalars)
+        key = draw(text.filter(lambda k: k not in node and k not in SPEC_KEYS))
+        node[key] = draw(scalars)
+        if not is_free_form(path):
+            refused_at = (*path, key)
     elif mutation == "wrong_type":
         path = draw(st.sampled_from(paths[1:]))
         node_at(spec, path[:-1])[path[-1]] = draw(wrong_values)
-    elif mutation in ("negative", "out_of_range"):
+    elif mutation == "negative":
+        # -1 is a valid dimension and a graph level may be negative: go below them.
+        numbers = [
+            p
+            for p in paths
+            if p and is_int(node_at(spec, p)) and not is_free_form(p) and "graph_level" not in p
+        ]
+        path = draw(st.sampled_from(numbers or [("max_batch_size",)]))
+        node_at(spec, path[:-1])[path[-1]] = draw(st.integers(max_value=-2))
+        refused_at = path
+    elif mutation == "out_of_range":
         numbers = [p for p in paths if p and is_int(node_at(spec, p))]
         path = draw(st.sampled_from(numbers or [("max_batch_size",)]))
         limit = 2**31
-        value = (
-            draw(st.integers(max_value=-1))
-            if mutation == "negative"
-            else draw(st.one_of(st.integers(min_value=limit), st.integers(max_value=-limit)))
-        )
+        value = draw(st.one_of(st.integers(min_value=limit), st.integers(max_value=-limit)))
         node_at(spec, path[:-1])[path[-1]] = value
     elif mutation == "zero_dim":
         shapes = [p for p in paths if p and p[-1] == "shape" and node_at(spec, p)]
-        shape = node_at(spec, draw(st.sampled_from(shapes)))
-        shape[draw(st.integers(0, len(shape) - 1))] = 0
+        path = draw(st.sampled_from(shapes))
+        shape = node_at(spec, path)
+        index = draw(st.integers(0, len(shape) - 1))
+        shape[index] = 0
+        refused_at = (*path, index)
     elif mutation == "duplicate_tensor":
-        declared = spec[draw(st.sampled_from(["inputs", "outputs"]))]
-        copied = copy.deepcopy(draw(st.sampled_from(declared)))
-        declared.insert(draw(st.integers(0, len(declared))), copied)
+        field = draw(st.sampled_from(["inputs", "outputs"]))
+        declared = spec[field]
+        original = draw(st.integers(0, len(declared) - 1))
+        position = draw(st.integers(0, len(declared)))
+        declared.insert(position, copy.deepcopy(declared[original]))
+        second = original + 1 if position <= original else position
+        refused_at = (field, second, "name")
     else:  # preferred_above_max
         max_batch_size = spec.get("max_batch_size") or draw(st.integers(1, 64))
         spec["max_batch_size"] = max_batch_size
         batching = spec.setdefault("dynamic_batching", {})
-        batching.setdefault("preferred_batch_sizes", []).append(
-            max_batch_size + draw(st.integers(1, 100))
-        )
-    return mutation, stem, spec
+        preferred = batching.setdefault("preferred_batch_sizes", [])
+        preferred.append(max_batch_size + draw(st.integers(1, 100)))
+        refused_at = ("dynamic_batching", "preferred_batch_sizes", len(preferred) - 1)
+    return Mutated(mutation, stem, spec, refused_at)
 
 
 @given(mutated=mutated_specs())
 # Bug: numbers beyond Triton's int32/uint32/int64 fields pass validation, then the renderer
 # raises ValueError: Value out of range (a traceback, exit 1).
-@example(mutated=("out_of_range", "m", {"name": "m", "backend": "python", "max_batch_size": 2**31}))
+@example(
+    mutated=Mutated(
+        "out_of_range", "m", {"name": "m", "backend": "python", "max_batch_size": 2**31}, None
+    )
+)
 @settings(max_examples=200, **SETTINGS)
-def test_mutated_specs_are_refused_cleanly(mutated: tuple[str, str, dict[str, Any]]) -> None:
-    _, stem, spec = mutated
-    check_generate_refuses_or_accepts(to_yaml(spec).encode(), file_stem=stem)
+def test_mutated_specs_are_refused_cleanly(mutated: Mutated) -> None:
+    errors = check_generate_refuses_or_accepts(to_yaml(mutated.spec).encode(), mutated.stem)
+    event(f"{mutated.mutation}: {'refused' if errors else 'accepted'}")
+    if mutated.refused_at is None:
+        return
+    assert errors, f"{mutated.mutation} must be refused"
+    field = str(SpecProblem(mutated.refused_at, "")).removesuffix(": ")
+    assert any(f": {field}: " in line for line in errors), (field, errors)

@@ -81,7 +81,7 @@ def test_tensor_options() -> None:
             {
                 "name": "x",
                 "dtype": "fp32",
-                "shape": [1],
+                "shape": [1, 1, 1],  # Triton wants 3 dims with a format
                 "reshape": [],
                 "format": "nhwc",
                 "optional": True,
@@ -144,10 +144,11 @@ def test_empty_dynamic_batching_still_turns_batching_on() -> None:
 
 def test_instance_groups() -> None:
     config = render(
+        backend="tensorrt",  # profiles are TensorRT's
         instance_groups=[
             {"kind": "gpu", "count": 2, "gpus": [0, 1], "profiles": ["0"], "name": "g"},
             {"kind": "cpu"},
-        ]
+        ],
     )
     gpu, cpu = config.instance_group
     assert (gpu.kind, gpu.count, list(gpu.gpus), list(gpu.profile), gpu.name) == (

@@ -4,7 +4,10 @@ What is real: everything. Configs are parsed with tritonclient's own `model_conf
 imported, written as YAML, loaded back through `ModelSpec` and rendered again with
 `generators.triton_config`; the law checked throughout is that the render equals the parsed
 config (protobuf equality). Nothing is mocked. The hand-written configs under
-`tests/data/import/` together set every field the importer supports (a test checks that).
+`tests/data/import/` together set every field the importer supports (a test checks that), and
+each is a config Triton 2.51 accepts: TensorRT-only flags (shape tensors, non-linear IO
+formats) sit in the TensorRT fixture, a scalar reshape in a batching model, every warmup has a
+batch size and data for each required input.
 """
 
 from __future__ import annotations
@@ -225,14 +228,31 @@ def test_imported_specs_set_only_non_default_fields() -> None:
             ), (path.name, name)
 
 
-def test_unset_ensemble_step_version_imports_as_zero() -> None:
+def test_unset_ensemble_step_version_is_refused() -> None:
+    """proto3 reads an unset model_version as 0, a version Triton never has: it refuses it."""
     config = parse(
         ENSEMBLE_BASE + "ensemble_scheduling { step { model_name: 'inner' "
         "input_map { key: 'in' value: 'x' } output_map { key: 'out' value: 'y' } } }"
     )
-    spec = import_model_config(config)
-    assert spec.ensemble_steps[0].version == 0
-    assert render_model_config(yaml_round_trip(spec)) == config
+    with pytest.raises(InvalidImportError) as caught:
+        import_model_config(config)
+    assert caught.value.reasons == [
+        "ensemble_scheduling.step[0].model_version: Triton has no model version 0; use -1 "
+        "(the latest) or a version number >= 1 (spec field ensemble_steps[0].version)"
+    ]
+
+
+def test_unset_warmup_batch_size_is_refused() -> None:
+    """Triton silently skips a warmup sample of batch_size 0 (the unset value)."""
+    config = parse(
+        BASE + 'model_warmup [ { name: "w" inputs { key: "x" value { data_type: TYPE_FP32 '
+        "dims: [ 4 ] zero_data: true } } } ]"
+    )
+    with pytest.raises(InvalidImportError) as caught:
+        import_model_config(config)
+    assert caught.value.reasons == [
+        "model_warmup[0].batch_size: Field required (spec field warmup[0].batch_size)"
+    ]
 
 
 # --- YAML output ------------------------------------------------------------------------------
@@ -629,9 +649,30 @@ INVALID = {
         "dynamic_batching.priority_queue_policy[0]: Input should be greater than or equal to 1",
     ),
     "warmup_unknown_input": (
-        BASE + 'model_warmup [ { name: "w" inputs { key: "nope" value { data_type: TYPE_FP32 '
-        "dims: [ 4 ] zero_data: true } } } ]",
+        BASE + 'model_warmup [ { name: "w" batch_size: 1 inputs { key: "nope" value { '
+        "data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]",
         'model_warmup[0].inputs["nope"]: the model has no input named',
+    ),
+    "shape_tensor_outside_tensorrt": (
+        BASE.replace("dims: [ 4 ] } ]\noutput", "dims: [ 4 ] is_shape_tensor: true } ]\noutput"),
+        "input[0].is_shape_tensor: shape tensors are only supported by TensorRT",
+    ),
+    "reshape_without_matching_variable_dims": (
+        BASE.replace(
+            "dims: [ 4 ] } ]\noutput", "dims: [ -1 ] reshape { shape: [ 2, 2 ] } } ]\noutput"
+        ),
+        "input[0].reshape.shape: reshape [2, 2] has 0 variable (-1) dimensions but shape [-1] has 1",
+    ),
+    "scalar_without_batching": (
+        BASE.replace("max_batch_size: 8", "max_batch_size: 0").replace(
+            "dims: [ 4 ] } ]\noutput", "dims: [ 1 ] reshape { } } ]\noutput"
+        ),
+        "input[0].reshape.shape: an empty reshape (a scalar) needs a batching model",
+    ),
+    "warmup_dtype_differs": (
+        BASE + 'model_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value { '
+        "data_type: TYPE_INT32 dims: [ 4 ] zero_data: true } } } ]",
+        'model_warmup[0].inputs["x"].data_type: warmup dtype int32 differs from the dtype fp32',
     ),
 }
 
@@ -727,6 +768,7 @@ def _rich_config() -> pb.ModelConfig:
     config.input[0].reshape.shape.extend([2, 64])
     config.output[0].label_filename = "labels.txt"
     config.model_transaction_policy.decoupled = True
+    config.response_cache.enable = False  # Triton's response cache refuses decoupled models
     config.default_model_filename = "ranker.onnx"
     config.parameters["threads"].string_value = "4"
     return config

@@ -126,11 +126,11 @@ def load_model_specs(locations: Path | Iterable[Path]) -> list[LoadedModelSpec]:
         else:
             unique.append(item)
     by_name = {item.spec.name: item for item in unique}
-    # Ensemble references can only be checked when every spec they could name is valid.
-    if not problems:
-        for name, found in check_model_set([item.spec for item in unique]).items():
-            source = by_name[name].source
-            problems.extend(source.problem(p.path, p.message) for p in found)
+    # A spec file that failed is known by its file name, the model name it must carry.
+    failed = {problem.file.stem for problem in problems if problem.file is not None}
+    for name, found in check_model_set([item.spec for item in unique], failed).items():
+        source = by_name[name].source
+        problems.extend(source.problem(p.path, p.message) for p in found)
     if problems:
         raise SpecError(problems)
     return unique

@@ -122,6 +122,14 @@ def _reject_zero_dim(dim: int) -> int:
     return dim
 
 
+def _reject_version_zero(version: int) -> int:
+    if version == 0:
+        raise ValueError(
+            "Triton has no model version 0; use -1 (the latest) or a version number >= 1"
+        )
+    return version
+
+
 # Bounds of the protobuf integer types, so every valid spec renders (Triton's fields are
 # int32/uint32/int64/uint64; counts and sizes use the smallest of them).
 INT32_MAX = 2**31 - 1
@@ -234,7 +242,9 @@ class Warmup(SpecModel):
     """A warmup request Triton runs before it reports the model ready."""
 
     name: str = Field(min_length=1)
-    batch_size: NonNegativeInt = 0
+    batch_size: PositiveInt = Field(
+        description="Batch size of the warmup request; Triton silently skips a sample of 0."
+    )
     count: NonNegativeInt = 0
     inputs: dict[str, WarmupInput] = Field(default_factory=dict)
 
@@ -274,9 +284,14 @@ class EnsembleStep(SpecModel):
     """One step of an ensemble: which model runs and how ensemble tensors map to its tensors."""
 
     model: str = Field(min_length=1)
-    version: Annotated[int, Field(ge=-1, le=INT64_MAX)] = Field(
-        default=-1, description="-1 is the latest."
-    )
+    version: Annotated[
+        int,
+        Field(ge=-1, le=INT64_MAX),
+        AfterValidator(_reject_version_zero),
+        WithJsonSchema(
+            {"type": "integer", "minimum": -1, "maximum": INT64_MAX, "not": {"const": 0}}
+        ),
+    ] = Field(default=-1, description="-1 is the latest; versions start at 1.")
     inputs: dict[str, str] = Field(description="Model input name -> ensemble tensor name.")
     outputs: dict[str, str] = Field(description="Model output name -> ensemble tensor name.")
 
