@@ -204,6 +204,20 @@ def test_valid_spec_loads_with_friendly_names_normalised(tmp_path: Path) -> None
             id="no-backend",
         ),
         pytest.param(
+            VALID
+            + "optimization:\n  accelerators:\n    gpu:\n      - name: tensorrt\n"
+            + "        parameters: {precision_mode: fp61}\n",
+            "m.yaml:19: optimization.accelerators.gpu[0].parameters.precision_mode: precision_mode 'fp61' is not one of FP32, FP16, INT8 (upper case)",
+            id="tensorrt-precision",
+        ),
+        pytest.param(
+            VALID
+            + "optimization:\n  accelerators:\n    gpu:\n      - name: tensorrt\n"
+            + "        parameters: {max_workspace_size_bytes: 1GB}\n",
+            "m.yaml:19: optimization.accelerators.gpu[0].parameters.max_workspace_size_bytes: max_workspace_size_bytes '1GB' must be a positive number of bytes",
+            id="tensorrt-workspace",
+        ),
+        pytest.param(
             VALID.replace("name: m", "name: other"),
             "m.yaml:1: name: name 'other' differs from the file name 'm.yaml'",
             id="name-mismatch",

@@ -37,6 +37,7 @@ def check_model_spec(spec: ModelSpec) -> list[SpecProblem]:
         _version_policy,
         _warmup,
         _transaction_policy,
+        _tensorrt_accelerators,
         _ensemble,
     )
     return [problem for check in checks for problem in check(spec)]
@@ -329,6 +330,32 @@ def _warmup(spec: ModelSpec) -> Iterator[SpecProblem]:
                     (*where, "inputs", name),
                     "set exactly one of data (zero or random) or data_file",
                 )
+
+
+# The ONNX Runtime backend's TensorRT accelerator reads these as numbers or one of these words;
+# its README lists "FP32", "FP16" and "INT8" as the allowed precision_mode values.
+TENSORRT_PRECISIONS = ("FP32", "FP16", "INT8")
+
+
+def _tensorrt_accelerators(spec: ModelSpec) -> Iterator[SpecProblem]:
+    accelerators = spec.optimization.accelerators if spec.optimization else None
+    for index, accelerator in enumerate(accelerators.gpu if accelerators else []):
+        if accelerator.name != "tensorrt":
+            continue
+        where = ("optimization", "accelerators", "gpu", index, "parameters")
+        precision = accelerator.parameters.get("precision_mode")
+        if precision is not None and precision not in TENSORRT_PRECISIONS:
+            yield SpecProblem(
+                (*where, "precision_mode"),
+                f"precision_mode {precision!r} is not one of {', '.join(TENSORRT_PRECISIONS)} "
+                "(upper case)",
+            )
+        workspace = accelerator.parameters.get("max_workspace_size_bytes")
+        if workspace is not None and not (workspace.isdigit() and int(workspace) > 0):
+            yield SpecProblem(
+                (*where, "max_workspace_size_bytes"),
+                f"max_workspace_size_bytes {workspace!r} must be a positive number of bytes",
+            )
 
 
 def _transaction_policy(spec: ModelSpec) -> Iterator[SpecProblem]:
