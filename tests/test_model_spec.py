@@ -78,12 +78,12 @@ def test_valid_spec_loads_with_friendly_names_normalised(tmp_path: Path) -> None
         ),
         pytest.param(
             VALID.replace("max_batch_size: 8", "max_batch_size: eight"),
-            "m.yaml:3: max_batch_size: Input should be a valid integer",
+            "m.yaml:3: max_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'eight'); write a whole number",
             id="wrong-type",
         ),
         pytest.param(
             VALID.replace("max_batch_size: 8", "max_batch_size: -1"),
-            "m.yaml:3: max_batch_size: Input should be greater than or equal to 0",
+            "m.yaml:3: max_batch_size: Input should be greater than or equal to 0 (got -1); raise it",
             id="negative-size",
         ),
         pytest.param(

@@ -182,6 +182,32 @@ def read_yaml_file(path: Path, what: str) -> YamlSource:
     return YamlSource(path=path, text=text, data=data)
 
 
+# What to do about pydantic's most common complaints (its messages say only what is wrong).
+_WHAT_TO_DO = {
+    "literal_error": "use one of these",
+    "enum": "use one of these",
+    "too_short": "add the missing values",
+    "too_long": "remove values",
+    "greater_than": "raise it",
+    "greater_than_equal": "raise it",
+    "less_than": "lower it",
+    "less_than_equal": "lower it",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "int_from_float": "write a whole number",
+    "float_parsing": "write a number",
+    "float_type": "write a number",
+    "bool_parsing": "write true or false",
+    "bool_type": "write true or false",
+    "string_type": "write a text value (quote it in YAML)",
+    "list_type": "write a list, e.g. [1, 2]",
+    "dict_type": "write a mapping of keys to values",
+    "model_type": "write a mapping of keys to values",
+    "model_attributes_type": "write a mapping of keys to values",
+    "string_pattern_mismatch": "use letters, digits, '_', '.' and '-' only",
+}
+
+
 def validation_problems(
     error: ValidationError,
     model: type[BaseModel],
@@ -205,6 +231,8 @@ def validation_problems(
             message = detail["msg"].removeprefix("Value error, ")
             if not isinstance(detail["input"], dict | list):
                 message += f" (got {detail['input']!r})"
+            if kind in _WHAT_TO_DO:
+                message += f"; {_WHAT_TO_DO[kind]}"
         problems.append(source.problem((*prefix, *loc), message))
     return problems
 
