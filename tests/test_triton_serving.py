@@ -29,7 +29,14 @@ from typer.testing import CliRunner
 from generators.triton_config import config_to_text, render_model_config
 from gpufleet.cli import app
 from gpufleet.spec.loading import load_model_specs
-from gpufleet.spec.model import EnsembleStep, InputSpec, ModelSpec, SpecModel, WarmupInput
+from gpufleet.spec.model import (
+    EnsembleStep,
+    InputSpec,
+    ModelSpec,
+    QueuePolicy,
+    SpecModel,
+    WarmupInput,
+)
 from gpufleet.spec.problems import SpecError
 from tests.conftest import SAMPLE_SPECS, write_spec
 from validation.tritonserver import LocalTritonServer, TritonModelControlError
@@ -63,7 +70,8 @@ dynamic_batching:
   default_priority_level: 2
   default_queue_policy: {max_queue_size: 100, timeout_us: 3000000, timeout_action: delay, allow_timeout_override: true}
   priority_queue_policies:
-    1: {max_queue_size: 10}
+    1: {max_queue_size: 10, timeout_us: 2000000, allow_timeout_override: true}
+    2: {max_queue_size: 50, timeout_us: 4000000, timeout_action: delay}
 instance_groups:
   - {kind: cpu, count: 3}
 version_policy: {latest: 1}
@@ -141,15 +149,32 @@ def test_triton_view_of_the_model_matches_the_spec(
     assert int(seen_batching["priority_levels"]) == batching.priority_levels
     assert int(seen_batching["default_priority_level"]) == batching.default_priority_level
     if batching.default_queue_policy is not None:
-        policy, seen_policy = batching.default_queue_policy, seen_batching["default_queue_policy"]
-        assert int(seen_policy["max_queue_size"]) == policy.max_queue_size
-        assert int(seen_policy["default_timeout_microseconds"]) == policy.timeout_us
-        assert seen_policy["timeout_action"] == policy.timeout_action.upper()
-        assert seen_policy["allow_timeout_override"] == policy.allow_timeout_override
-    seen_levels = {int(level): p for level, p in seen_batching["priority_queue_policy"].items()}
-    assert {level: int(p["max_queue_size"]) for level, p in seen_levels.items()} == {
-        level: p.max_queue_size for level, p in batching.priority_queue_policies.items()
+        assert _queue_policy(seen_batching["default_queue_policy"]) == _spec_queue_policy(
+            batching.default_queue_policy
+        )
+    seen_levels = seen_batching["priority_queue_policy"]
+    assert {int(level): _queue_policy(p) for level, p in seen_levels.items()} == {
+        level: _spec_queue_policy(p) for level, p in batching.priority_queue_policies.items()
     }
+
+
+def _queue_policy(seen: dict[str, Any]) -> tuple[int, int, str, bool]:
+    """A queue policy as Triton's JSON shows it (64-bit numbers come back as strings)."""
+    return (
+        int(seen["max_queue_size"]),
+        int(seen["default_timeout_microseconds"]),
+        seen["timeout_action"],
+        seen["allow_timeout_override"],
+    )
+
+
+def _spec_queue_policy(policy: QueuePolicy) -> tuple[int, int, str, bool]:
+    return (
+        policy.max_queue_size,
+        policy.timeout_us,
+        policy.timeout_action.upper(),
+        policy.allow_timeout_override,
+    )
 
 
 def test_triton_view_of_the_ensemble_matches_the_spec(
