@@ -7,9 +7,9 @@ bytes, random and YAML-ish text, random YAML documents, and valid specs with one
 a mutation that always breaks a spec (an unknown key, a 0 dimension...) must be refused with an
 error line naming the mutated field.
 
-Each `@example` below reproduces a bug these properties found, smallest form. Hypothesis runs
-explicit examples first and skips the random search while one fails, so fixing those bugs turns
-the search back on; `--hypothesis-verbosity=verbose` lists failures that share a raise site.
+Each `@example` below is a bug these properties found (since fixed), kept in its smallest form
+as a regression case. Hypothesis runs explicit examples first and skips the random search while
+one fails; `--hypothesis-verbosity=verbose` lists failures that share a raise site.
 """
 
 from __future__ import annotations
