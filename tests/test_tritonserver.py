@@ -25,6 +25,7 @@ import tritonclient.http as httpclient
 
 from validation.tritonserver import (
     INSTALL_HINT,
+    SHARED_MEMORY_DIR,
     LocalTritonServer,
     TritonBinary,
     TritonModelControlError,
@@ -264,3 +265,23 @@ def test_triton_stops_when_the_process_that_started_it_is_killed(tmp_path: Path)
         if triton_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(triton_pid, signal.SIGKILL)
+
+
+def test_stop_removes_the_shared_memory_of_a_killed_server(tmp_path: Path) -> None:
+    """Stubs killed with their server leave /dev/shm regions; stop() removes this server's."""
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    server = LocalTritonServer(repository, tmp_path / "work")
+    server.start()
+    try:
+        regions = list(SHARED_MEMORY_DIR.glob(f"{server.shm_prefix}*"))
+        assert regions, "the python backend names its regions with our prefix"
+        assert server.pid is not None
+        os.killpg(server.pid, signal.SIGKILL)  # as a crash would: nothing unmaps or unlinks
+        deadline = time.monotonic() + 30
+        while not process_group_is_gone(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(region.exists() for region in regions)
+    finally:
+        server.stop()
+    assert not list(SHARED_MEMORY_DIR.glob(f"{server.shm_prefix}*"))

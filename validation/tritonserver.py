@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +62,7 @@ _RELEVANT_LOG_LINE = re.compile(r"^E\d{4} |[Ff]ailed to load|^error: |" + re.esc
 _LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 _MAX_QUOTED_LINES = 40
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+SHARED_MEMORY_DIR = Path("/dev/shm")  # noqa: S108 - where the python backend maps its regions
 _MAX_LINE_CHARS = 1000
 
 
@@ -221,6 +223,8 @@ class LocalTritonServer:
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = list(extra_args)
         self.stop_with_parent = stop_with_parent
+        # Names the python backend's shared-memory regions of this server, for stop() to clean.
+        self.shm_prefix = f"gpufleet_{uuid.uuid4().hex[:12]}_"
         self._requested_ports = (http_port, grpc_port, metrics_port)
         self._binary = binary
         self._ports: Ports | None = None
@@ -275,6 +279,10 @@ class LocalTritonServer:
                 process.wait()
         # A stub can outlive a tritonserver that exited on its own (e.g. after a failed load).
         _signal_group(pgid, signal.SIGKILL)
+        # A stub killed before it unmapped its shared memory (Triton killed or stopped mid-load)
+        # leaves its region in /dev/shm; the prefix names this server's regions and no other's.
+        for region in SHARED_MEMORY_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         self.start()
@@ -430,6 +438,7 @@ class LocalTritonServer:
             "--grpc-address", LOOPBACK, "--grpc-port", str(ports.grpc),
             "--metrics-address", LOOPBACK, "--metrics-port", str(ports.metrics),
             "--model-control-mode", "explicit",
+            "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}",
         ]  # fmt: skip
         for name in ["*"] if self.load_models is None else self.load_models:
             command += ["--load-model", name]  # '*' is passed as is: there is no shell
