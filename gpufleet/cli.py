@@ -25,6 +25,7 @@ from generators.model_repository import (
 from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
+from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 SCHEMA_DIR = Path("schemas")
@@ -99,7 +100,7 @@ def generate(
     """
     try:
         specs = load_model_specs(specs_dir)
-        repository = Path("build/model_repository")
+        repository = Path(DEFAULT_MODEL_REPOSITORY)
         if stack is not None:
             loaded_stack = load_stack_spec(stacks_dir, stack)
             specs = select_stack_models(loaded_stack, specs)

@@ -30,6 +30,15 @@ def scratch_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> bytes), to compare before and after."""
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
 def write_spec(directory: Path, name: str, text: str) -> Path:
     """Write `<directory>/<name>.yaml` (creating the directory) and return its path."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -15,17 +15,9 @@ from typer.testing import CliRunner
 
 from generators.schemas import render_schemas
 from gpufleet.cli import app
-from tests.conftest import GOLDEN_REPOSITORY, PROJECT_ROOT, SAMPLE_SPECS, write_spec
+from tests.conftest import GOLDEN_REPOSITORY, PROJECT_ROOT, SAMPLE_SPECS, snapshot, write_spec
 
 runner = CliRunner()
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(directory).as_posix(): p.read_bytes()
-        for p in directory.rglob("*")
-        if p.is_file()
-    }
 
 
 def test_generate_writes_a_model_repository(scratch_project: Path) -> None:

@@ -37,7 +37,7 @@ from gpufleet.spec.loading import load_model_specs, model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import PLATFORM_BACKEND
 from gpufleet.spec.problems import SpecProblem
-from tests.conftest import SAMPLE_SPECS, write_spec
+from tests.conftest import SAMPLE_SPECS, snapshot, write_spec
 
 runner = CliRunner()
 
@@ -487,14 +487,6 @@ def baseline_repository() -> dict[str, bytes]:
         (out / "retired").mkdir()
         (out / "retired" / "config.pbtxt").write_bytes((out / ANCHOR / "config.pbtxt").read_bytes())
         return snapshot(out)
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(directory).as_posix(): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
 
 
 def check_generate_refuses_or_accepts(content: bytes, file_stem: str = FUZZ) -> list[str]:

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -173,9 +173,9 @@ class TritonBinary:
         stub.chmod(stub.stat().st_mode | 0o111)  # Triton execs the stub as a child process.
         return backends_dir
 
-    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Environment for the tritonserver process, based on ``base`` (default: os.environ)."""
-        env = dict(os.environ if base is None else base)
+    def environment(self) -> dict[str, str]:
+        """Environment for the tritonserver process: ours, plus its libraries and Python."""
+        env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = _prepend_path(str(self.libs_dir), env.get("LD_LIBRARY_PATH"))
         # The stub imports numpy (and the models' imports) through the first python3 on PATH.
         # Not resolved on purpose: a venv's python is a symlink, and only the link is in the venv.

@@ -174,17 +174,15 @@ def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
     try:
         spec = StackSpec.model_validate(fields)
     except ValidationError as error:
-        problems = validation_problems(error, StackSpec, source, prefix=("config",))
-        # pydantic names `environment`; the file says `gpufleet:environment`.
-        problems = [source.problem(_namespaced(p.path, prefix), p.message) for p in problems]
-        raise SpecError(problems) from None
+        raise SpecError(validation_problems(error, StackSpec, source, _in_stack_file)) from None
     return LoadedStackSpec(name=stack, spec=spec, source=source)
 
 
-def _namespaced(path: FieldPath, prefix: str) -> FieldPath:
-    if len(path) >= 2 and path[0] == "config":
-        return ("config", f"{prefix}{path[1]}", *path[2:])
-    return path
+def _in_stack_file(path: FieldPath) -> FieldPath:
+    """StackSpec's `environment` is written `config: gpufleet:environment:` in the file."""
+    if not path:
+        return ("config",)
+    return ("config", f"{CONFIG_NAMESPACE}:{path[0]}", *path[1:])
 
 
 def select_stack_models(

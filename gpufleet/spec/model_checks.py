@@ -8,7 +8,6 @@ that says what to do. Each rule mirrors a refusal of Triton 2.51 that
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -52,9 +51,10 @@ def check_model_set(
     that spec's own problems are reported instead.
     """
     by_name = {spec.name: spec for spec in specs}
+    skipped = set(unchecked)
     found: dict[str, list[SpecProblem]] = {}
     for spec in specs:
-        problems = list(_ensemble_members(spec, by_name, set(unchecked)))
+        problems = list(_ensemble_members(spec, by_name, skipped))
         if problems:
             found[spec.name] = problems
     return found
@@ -102,10 +102,6 @@ def _backend(spec: ModelSpec) -> Iterator[SpecProblem]:
             )
 
 
-def _duplicates(names: Sequence[str]) -> set[str]:
-    return {name for name, count in Counter(names).items() if count > 1}
-
-
 def _reshape_problem(shape: Sequence[int], reshape: Sequence[int]) -> str | None:
     before, after = variable_dim_pieces(shape), variable_dim_pieces(reshape)
     if before == after:
@@ -135,11 +131,10 @@ def _tensors(spec: ModelSpec) -> Iterator[SpecProblem]:
     )
     tensorrt = is_tensorrt(spec)
     for field, declared in tensors:
-        repeated = _duplicates([tensor.name for tensor in declared])
         seen: set[str] = set()
         for index, tensor in enumerate(declared):
             where = (field, index)
-            if tensor.name in repeated and tensor.name in seen:
+            if tensor.name in seen:
                 yield SpecProblem(
                     (*where, "name"),
                     f"{field[:-1]} name {tensor.name!r} is used twice; tensor names must be unique",

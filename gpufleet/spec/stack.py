@@ -13,6 +13,7 @@ from pydantic import Field
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 
 CONFIG_NAMESPACE = "gpufleet"
+DEFAULT_MODEL_REPOSITORY = "build/model_repository"
 
 
 class StackSpec(SpecModel):
@@ -27,7 +28,7 @@ class StackSpec(SpecModel):
         "empty means every spec.",
     )
     model_repository: str = Field(
-        default="build/model_repository",
+        default=DEFAULT_MODEL_REPOSITORY,
         description="Directory of the generated Triton model repository, relative to the "
         "directory gpufleet runs in (the project root).",
     )

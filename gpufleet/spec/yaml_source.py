@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -212,9 +213,12 @@ def validation_problems(
     error: ValidationError,
     model: type[BaseModel],
     source: YamlSource,
-    prefix: FieldPath = (),
+    to_file_path: Callable[[FieldPath], FieldPath] = lambda path: path,
 ) -> list[SpecProblem]:
-    """Turn pydantic's errors into located, one-line problems (`prefix` maps to file paths)."""
+    """Turn pydantic's errors into located, one-line problems.
+
+    `to_file_path` maps a field path of `model` to where that field is written in the file.
+    """
     problems = []
     for detail in error.errors(include_url=False):
         loc = tuple(part for part in detail["loc"] if part != "[key]")
@@ -233,7 +237,7 @@ def validation_problems(
                 message += f" (got {detail['input']!r})"
             if kind in _WHAT_TO_DO:
                 message += f"; {_WHAT_TO_DO[kind]}"
-        problems.append(source.problem((*prefix, *loc), message))
+        problems.append(source.problem(to_file_path(loc), message))
     return problems
 
 
