@@ -296,12 +296,41 @@ class EnsembleStep(SpecModel):
     outputs: dict[str, str] = Field(description="Model output name -> ensemble tensor name.")
 
 
-class Objectives(SpecModel):
-    """Service objectives the load gate holds the served model to."""
+def _one_level_is_a_list(value: object) -> object:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
-    p99_latency_ms: float | None = Field(default=None, gt=0)
-    concurrency: PositiveInt = Field(default=1, description="Concurrent requests for the p99.")
-    min_throughput_per_s: float | None = Field(default=None, gt=0)
+
+def _levels_ascending(levels: list[int]) -> list[int]:
+    if levels != sorted(set(levels)):
+        raise ValueError("list the concurrency levels once each, in ascending order")
+    return levels
+
+
+class Objectives(SpecModel):
+    """Service objectives the load gate holds the served model to, and the correctness
+    tolerance the golden examples are compared with."""
+
+    p99_latency_ms: float | None = Field(
+        default=None, gt=0, description="p99 latency each concurrency level must stay under."
+    )
+    concurrency: Annotated[
+        list[Annotated[int, Field(ge=1, le=1024)]],
+        BeforeValidator(_one_level_is_a_list),
+        AfterValidator(_levels_ascending),
+        Field(min_length=1, max_length=16),
+    ] = Field(
+        default_factory=lambda: [1],
+        description="Concurrency levels the load gate measures (one number or a list).",
+    )
+    min_throughput_per_s: float | None = Field(
+        default=None, gt=0, description="Inferences per second needed at the highest level."
+    )
+    output_atol: float = Field(
+        default=1e-5, ge=0, description="Absolute tolerance of the golden-example comparison."
+    )
+    output_rtol: float = Field(
+        default=1e-4, ge=0, description="Relative tolerance of the golden-example comparison."
+    )
 
 
 class ModelSpec(SpecModel):

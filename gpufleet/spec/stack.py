@@ -6,18 +6,58 @@ Pulumi keeps a stack's configuration under `config:` with namespaced keys; the k
 
 from __future__ import annotations
 
+import ipaddress
+import urllib.parse
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
+GATE_NAMES = ("host", "correctness", "load")
+GateName = Literal["host", "correctness", "load"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class StackPorts(SpecModel):
+    """Ports of the stack's servers (Triton's defaults and MLflow's)."""
+
+    triton_http: Port = 8000
+    triton_grpc: Port = 8001
+    triton_metrics: Port = 8002
+    mlflow: Port = Field(default=5000, description="The local MLflow server (local stacks).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> StackPorts:
+        ports = self.model_dump()
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both port {port}; give each its own")
+            seen[port] = name
+        return self
+
+
+class LoadGateSettings(SpecModel):
+    """How the load gate measures: perf_analyzer's method of stable time windows."""
+
+    window_s: float = Field(default=1.0, gt=0, le=60, description="Length of one window.")
+    stable_windows: int = Field(
+        default=3, ge=2, le=10, description="Consecutive windows that must agree."
+    )
+    stability_percent: float = Field(
+        default=10.0, gt=0, le=100, description="How far those windows may differ (throughput "
+        "and latency)."
+    )
+    max_windows: int = Field(
+        default=10, ge=2, le=100, description="Give up on stability after this many windows."
+    )
 
 
 class StackSpec(SpecModel):
-    """What an environment runs and where its generated files go."""
+    """What an environment runs, where its servers listen, and the gates that check it."""
 
     environment: Literal["local", "proxmox", "azure"] = Field(
         description="Where the stack runs: this machine, Proxmox VMs or Azure VMs."
@@ -32,3 +72,64 @@ class StackSpec(SpecModel):
         description="Directory of the generated Triton model repository, relative to the "
         "directory gpufleet runs in (the project root).",
     )
+    state_dir: str | None = Field(
+        default=None,
+        description="Where a local stack keeps its MLflow store, server logs, run state and "
+        "gate reports; default build/<stack>.",
+    )
+    ports: StackPorts = Field(default_factory=StackPorts)
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server with the model registry; default: the local "
+        "server gpufleet starts on 127.0.0.1:<ports.mlflow> (local stacks).",
+    )
+    gates: list[GateName] = Field(
+        default_factory=lambda: list(GATE_NAMES), description="Validation gates to run."
+    )
+    load_gate: LoadGateSettings = Field(default_factory=LoadGateSettings)
+    min_free_disk_gb: float = Field(
+        default=1.0, ge=0, description="Free space the host gate requires for the repository."
+    )
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _http_uri(cls, uri: str | None, info: ValidationInfo) -> str | None:
+        if uri is None:
+            return None
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("use an http(s):// URL of an MLflow tracking server")
+        if parsed.username or parsed.password:
+            raise ValueError(
+                "do not put credentials in the URI; set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        host = parsed.hostname
+        if info.data.get("environment") == "local" and not _is_loopback(host):
+            raise ValueError(
+                f"a local stack talks to loopback only, not {host!r}; leave "
+                "mlflow_tracking_uri out to use the local MLflow server"
+            )
+        return uri
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_once(cls, gates: list[str]) -> list[str]:
+        if len(set(gates)) != len(gates):
+            raise ValueError("name each gate once")
+        return gates
+
+    def resolved_state_dir(self, stack_name: str) -> str:
+        return self.state_dir or f"build/{stack_name}"
+
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.ports.mlflow}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
