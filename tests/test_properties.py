@@ -283,8 +283,10 @@ objectives = st.fixed_dictionaries(
     {},
     optional={
         "p99_latency_ms": st.floats(min_value=0.01, max_value=1e4),
-        "concurrency": st.integers(1, 64),
+        "concurrency": st.integers(1, 64)
+        | st.lists(st.integers(1, 64), min_size=1, max_size=4, unique=True).map(sorted),
         "min_throughput_per_s": st.floats(min_value=0.01, max_value=1e6),
+        "output_atol": st.floats(min_value=0, max_value=1),
     },
 )
 

@@ -296,6 +296,9 @@ class EnsembleStep(SpecModel):
     outputs: dict[str, str] = Field(description="Model output name -> ensemble tensor name.")
 
 
+_CONCURRENCY_LEVEL_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 1024}
+
+
 def _one_level_is_a_list(value: object) -> object:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
@@ -318,6 +321,20 @@ class Objectives(SpecModel):
         BeforeValidator(_one_level_is_a_list),
         AfterValidator(_levels_ascending),
         Field(min_length=1, max_length=16),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    _CONCURRENCY_LEVEL_SCHEMA,
+                    {
+                        "type": "array",
+                        "items": _CONCURRENCY_LEVEL_SCHEMA,
+                        "minItems": 1,
+                        "maxItems": 16,
+                        "uniqueItems": True,
+                    },
+                ]
+            }
+        ),
     ] = Field(
         default_factory=lambda: [1],
         description="Concurrency levels the load gate measures (one number or a list).",
