@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench schemas golden
+.PHONY: setup demo down test lint bench schemas golden
 
 setup: $(STAMP)
 
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/gpufleet generate --stack local
+	$(VENV)/bin/gpufleet up --stack local
+
+down: setup
+	$(VENV)/bin/gpufleet down --stack local
 
 test: setup
 	$(PY) -m pytest
@@ -27,6 +30,8 @@ lint: setup
 
 bench: setup
 	$(PY) bench/generate.py
+	$(PY) bench/loadgen.py
+	$(PY) bench/serving.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

@@ -6,11 +6,12 @@ Exit codes: 0 ok, 1 differences found (`generate --check`), 2 bad input or could
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -25,18 +26,26 @@ from generators.model_repository import (
 from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
-from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY
+from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
+
+if TYPE_CHECKING:
+    from gpufleet.local.stack_runner import LocalStack
+    from validation.report import GateReport
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 SCHEMA_DIR = Path("schemas")
 
 app = typer.Typer(
     help="Typed specs in, GPU model serving out: generate Triton configs from modelconfigs/*.yaml, "
-    "check them for drift, and import existing configs.",
+    "serve a stack's models from the MLflow registry on Triton, and gate it with validation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+registry_app = typer.Typer(
+    help="The stack's MLflow model registry.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(registry_app, name="registry")
 # soft_wrap: long paths and diffs must stay on one line for CI logs and grep.
 # emoji=False: rich would turn `file.yaml:100:` into an emoji.
 out = Console(soft_wrap=True, emoji=False)
@@ -47,6 +56,23 @@ SpecsOption = Annotated[
 ]
 StacksOption = Annotated[
     Path, typer.Option("--stacks-dir", help="Directory of Pulumi.<stack>.yaml files.")
+]
+StackOption = Annotated[
+    str, typer.Option("--stack", help="Stack name (stacks/Pulumi.<stack>.yaml).")
+]
+
+
+class Gate(enum.StrEnum):
+    """The gates `--only` can pick (Typer needs an Enum for a list of choices)."""
+
+    host = "host"
+    correctness = "correctness"
+    load = "load"
+
+
+GateOption = Annotated[
+    list[Gate] | None,
+    typer.Option("--only", help="Run only this gate (repeatable): host, correctness, load."),
 ]
 
 
@@ -221,3 +247,124 @@ def import_config(
         for target, document in documents.items():
             write_atomically(target, document)
             out.print(f"wrote {target}")
+
+
+def _load_local_stack(stack: str, specs_dir: Path, stacks_dir: Path) -> LocalStack:
+    from gpufleet.local.stack_runner import LocalStack, StackRunError
+
+    try:
+        loaded_stack = load_stack_spec(stacks_dir, stack)
+        specs = select_stack_models(loaded_stack, load_model_specs(specs_dir))
+        return LocalStack(loaded_stack, specs, say=_say)
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    except StackRunError as error:
+        _fail([str(error)])
+
+
+def _gate_names(only: list[Gate] | None) -> list[GateName] | None:
+    return [gate.value for gate in only] if only else None
+
+
+def _say(line: str) -> None:
+    out.print(line, markup=False, highlight=False)
+
+
+def _finish_with_gates(reports: list[GateReport], reports_dir: Path) -> NoReturn:
+    from validation.report import exit_code, print_report
+
+    for report in reports:
+        print_report(report, out)
+    code = exit_code(reports)
+    verdict = {0: "all gates passed", 1: "a gate failed", 2: "a gate could not run"}[code]
+    out.print(f"{verdict}; reports in {reports_dir}/ (JSON and JUnit XML)", markup=False)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _could_not_run() -> Iterator[None]:
+    """Errors of servers and the registry are 'could not run' (exit 2), one message each."""
+    from generators.registry_repository import AssemblyError
+    from gpufleet.local.mlflow_server import MlflowServerError
+    from gpufleet.local.stack_runner import StackRunError
+    from gpufleet.registry.client import RegistryError
+    from validation.tritonserver import TritonError
+
+    try:
+        with _file_errors_exit():
+            yield
+    except (AssemblyError, StackRunError, RegistryError, MlflowServerError, TritonError) as error:
+        _fail([str(error)])
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+
+
+@app.command()
+def up(
+    stack: StackOption = "local",
+    only: GateOption = None,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Serve a local stack: MLflow registry -> model repository -> Triton -> validation gates.
+
+    Starts what is not running yet, changes only what differs from the specs and the registry,
+    seeds demo models into an empty local registry, then runs the stack's gates. Servers keep
+    running after the command; `gpufleet down --stack NAME` stops them.
+
+    Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input or could not run.
+    """
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    with _could_not_run():
+        reports = local_stack.up(_gate_names(only))
+    _finish_with_gates(reports, local_stack.paths.reports)
+
+
+@app.command()
+def validate(
+    stack: StackOption = "local",
+    only: GateOption = None,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Run the stack's validation gates against what runs now; write JSON and JUnit reports.
+
+    Gates: host (processes, loopback-only ports, repository, disk, file checksums),
+    correctness (the registry's golden examples replayed through Triton), load (perf_analyzer's
+    method against the specs' service objectives).
+    """
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    with _could_not_run():
+        reports = local_stack.validate(_gate_names(only))
+    _finish_with_gates(reports, local_stack.paths.reports)
+
+
+@app.command()
+def down(
+    stack: StackOption = "local",
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Stop the servers `gpufleet up` started for the stack (and nothing else)."""
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    with _could_not_run():
+        lines = local_stack.down()
+    for line in lines or [f"nothing of stack {stack!r} is running"]:
+        _say(line)
+
+
+@registry_app.command("seed-demo")
+def seed_demo_command(
+    stack: StackOption = "local",
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Build small seeded torch models for the stack's specs, log them with golden examples,
+    register them and point their alias (e.g. production) at the new versions.
+
+    Starts the stack's local MLflow server if it is not running (`gpufleet down` stops it).
+    """
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    with _could_not_run():
+        for version in local_stack.seed_demo():
+            _say(f"registered {version.name} version {version.version}")

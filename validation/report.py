@@ -27,6 +27,7 @@ from rich.table import Table
 
 Status = Literal["pass", "fail", "warn", "error"]
 EXIT_OK, EXIT_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
+_LOG_WIDTH = 400
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class GateReport:
         statuses = {check.status for check in self.checks}
         for status in ("fail", "error", "warn"):
             if status in statuses:
-                return status  # type: ignore[return-value]
+                return status
         return "pass"
 
     def to_json(self) -> dict[str, Any]:
@@ -124,4 +125,6 @@ def print_report(report: GateReport, console: Console) -> None:
     for check in report.checks:
         status = f"[{colours[check.status]}]{check.status}[/]"
         table.add_row(check.name, status, check.message.replace("[", r"\["))
+    if not console.is_terminal:  # logs are read with grep: keep each message on one line
+        console = Console(file=console.file, width=_LOG_WIDTH, no_color=console.no_color)
     console.print(table)

@@ -14,8 +14,6 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import http.client
 import importlib.util
@@ -24,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,13 +29,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from validation.loopback import (
+    LOOPBACK,
+    die_with_parent,
+    http_request,
+    pick_free_ports,
+    signal_group,
+)
+
 INSTALL_HINT = "pip install nvidia-pytriton"
-LOOPBACK = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
 
 _POLL_INTERVAL_S = 0.25
@@ -61,7 +65,6 @@ _RELEVANT_LOG_LINE = re.compile(r"^E\d{4} |[Ff]ailed to load|^error: |" + re.esc
 # Error-level lines Triton prints on every start on a machine without a CUDA driver.
 _LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 _MAX_QUOTED_LINES = 40
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 SHARED_MEMORY_DIR = Path("/dev/shm")  # noqa: S108 - where the python backend maps its regions
 _MAX_LINE_CHARS = 1000
 
@@ -230,6 +233,25 @@ class LocalTritonServer:
         self._ports: Ports | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
+        self._attached_is_running: Callable[[], bool] | None = None
+
+    @classmethod
+    def attach(
+        cls,
+        model_repository: Path,
+        work_dir: Path,
+        ports: Ports,
+        is_running: Callable[[], bool],
+    ) -> LocalTritonServer:
+        """A handle on a tritonserver another process started (``gpufleet up`` before).
+
+        Its HTTP API methods work while ``is_running()`` says the server runs; ``start`` and
+        ``stop`` do not apply: stop it through whoever owns its process.
+        """
+        server = cls(model_repository, work_dir)
+        server._ports = ports
+        server._attached_is_running = is_running
+        return server
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -271,14 +293,14 @@ class LocalTritonServer:
             return
         pgid = process.pid
         if process.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             try:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
                 process.wait()
         # A stub can outlive a tritonserver that exited on its own (e.g. after a failed load).
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         # A stub killed before it unmapped its shared memory (Triton killed or stopped mid-load)
         # leaves its region in /dev/shm; the prefix names this server's regions and no other's.
         for region in SHARED_MEMORY_DIR.glob(f"{self.shm_prefix}*"):
@@ -300,6 +322,8 @@ class LocalTritonServer:
 
     @property
     def running(self) -> bool:
+        if self._attached_is_running is not None:
+            return self._attached_is_running()
         return self._process is not None and self._process.poll() is None
 
     @property
@@ -424,7 +448,7 @@ class LocalTritonServer:
         return bool(busy) and not busy & set(self._requested_ports)
 
     def _choose_ports(self) -> Ports:
-        free = iter(_pick_free_ports(self._requested_ports.count(None)))
+        free = iter(pick_free_ports(self._requested_ports.count(None)))
         http, grpc, metrics = (port or next(free) for port in self._requested_ports)
         return Ports(http, grpc, metrics)
 
@@ -453,7 +477,7 @@ class LocalTritonServer:
                 env=binary.environment(),
                 # Own process group: stop() can signal Triton and its stubs, and nothing else.
                 process_group=0,
-                preexec_fn=_die_with_parent if self.stop_with_parent else None,
+                preexec_fn=die_with_parent if self.stop_with_parent else None,
             )
         self._pid = self._process.pid
 
@@ -535,7 +559,7 @@ class LocalTritonServer:
     def _status(self, path: str) -> int | None:
         """HTTP status of GET path, or None while nothing answers on the HTTP port."""
         try:
-            return _http_request("GET", f"http://{self.http_url}{path}", _PROBE_TIMEOUT_S)[0]
+            return http_request("GET", f"http://{self.http_url}{path}", _PROBE_TIMEOUT_S)[0]
         except (OSError, http.client.HTTPException):
             return None
 
@@ -553,29 +577,13 @@ class LocalTritonServer:
             raise TritonError(f"{what}: tritonserver is not running (see {self.log_path})")
         url = f"http://{self.http_url}{path}"
         try:
-            status, body = _http_request(method, url, timeout_s)
+            status, body = http_request(method, url, timeout_s)
         except (OSError, http.client.HTTPException) as exc:
             raise error(f"{what}: {method} {url} failed: {exc}", None, str(exc)) from exc
         if status != 200:
             message = _triton_error_message(body)
             raise error(f"{what}: Triton answered HTTP {status}: {message}", status, message)
         return json.loads(body) if body.strip() else None
-
-
-# Requests go straight to loopback: an http_proxy set in the environment must not apply.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http_request(method: str, url: str, timeout_s: float) -> tuple[int, bytes]:
-    data = b"" if method == "POST" else None
-    # Callers only build http://127.0.0.1:<port>/... URLs, so no file: or other schemes.
-    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, bytes(exc.read())
 
 
 def _triton_error_message(body: bytes) -> str:
@@ -588,27 +596,6 @@ def _triton_error_message(body: bytes) -> str:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         return str(parsed["error"])
     return text
-
-
-def _pick_free_ports(count: int) -> list[int]:
-    """Ports the kernel calls free right now; all bound at once so that they are distinct."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent thread exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is already gone
-        os.killpg(pgid, signum)
 
 
 def _prepend_path(entry: str, current: str | None) -> str:

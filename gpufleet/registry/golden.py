@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 GOLDEN_EXAMPLES_FILE = "golden_examples.json"
 FORMAT = "gpufleet.golden-examples/v1"
@@ -40,8 +41,8 @@ NUMPY_TO_TRITON = {np.dtype(value): key for key, value in TRITON_TO_NUMPY.items(
 class GoldenExample:
     """One request (input name -> tensor) and the expected response (output name -> tensor)."""
 
-    inputs: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
+    inputs: dict[str, npt.NDArray[Any]]
+    outputs: dict[str, npt.NDArray[Any]]
 
 
 def golden_examples_json(examples: list[GoldenExample]) -> str:
@@ -74,7 +75,7 @@ def read_golden_examples(path: Path) -> list[GoldenExample]:
         raise ValueError(f"{path}: not a golden examples file: {error}") from None
 
 
-def _tensors_json(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+def _tensors_json(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, Any]:
     result = {}
     for name, tensor in sorted(tensors.items()):
         array = np.asarray(tensor)
@@ -88,7 +89,7 @@ def _tensors_json(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
     return result
 
 
-def _tensors(document: dict[str, Any]) -> dict[str, np.ndarray]:
+def _tensors(document: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
     return {
         name: np.asarray(item["data"], dtype=TRITON_TO_NUMPY[item["datatype"]]).reshape(
             item["shape"]

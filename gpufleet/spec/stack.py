@@ -16,8 +16,8 @@ from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
-GATE_NAMES = ("host", "correctness", "load")
 GateName = Literal["host", "correctness", "load"]
+GATE_NAMES: tuple[GateName, ...] = ("host", "correctness", "load")
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -48,8 +48,10 @@ class LoadGateSettings(SpecModel):
         default=3, ge=2, le=10, description="Consecutive windows that must agree."
     )
     stability_percent: float = Field(
-        default=10.0, gt=0, le=100, description="How far those windows may differ (throughput "
-        "and latency)."
+        default=10.0,
+        gt=0,
+        le=100,
+        description="How far those windows may differ (throughput and latency).",
     )
     max_windows: int = Field(
         default=10, ge=2, le=100, description="Give up on stability after this many windows."

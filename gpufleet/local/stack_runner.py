@@ -1,0 +1,317 @@
+"""`gpufleet up`, `down` and `validate` for a local stack: registry, repository, Triton, gates.
+
+`up` runs these steps, each reported as it starts and ends:
+
+1. registry: the stack's MLflow server (sqlite, loopback), started unless already running;
+2. demo models: `seed_demo` for every model the registry does not have yet;
+3. model repository: registry versions exported into `<repository>/<model>/<version>/`, then
+   the `config.pbtxt` files generated from the specs;
+4. triton: started on the stack's loopback ports with the stack's models loaded, or, when it
+   already runs, told to reload only the models whose files changed;
+5. gates: the stack's validation gates (see validation/gates.py).
+
+Servers are recorded in `<state_dir>/run-state.json` (gpufleet/local/run_state.py) the moment
+they start; `down` stops what is recorded there and nothing else. A failed `up` stops the servers
+it started itself before it reports the error, so nothing is leaked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from generators.model_repository import apply_plan, plan_repository, render_repository_files
+from generators.registry_repository import assemble_repository
+from gpufleet.local.mlflow_server import LocalMlflowServer
+from gpufleet.local.run_state import STATE_FILE, RunState, ServerRecord
+from gpufleet.registry.client import ModelRegistry, RegistryVersion, registered_model_name
+from gpufleet.registry.demo import seed_demo
+from gpufleet.spec.loading import LoadedModelSpec, LoadedStackSpec
+from gpufleet.spec.stack import GateName
+from validation.gates import GateContext, run_gates
+from validation.host import ExpectedProcess
+from validation.report import GateReport
+from validation.tritonserver import LocalTritonServer, Ports, TritonError
+
+Say = Callable[[str], None]
+TRITON, MLFLOW = "triton", "mlflow"
+EXECUTABLES = {TRITON: "tritonserver", MLFLOW: "mlflow"}  # what the host gate expects each runs
+
+
+class StackRunError(Exception):
+    """The stack could not be brought up or checked (exit 2); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LocalPaths:
+    """Where a local stack keeps its servers' data, logs, run state and reports."""
+
+    root: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def triton_work(self) -> Path:
+        return self.root / "triton"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+class LocalStack:
+    """One local stack: its specs, its servers on this machine and its gates."""
+
+    def __init__(
+        self, stack: LoadedStackSpec, specs: Sequence[LoadedModelSpec], *, say: Say = print
+    ) -> None:
+        if stack.spec.environment != "local":
+            raise StackRunError(
+                f"stack {stack.name!r} is a {stack.spec.environment} stack; `gpufleet up` runs "
+                "local stacks, provision the others with `pulumi up -s " + stack.name + "`"
+            )
+        self.stack = stack
+        self.specs = list(specs)
+        self.say = say
+        self.paths = LocalPaths(Path(stack.spec.resolved_state_dir(stack.name)))
+        self.repository = Path(stack.spec.model_repository)
+        self._started: list[ServerRecord] = []
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def up(self, gates: Sequence[GateName] | None = None) -> list[GateReport]:
+        """Bring the stack up (changing only what differs), then run its gates."""
+        state = self._load_state()
+        try:
+            with self._step("registry"):
+                registry = ModelRegistry(self._ensure_mlflow(state))
+            with self._step("demo models"):
+                self._seed_missing_models(registry)
+            with self._step("model repository"):
+                changed = self._assemble(registry)
+            with self._step("triton"):
+                self._ensure_triton(state, changed)
+        except BaseException:
+            self._stop_started(state)
+            raise
+        return self.validate(gates, state=state, registry=registry)
+
+    def validate(
+        self,
+        gates: Sequence[GateName] | None = None,
+        *,
+        state: RunState | None = None,
+        registry: ModelRegistry | None = None,
+    ) -> list[GateReport]:
+        """Run the stack's gates (or `gates`) against what runs now; write their reports."""
+        state = state or self._load_state()
+        triton = state.running(TRITON)
+        if triton is None:
+            raise StackRunError(
+                f"Triton of stack {self.stack.name!r} is not running (state: "
+                f"{self.paths.state_file}); start it with `gpufleet up --stack {self.stack.name}`"
+            )
+        context = GateContext(
+            stack=self.stack.name,
+            spec=self.stack.spec,
+            models=[item.spec for item in self.specs],
+            repository=self.repository,
+            registry=registry or ModelRegistry(self.stack.spec.tracking_uri()),
+            processes=[
+                ExpectedProcess(name, record.pid, EXECUTABLES[name], sorted(record.ports.values()))
+                for name, record in sorted(state.servers.items())
+            ],
+            grpc_url=f"127.0.0.1:{triton.ports['grpc']}",
+            reports_dir=self.paths.reports,
+        )
+        with self._step("gates"):
+            return run_gates(context, gates or self.stack.spec.gates, say=self.say)
+
+    def seed_demo(self) -> list[RegistryVersion]:
+        """Register demo models for every registry-sourced spec (starting MLflow if needed)."""
+        state = self._load_state()
+        try:
+            registry = ModelRegistry(self._ensure_mlflow(state))
+            return seed_demo(registry, [item.spec for item in self._registry_sourced()])
+        except BaseException:
+            self._stop_started(state)
+            raise
+
+    def down(self) -> list[str]:
+        """Stop the servers `up` recorded (Triton first); return one line per server."""
+        state = self._load_state()
+        lines = []
+        for name in (TRITON, MLFLOW):
+            record = state.servers.pop(name, None)
+            if record is None:
+                continue
+            stopped = record.stop()
+            verb = "stopped" if stopped else "was not running:"
+            lines.append(f"{verb} {name} (pid {record.pid})")
+        self.paths.state_file.unlink(missing_ok=True)
+        return lines
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _ensure_mlflow(self, state: RunState) -> str:
+        spec = self.stack.spec
+        if spec.mlflow_tracking_uri is not None:
+            self.say(f"  using the MLflow tracking server at {spec.mlflow_tracking_uri}")
+            return spec.mlflow_tracking_uri
+        record = state.running(MLFLOW)
+        if record is not None:
+            self.say(f"  MLflow already running at {spec.tracking_uri()} (pid {record.pid})")
+            return spec.tracking_uri()
+        server = LocalMlflowServer(
+            self.paths.mlflow_store, spec.ports.mlflow, stop_with_parent=False
+        )
+        server.start()
+        assert server.pid is not None
+        self._record(
+            state,
+            ServerRecord.of_process(
+                MLFLOW,
+                server.pid,
+                ports={"http": spec.ports.mlflow},
+                log_path=str(server.log_path),
+            ),
+        )
+        self.say(f"  started MLflow at {server.url} (pid {server.pid}, log {server.log_path})")
+        return server.url
+
+    def _seed_missing_models(self, registry: ModelRegistry) -> None:
+        missing = [
+            item.spec
+            for item in self._registry_sourced()
+            if not registry.has_registered_model(_registered_name(item))
+        ]
+        if not missing:
+            self.say("  every model is in the registry already")
+            return
+        if self.stack.spec.mlflow_tracking_uri is not None:
+            names = ", ".join(spec.name for spec in missing)
+            raise StackRunError(
+                f"the registry at {self.stack.spec.mlflow_tracking_uri} has no model for "
+                f"{names}; register them there (demo models are seeded into local registries only)"
+            )
+        for version in seed_demo(registry, missing):
+            self.say(f"  registered demo model {version.name} version {version.version}")
+
+    def _assemble(self, registry: ModelRegistry) -> set[str]:
+        """Fill the repository; return the names of models whose files changed."""
+        assembly = assemble_repository(registry, self.specs, self.repository, progress=self.say)
+        plan = plan_repository(self.repository, render_repository_files(self.specs))
+        apply_plan(plan)
+        changed = set(assembly.changed_models)
+        changed |= {relative.split("/", 1)[0] for relative in plan.created + plan.updated}
+        self.say(
+            f"  {self.repository}: configs {len(plan.created)} created, {len(plan.updated)} "
+            f"updated, {len(plan.unchanged)} unchanged; model files changed for "
+            f"{', '.join(sorted(changed)) or 'no model'}"
+        )
+        return changed
+
+    def _ensure_triton(self, state: RunState, changed: set[str]) -> None:
+        names = [item.spec.name for item in self.specs]
+        record = state.running(TRITON)
+        if record is not None:
+            control = LocalTritonServer.attach(
+                self.repository,
+                self.paths.triton_work,
+                Ports(**record.ports),
+                lambda: record.alive,
+            )
+            if control.is_ready():
+                self._reload(control, [name for name in names if name in changed], record)
+                return
+            self.say(f"  Triton (pid {record.pid}) is not ready; restarting it")
+            record.stop()
+        ports = self.stack.spec.ports
+        server = LocalTritonServer(
+            self.repository,
+            self.paths.triton_work,
+            http_port=ports.triton_http,
+            grpc_port=ports.triton_grpc,
+            metrics_port=ports.triton_metrics,
+            load_models=names,
+            stop_with_parent=False,
+        )
+        server.start()  # raises TritonStartError quoting Triton's log; stops what it started
+        assert server.pid is not None
+        self._record(
+            state,
+            ServerRecord.of_process(
+                TRITON,
+                server.pid,
+                ports={
+                    "http": ports.triton_http,
+                    "grpc": ports.triton_grpc,
+                    "metrics": ports.triton_metrics,
+                },
+                log_path=str(server.log_path),
+                shm_prefix=server.shm_prefix,
+            ),
+        )
+        self.say(
+            f"  started Triton on 127.0.0.1:{ports.triton_http} (pid {server.pid}) with "
+            f"{', '.join(names)}; log {server.log_path}"
+        )
+
+    def _reload(self, control: LocalTritonServer, models: list[str], record: ServerRecord) -> None:
+        if not models:
+            self.say(f"  Triton already serving, nothing changed (pid {record.pid})")
+            return
+        for name in models:
+            try:
+                control.load_model(name)
+            except TritonError as error:
+                raise StackRunError(str(error)) from None
+            self.say(f"  reloaded {name} in Triton (pid {record.pid})")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _registry_sourced(self) -> list[LoadedModelSpec]:
+        return [item for item in self.specs if _registered_name(item)]
+
+    def _load_state(self) -> RunState:
+        try:
+            state = RunState.load(self.paths.state_file)
+        except ValueError as error:
+            raise StackRunError(str(error)) from None
+        return state or RunState(stack=self.stack.name)
+
+    def _record(self, state: RunState, record: ServerRecord) -> None:
+        """Write the server into the state file at once: a crash later must not orphan it."""
+        state.servers[record.name] = record
+        self._started.append(record)
+        state.save(self.paths.state_file)
+
+    def _stop_started(self, state: RunState) -> None:
+        for record in reversed(self._started):
+            record.stop()
+            state.servers.pop(record.name, None)
+            self.say(f"  stopped {record.name} (pid {record.pid}), which this run had started")
+        if self._started:
+            state.save(self.paths.state_file)
+        self._started.clear()
+
+    @contextlib.contextmanager
+    def _step(self, title: str) -> Iterator[None]:
+        self.say(f"[{title}]")
+        started = time.monotonic()
+        yield
+        self.say(f"[{title}] done in {time.monotonic() - started:.1f} s")
+
+
+def _registered_name(item: LoadedModelSpec) -> str:
+    """The registered model a spec's `models:/` source names, or "" for other sources."""
+    return registered_model_name(item.spec.source or "") or ""

@@ -1,0 +1,310 @@
+"""`gpufleet up / validate / down` end to end on this machine, and each gate failing for real.
+
+Real: the `gpufleet` CLI run as a separate process (as a user runs it, so the servers outlive
+it), a real MLflow tracking server and registry (sqlite), real torch models seeded into it, the
+real Triton 2.51 binary from the nvidia-pytriton wheel serving them on loopback, testinfra on
+this host, tritonclient's gRPC load. Nothing is mocked. One stack is brought up for the module;
+each test that breaks something on purpose puts it back before it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gpufleet.local.run_state import RunState
+from gpufleet.registry.client import ModelRegistry
+from gpufleet.registry.demo import demo_network, register_torch_model
+from gpufleet.spec.loading import load_model_spec_file
+from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS
+from validation.loopback import pick_free_ports
+
+STACK = "it"
+
+
+@dataclass
+class Project:
+    """A scratch project: specs, a stack file on free ports, and where up keeps its state."""
+
+    root: Path
+    mlflow_port: int
+    first_up_s: float = 0.0
+    first_up: subprocess.CompletedProcess[str] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def repository(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def specs(self) -> Path:
+        return self.root / "modelconfigs"
+
+    def gpufleet(
+        self, *args: str, specs: Path | None = None, timeout_s: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gpufleet", *args, "--stack", STACK]
+        command += ["--specs", str(specs or self.specs), "--stacks-dir", str(self.root / "stacks")]
+        return subprocess.run(
+            command, cwd=self.root, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+
+    def state(self) -> RunState:
+        state = RunState.load(self.state_dir / "run-state.json")
+        assert state is not None
+        return state
+
+    def report(self, gate: str) -> dict[str, object]:
+        return dict(json.loads((self.state_dir / "reports" / f"{gate}.json").read_text()))
+
+    def copy_specs(self, name: str, edit: tuple[str, str]) -> Path:
+        """The specs directory copied to `name`, with one text replacement in tabular_mlp.yaml."""
+        target = self.root / name
+        target.mkdir(exist_ok=True)
+        for spec in self.specs.glob("*.yaml"):
+            (target / spec.name).write_text(spec.read_text())
+        spec = target / "tabular_mlp.yaml"
+        old, new = edit
+        assert old in spec.read_text()
+        spec.write_text(spec.read_text().replace(old, new))
+        return target
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("local-stack")
+    (root / "modelconfigs").mkdir()
+    for name in ("tabular_mlp.yaml",):
+        (root / "modelconfigs" / name).write_text((SAMPLE_SPECS / name).read_text())
+    http, grpc, metrics, mlflow = pick_free_ports(4)
+    (root / "stacks").mkdir()
+    (root / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
+        f"""config:
+  gpufleet:environment: local
+  gpufleet:models: [tabular_mlp]
+  gpufleet:model_repository: {root / "model_repository"}
+  gpufleet:state_dir: {root / "state"}
+  gpufleet:ports: {{triton_http: {http}, triton_grpc: {grpc}, triton_metrics: {metrics}, mlflow: {mlflow}}}
+  gpufleet:load_gate: {{window_s: 0.5, max_windows: 8}}
+"""
+    )
+    project = Project(root, mlflow_port=mlflow)
+    started = time.monotonic()
+    project.first_up = project.gpufleet("up")
+    project.first_up_s = time.monotonic() - started
+    try:
+        yield project
+    finally:
+        project.gpufleet("down")
+
+
+def test_first_up_seeds_serves_and_passes_every_gate(project: Project) -> None:
+    result = project.first_up
+    assert result is not None
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in ("[registry]", "[demo models]", "[model repository]", "[triton]", "[gates]"):
+        assert step in result.stdout
+    assert "registered demo model tabular_mlp version 1" in result.stdout
+    assert "all gates passed" in result.stdout
+    for gate in ("host", "correctness", "load"):
+        report = project.report(gate)
+        assert report["status"] == "pass", report
+        assert (project.state_dir / "reports" / f"{gate}.junit.xml").is_file()
+    version_dir = project.repository / "tabular_mlp" / "1"
+    assert (version_dir / "model.py").is_file()
+    assert (project.repository / "tabular_mlp" / "config.pbtxt").is_file()
+    lineage = json.loads((version_dir / "gpufleet-lineage.json").read_text())
+    assert lineage["registry"]["name"] == "tabular_mlp"
+    assert lineage["registry"]["version"] == 1
+    assert len(lineage["artifact_sha256"]) == 64
+    state = project.state()
+    assert set(state.servers) == {"triton", "mlflow"}
+    assert all(record.alive for record in state.servers.values())
+
+
+def test_second_up_is_fast_and_changes_nothing(project: Project) -> None:
+    before = {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")}
+    pids = {name: record.pid for name, record in project.state().servers.items()}
+    started = time.monotonic()
+    result = project.gpufleet("up", "--only", "host")
+    second_up_s = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every model is in the registry already" in result.stdout
+    assert "Triton already serving, nothing changed" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")} == before
+    assert {name: record.pid for name, record in project.state().servers.items()} == pids
+    # The first up also started MLflow, seeded the registry and started Triton.
+    assert second_up_s < project.first_up_s / 2, (second_up_s, project.first_up_s)
+
+
+def test_a_tampered_model_file_fails_the_host_gate_until_up_repairs_it(project: Project) -> None:
+    model_file = project.repository / "tabular_mlp" / "1" / "model.py"
+    original = model_file.read_bytes()
+    model_file.write_bytes(original + b"\n# edited by hand\n")
+    result = project.gpufleet("validate", "--only", "host")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "model.py" in result.stdout
+    assert "differs from its lineage manifest" in result.stdout
+    assert project.report("host")["status"] == "fail"
+
+    repaired = project.gpufleet("up", "--only", "host")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert model_file.read_bytes() == original
+    assert "reloaded tabular_mlp" in repaired.stdout
+
+
+def test_a_version_with_other_weights_fails_the_correctness_gate(project: Project) -> None:
+    registry = ModelRegistry(f"http://127.0.0.1:{project.mlflow_port}")
+    spec = load_model_spec_file(project.specs / "tabular_mlp.yaml").spec
+    served = demo_network(spec, seed=0)
+    # New weights, but the golden examples of the weights the version replaced: what a server
+    # answering with the wrong version looks like from outside.
+    wrong = register_torch_model(registry, spec, demo_network(spec, seed=1), golden_module=served)
+    try:
+        result = project.gpufleet("up", "--only", "correctness")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"tabular_mlp v{wrong.version}" in result.stdout
+        assert "golden examples" in result.stdout
+        # The default version policy serves the alias target alone.
+        versions = sorted(p.name for p in (project.repository / "tabular_mlp").iterdir())
+        assert versions == [str(wrong.version), "config.pbtxt"]
+    finally:
+        registry.set_alias("tabular_mlp", "production", 1)
+    rolled_back = project.gpufleet("up", "--only", "correctness")
+    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
+    assert not (project.repository / "tabular_mlp" / str(wrong.version)).exists()
+    assert project.report("correctness")["status"] == "pass"
+
+
+def test_a_registry_artifact_changed_after_export_is_refused(project: Project) -> None:
+    version_dir = project.repository / "tabular_mlp" / "1"
+    lineage = json.loads((version_dir / "gpufleet-lineage.json").read_text())
+    model_id = lineage["registry"]["source"].removeprefix("models:/")  # MLflow's m-<id>
+    [requirements] = [
+        path
+        for path in (project.state_dir / "mlflow" / "artifacts").rglob("requirements.txt")
+        if model_id in path.parts and path.parent.name == "artifacts"  # the model's own files
+    ]
+    original = requirements.read_bytes()
+    requirements.write_bytes(original + b"# edited in the artifact store\n")
+    shutil.rmtree(version_dir)  # so that up must download the version again
+    try:
+        result = project.gpufleet("up", "--only", "host")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"differs from the {lineage['artifact_sha256']} recorded" in result.stderr
+        assert not version_dir.exists(), "nothing may be exported from a changed artifact"
+    finally:
+        requirements.write_bytes(original)
+    restored = project.gpufleet("up", "--only", "host")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert (
+        json.loads((version_dir / "gpufleet-lineage.json").read_text())["artifact_sha256"]
+        == (lineage["artifact_sha256"])
+    )
+
+
+def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
+    strict = project.copy_specs("strict-specs", ("p99_latency_ms: 50", "p99_latency_ms: 0.001"))
+    result = project.gpufleet("validate", "--only", "load", specs=strict)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "0.001 ms" in result.stdout
+    load = project.report("load")
+    assert load["status"] == "fail"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("models:/tabular_mlp@canary", "alias 'canary'"),
+        ("models:/tabular_mlp/99", "version 99"),
+    ],
+)
+def test_a_source_the_registry_cannot_resolve_is_a_clear_error(
+    project: Project, source: str, expected: str
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")}
+    specs = project.copy_specs(
+        f"specs-{source.rsplit('/', 1)[-1]}",
+        ("source: models:/tabular_mlp@production", f"source: {source}"),
+    )
+    result = project.gpufleet("up", "--only", "host", specs=specs)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")} == before
+
+
+def test_triton_killed_during_the_load_test_fails_the_load_gate(project: Project) -> None:
+    triton = project.state().servers["triton"]
+    command = [sys.executable, "-m", "gpufleet", "validate", "--only", "load", "--stack", STACK]
+    command += ["--specs", str(project.specs), "--stacks-dir", str(project.root / "stacks")]
+    with subprocess.Popen(
+        command,
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as validate:
+        assert validate.stdout is not None
+        before_kill = ""
+        while "measuring" not in before_kill and validate.poll() is None:
+            before_kill += validate.stdout.readline()
+        time.sleep(0.5)  # into the first window
+        os.killpg(triton.pid, signal.SIGKILL)
+        stdout, stderr = validate.communicate(timeout=120)
+        stdout = before_kill + stdout
+    assert validate.returncode == 1, stdout + stderr
+    assert "stopped answering" in stdout
+    restarted = project.gpufleet("up", "--only", "host")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert "started Triton" in restarted.stdout
+    # The killed server's python stubs could not unmap their shared memory; up removed it.
+    assert not list(Path("/dev/shm").glob(f"{triton.shm_prefix}*"))
+
+
+def test_down_stops_exactly_what_up_started(project: Project) -> None:
+    state = project.state()
+    with subprocess.Popen(["sleep", "60"], process_group=0) as bystander:
+        result = project.gpufleet("down")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for name, record in state.servers.items():
+            assert f"stopped {name} (pid {record.pid})" in result.stdout
+            assert not record.alive
+        assert bystander.poll() is None, "down must not touch processes it did not start"
+        bystander.kill()
+    assert not (project.state_dir / "run-state.json").exists()
+    again = project.gpufleet("down")
+    assert again.returncode == 0
+    assert "nothing of stack 'it' is running" in again.stdout
+    assert not list(Path("/dev/shm").glob(f"{state.servers['triton'].shm_prefix}*"))
+
+
+def test_up_refuses_a_stack_that_is_not_local(tmp_path: Path) -> None:
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "Pulumi.cloud.yaml").write_text(
+        "config:\n  gpufleet:environment: azure\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gpufleet", "up", "--stack", "cloud", "--specs", str(SAMPLE_SPECS)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    assert result.returncode == 2
+    assert "pulumi up -s cloud" in result.stderr
