@@ -77,7 +77,7 @@ class LocalStack:
         if stack.spec.environment != "local":
             raise StackRunError(
                 f"stack {stack.name!r} is a {stack.spec.environment} stack; `gpufleet up` runs "
-                "local stacks, provision the others with `pulumi up -s " + stack.name + "`"
+                f"local stacks, provision the others with `pulumi up -s {stack.name}`"
             )
         self.stack = stack
         self.specs = list(specs)
