@@ -70,6 +70,9 @@ class Gate(enum.StrEnum):
     load = "load"
 
 
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the gate reports as JSON (progress goes to stderr).")
+]
 GateOption = Annotated[
     list[Gate] | None,
     typer.Option("--only", help="Run only this gate (repeatable): host, correctness, load."),
@@ -249,13 +252,16 @@ def import_config(
             out.print(f"wrote {target}")
 
 
-def _load_local_stack(stack: str, specs_dir: Path, stacks_dir: Path) -> LocalStack:
+def _load_local_stack(
+    stack: str, specs_dir: Path, stacks_dir: Path, *, as_json: bool = False
+) -> LocalStack:
+    """The stack, ready to run; with `as_json` its progress goes to stderr, keeping stdout JSON."""
     from gpufleet.local.stack_runner import LocalStack, StackRunError
 
     try:
         loaded_stack = load_stack_spec(stacks_dir, stack)
         specs = select_stack_models(loaded_stack, load_model_specs(specs_dir))
-        return LocalStack(loaded_stack, specs, say=_say)
+        return LocalStack(loaded_stack, specs, say=_say_to_stderr if as_json else _say)
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
     except StackRunError as error:
@@ -270,13 +276,26 @@ def _say(line: str) -> None:
     out.print(line, markup=False, highlight=False)
 
 
-def _finish_with_gates(reports: list[GateReport], reports_dir: Path) -> NoReturn:
+def _say_to_stderr(line: str) -> None:
+    err.print(line, markup=False, highlight=False)
+
+
+def _finish_with_gates(reports: list[GateReport], reports_dir: Path, as_json: bool) -> NoReturn:
     from validation.report import exit_code, print_report
 
-    for report in reports:
-        print_report(report, out)
     code = exit_code(reports)
     verdict = {0: "all gates passed", 1: "a gate failed", 2: "a gate could not run"}[code]
+    if as_json:
+        summary = {
+            "exit_code": code,
+            "verdict": verdict,
+            "reports_dir": str(reports_dir),
+            "gates": [report.to_json() for report in reports],
+        }
+        out.print_json(json.dumps(summary))
+        raise typer.Exit(code)
+    for report in reports:
+        print_report(report, out)
     out.print(f"{verdict}; reports in {reports_dir}/ (JSON and JUnit XML)", markup=False)
     raise typer.Exit(code)
 
@@ -303,6 +322,7 @@ def _could_not_run() -> Iterator[None]:
 def up(
     stack: StackOption = "local",
     only: GateOption = None,
+    as_json: JsonOption = False,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
@@ -314,16 +334,17 @@ def up(
 
     Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input or could not run.
     """
-    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
         reports = local_stack.up(_gate_names(only))
-    _finish_with_gates(reports, local_stack.paths.reports)
+    _finish_with_gates(reports, local_stack.paths.reports, as_json)
 
 
 @app.command()
 def validate(
     stack: StackOption = "local",
     only: GateOption = None,
+    as_json: JsonOption = False,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
@@ -333,10 +354,10 @@ def validate(
     correctness (the registry's golden examples replayed through Triton), load (perf_analyzer's
     method against the specs' service objectives).
     """
-    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
         reports = local_stack.validate(_gate_names(only))
-    _finish_with_gates(reports, local_stack.paths.reports)
+    _finish_with_gates(reports, local_stack.paths.reports, as_json)
 
 
 @app.command()

@@ -218,11 +218,16 @@ def test_a_registry_artifact_changed_after_export_is_refused(project: Project) -
 
 def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
     strict = project.copy_specs("strict-specs", ("p99_latency_ms: 50", "p99_latency_ms: 0.001"))
-    result = project.gpufleet("validate", "--only", "load", specs=strict)
+    result = project.gpufleet("validate", "--only", "load", "--json", specs=strict)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "0.001 ms" in result.stdout
-    load = project.report("load")
+    summary = json.loads(result.stdout)  # progress went to stderr
+    assert summary["exit_code"] == 1
+    [load] = summary["gates"]
+    assert load == project.report("load")
     assert load["status"] == "fail"
+    [check] = load["checks"]
+    assert "above the objective of 0.001 ms" in check["message"]
+    assert check["measurements"]["p99_ms"] > 0.001
 
 
 @pytest.mark.parametrize(
