@@ -32,7 +32,12 @@ from typing import Any
 import mlflow.pytorch
 import torch
 
-from generators.model_export import EXPORTABLE_BACKENDS, ExportError, export_model
+from generators.model_export import (
+    EXPORTABLE_BACKENDS,
+    PYTHON_MODEL_SOURCE,
+    ExportError,
+    export_model,
+)
 from generators.model_repository import spec_display_name
 from gpufleet.registry.client import (
     ModelRegistry,
@@ -46,6 +51,10 @@ LINEAGE_FILE = "gpufleet-lineage.json"
 LINEAGE_FORMAT = "gpufleet.lineage/v1"
 # The spec fields an export depends on: when one changes, the files are exported again.
 EXPORT_FIELDS = ("backend", "inputs", "outputs", "max_batch_size", "default_model_filename")
+# Changes when the generated model.py or torch (which writes TorchScript and ONNX) changes.
+EXPORTER_ID = hashlib.sha256(
+    f"{PYTHON_MODEL_SOURCE}\ntorch {torch.__version__}".encode()
+).hexdigest()[:16]
 TAG_SPEC_HASH = "gpufleet.spec_hash"
 TAG_ARTIFACT_SHA256 = "gpufleet.artifact_sha256"
 TAG_GIT_COMMIT = "gpufleet.git_commit"
@@ -269,8 +278,10 @@ def tree_sha256(root: Path) -> str:
 
 
 def export_spec(spec: ModelSpec) -> dict[str, Any]:
-    """The spec fields the exported files depend on, as JSON values."""
-    return spec.model_dump(mode="json", include=set(EXPORT_FIELDS), exclude_defaults=True)
+    """What the exported files depend on: the spec's export fields and the exporter itself
+    (the generated model.py template and torch's version), so an upgrade re-exports."""
+    fields = spec.model_dump(mode="json", include=set(EXPORT_FIELDS), exclude_defaults=True)
+    return {**fields, "exporter": EXPORTER_ID}
 
 
 def git_commit(directory: Path) -> str:
@@ -313,6 +324,11 @@ class _Assembler:
             )
         result.resolved = self.registry.resolve(source)
         wanted = wanted_versions(item, result.resolved, self.registry)
+        if result.resolved not in wanted:
+            self.say(
+                f"  {spec.name}: note: {source} (version {result.resolved.version}) is not among "
+                "the versions the spec's version_policy serves; serving those (a rollback?)"
+            )
         self.say(
             f"  {spec.name}: {source} is version {result.resolved.version}; serving "
             f"version(s) {', '.join(str(version.version) for version in wanted)}"
@@ -347,7 +363,10 @@ class _Assembler:
             )
             repair = False
         elif present.export_spec != export_spec(item.spec):
-            self.say(f"  {label}: the spec's {', '.join(EXPORT_FIELDS)} changed; exporting again")
+            self.say(
+                f"  {label}: the spec's {', '.join(EXPORT_FIELDS)} or the exporter changed; "
+                "exporting again"
+            )
             repair = False
         else:
             problems = file_problems(version_dir, present)

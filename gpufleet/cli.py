@@ -253,14 +253,17 @@ def import_config(
 
 
 def _load_local_stack(
-    stack: str, specs_dir: Path, stacks_dir: Path, *, as_json: bool = False
+    stack: str, specs_dir: Path, stacks_dir: Path, *, as_json: bool = False, models: bool = True
 ) -> LocalStack:
-    """The stack, ready to run; with `as_json` its progress goes to stderr, keeping stdout JSON."""
+    """The stack, ready to run; with `as_json` its progress goes to stderr, keeping stdout JSON.
+
+    Without `models` the model specs are not read: `down` must work while a spec is broken.
+    """
     from gpufleet.local.stack_runner import LocalStack, StackRunError
 
     try:
         loaded_stack = load_stack_spec(stacks_dir, stack)
-        specs = select_stack_models(loaded_stack, load_model_specs(specs_dir))
+        specs = select_stack_models(loaded_stack, load_model_specs(specs_dir)) if models else []
         return LocalStack(loaded_stack, specs, say=_say_to_stderr if as_json else _say)
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
@@ -367,7 +370,7 @@ def down(
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
     """Stop the servers `gpufleet up` started for the stack (and nothing else)."""
-    local_stack = _load_local_stack(stack, specs_dir, stacks_dir)
+    local_stack = _load_local_stack(stack, specs_dir, stacks_dir, models=False)
     with _could_not_run():
         lines = local_stack.down()
     for line in lines or [f"nothing of stack {stack!r} is running"]:

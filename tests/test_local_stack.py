@@ -9,6 +9,7 @@ each test that breaks something on purpose puts it back before it ends.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -283,8 +284,10 @@ def test_triton_killed_during_the_load_test_fails_the_load_gate(project: Project
 
 def test_down_stops_exactly_what_up_started(project: Project) -> None:
     state = project.state()
+    # down reads no model spec: a broken one must not keep anyone from stopping the stack.
+    broken = project.copy_specs("broken-specs", ("max_batch_size: 64", "max_batch_size: [64"))
     with subprocess.Popen(["sleep", "60"], process_group=0) as bystander:
-        result = project.gpufleet("down")
+        result = project.gpufleet("down", specs=broken)
         assert result.returncode == 0, result.stdout + result.stderr
         for name, record in state.servers.items():
             assert f"stopped {name} (pid {record.pid})" in result.stdout
@@ -313,3 +316,49 @@ def test_up_refuses_a_stack_that_is_not_local(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "pulumi up -s cloud" in result.stderr
+
+
+def _idle_stack(root: Path) -> Path:
+    """A local stack file under `root` whose state lives in `root/state` (nothing running)."""
+    (root / "stacks").mkdir()
+    (root / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
+        f"config:\n  gpufleet:environment: local\n  gpufleet:state_dir: {root / 'state'}\n"
+    )
+    (root / "state").mkdir()
+    return root / "state"
+
+
+def _gpufleet_in(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gpufleet", *args, "--stack", STACK]
+    command += ["--specs", str(SAMPLE_SPECS), "--stacks-dir", str(root / "stacks")]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+
+
+def test_a_second_command_on_the_same_stack_waits_its_turn(tmp_path: Path) -> None:
+    state_dir = _idle_stack(tmp_path)
+    with (state_dir / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running `gpufleet up` holds it
+        result = _gpufleet_in(tmp_path, "down")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "another gpufleet command is changing stack 'it'" in result.stderr
+    assert _gpufleet_in(tmp_path, "down").returncode == 0
+
+
+def test_a_state_directory_of_another_stack_is_left_alone(tmp_path: Path) -> None:
+    state_dir = _idle_stack(tmp_path)
+    (state_dir / "run-state.json").write_text('{"stack": "prod", "servers": {}}')
+    result = _gpufleet_in(tmp_path, "down")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "belongs to stack 'prod', not 'it'" in result.stderr
+    assert (state_dir / "run-state.json").exists()
+
+
+def test_demo_models_go_only_into_a_stacks_own_registry(tmp_path: Path) -> None:
+    _idle_stack(tmp_path)
+    stack_file = tmp_path / "stacks" / f"Pulumi.{STACK}.yaml"
+    stack_file.write_text(
+        stack_file.read_text() + "  gpufleet:mlflow_tracking_uri: http://127.0.0.1:5999\n"
+    )
+    result = _gpufleet_in(tmp_path, "registry", "seed-demo")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "seeded into a stack's own local registry only" in result.stderr

@@ -84,6 +84,10 @@ def _correctness_gate(context: GateContext, say: Say) -> GateReport:
     problems: list[CheckResult] = []
     for spec in context.models:
         objectives = spec.objectives or Objectives()
+        unchecked = _not_from_the_registry(context, spec, "no golden examples to replay")
+        if unchecked is not None:
+            problems.append(unchecked)
+            continue
         for lineage in served_versions(context.repository, spec.name):
             try:
                 examples = context.registry.golden_examples(lineage.registry_version)
@@ -107,11 +111,11 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
     targets: list[LoadTarget] = []
     problems: list[CheckResult] = []
     for spec in context.models:
-        versions = served_versions(context.repository, spec.name)
-        if not versions:
-            message = f"{spec.name} serves no registry version; nothing to send it"
-            problems.append(CheckResult(spec.name, "error", message))
+        unchecked = _not_from_the_registry(context, spec, "no golden example to send")
+        if unchecked is not None:
+            problems.append(unchecked)
             continue
+        versions = served_versions(context.repository, spec.name)
         try:
             examples = context.registry.golden_examples(versions[-1].registry_version)
         except RegistryError as error:
@@ -136,6 +140,32 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
         progress=lambda line: say(f"  {line}"),
     )
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
+
+
+def _not_from_the_registry(
+    context: GateContext, spec: ModelSpec, lacking: str
+) -> CheckResult | None:
+    """A check result for a model the gate cannot check, or None when it can.
+
+    A model not filled from the registry (hand-made version directories, an ensemble) is a
+    warning: it is served, just not checked. A registry model without a readable lineage
+    manifest is an error: `gpufleet up` should have exported it.
+    """
+    if not registered_model_name(spec.source or ""):
+        return CheckResult(
+            spec.name,
+            "warn",
+            f"not checked: {spec.name} is not filled from the registry (source "
+            f"{spec.source or 'not set'}), so there is {lacking}",
+        )
+    if not served_versions(context.repository, spec.name):
+        return CheckResult(
+            spec.name,
+            "error",
+            f"{context.repository / spec.name} has no version exported from the registry (no "
+            f"readable lineage manifest); run `gpufleet up --stack {context.stack}`",
+        )
+    return None
 
 
 def _one_request(example: GoldenExample, *, batching: bool) -> dict[str, npt.NDArray[Any]]:

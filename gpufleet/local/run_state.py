@@ -22,9 +22,9 @@ from typing import Any
 
 from generators.model_repository import write_atomically
 from validation.loopback import signal_group
+from validation.tritonserver import SHARED_MEMORY_DIR
 
 STATE_FILE = "run-state.json"
-SHARED_MEMORY_DIR = Path("/dev/shm")  # noqa: S108 - where Triton's python stubs map regions
 _POLL_S = 0.1
 
 
@@ -62,6 +62,13 @@ class ServerRecord:
             if not _wait_group_gone(self.pid, timeout_s):
                 signal_group(self.pid, signal.SIGKILL)
                 _wait_group_gone(self.pid, 10.0)
+        elif process_start_ticks(self.pid) is None:
+            # The leader died (killed, crashed) but a child may live on in its group: a python
+            # stub, uvicorn's server process. Linux gives no new process a pid still in use as
+            # a group id, so while one lives no stranger has the pid (checked just above).
+            for pid in _group_members(self.pid, started_since=self.start_ticks):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if self.shm_prefix:
             for region in SHARED_MEMORY_DIR.glob(f"{self.shm_prefix}*"):
                 region.unlink(missing_ok=True)
@@ -110,15 +117,37 @@ class RunState:
 
 def process_start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":  # a zombie has exited; only its exit status is left
+        return None
+    return int(fields[19])
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on: [state, ppid, pgrp, ..., starttime, ...]."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
-        return None
-    return int(fields[19])
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _group_members(pgid: int, *, started_since: int) -> list[int]:
+    """Live processes of process group `pgid` that started at or after `started_since`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(entry.name)
+        if (
+            fields is not None
+            and fields[0] != "Z"
+            and int(fields[2]) == pgid
+            and int(fields[19]) >= started_since
+        ):
+            members.append(int(entry.name))
+    return members
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> bool:

@@ -18,10 +18,12 @@ it started itself before it reports the error, so nothing is leaked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from generators.model_repository import apply_plan, plan_repository, render_repository_files
 from generators.registry_repository import assemble_repository
@@ -90,19 +92,20 @@ class LocalStack:
 
     def up(self, gates: Sequence[GateName] | None = None) -> list[GateReport]:
         """Bring the stack up (changing only what differs), then run its gates."""
-        state = self._load_state()
-        try:
-            with self._step("registry"):
-                registry = ModelRegistry(self._ensure_mlflow(state))
-            with self._step("demo models"):
-                self._seed_missing_models(registry)
-            with self._step("model repository"):
-                changed = self._assemble(registry)
-            with self._step("triton"):
-                self._ensure_triton(state, changed)
-        except BaseException:
-            self._stop_started(state)
-            raise
+        with self._locked():
+            state = self._load_state()
+            try:
+                with self._step("registry"):
+                    registry = ModelRegistry(self._ensure_mlflow(state))
+                with self._step("demo models"):
+                    self._seed_missing_models(registry)
+                with self._step("model repository"):
+                    changed, removed = self._assemble(registry)
+                with self._step("triton"):
+                    self._ensure_triton(state, changed, removed)
+            except BaseException:
+                self._stop_started(state)
+                raise
         return self.validate(gates, state=state, registry=registry)
 
     def validate(
@@ -114,10 +117,10 @@ class LocalStack:
     ) -> list[GateReport]:
         """Run the stack's gates (or `gates`) against what runs now; write their reports."""
         state = state or self._load_state()
-        triton = state.running(TRITON)
+        triton = state.servers.get(TRITON)  # also when it died: the host gate says so
         if triton is None:
             raise StackRunError(
-                f"Triton of stack {self.stack.name!r} is not running (state: "
+                f"nothing of stack {self.stack.name!r} was started (no Triton in "
                 f"{self.paths.state_file}); start it with `gpufleet up --stack {self.stack.name}`"
             )
         context = GateContext(
@@ -125,7 +128,7 @@ class LocalStack:
             spec=self.stack.spec,
             models=[item.spec for item in self.specs],
             repository=self.repository,
-            registry=registry or ModelRegistry(self.stack.spec.tracking_uri()),
+            registry=registry or ModelRegistry(self._tracking_uri(state)),
             processes=[
                 ExpectedProcess(name, record.pid, EXECUTABLES[name], sorted(record.ports.values()))
                 for name, record in sorted(state.servers.items())
@@ -138,26 +141,34 @@ class LocalStack:
 
     def seed_demo(self) -> list[RegistryVersion]:
         """Register demo models for every registry-sourced spec (starting MLflow if needed)."""
-        state = self._load_state()
-        try:
-            registry = ModelRegistry(self._ensure_mlflow(state))
-            return seed_demo(registry, [item.spec for item in self._registry_sourced()])
-        except BaseException:
-            self._stop_started(state)
-            raise
+        if self.stack.spec.mlflow_tracking_uri is not None:
+            raise StackRunError(
+                f"stack {self.stack.name!r} uses the registry at "
+                f"{self.stack.spec.mlflow_tracking_uri}; demo models (random weights, aliases "
+                "moved) are seeded into a stack's own local registry only"
+            )
+        with self._locked():
+            state = self._load_state()
+            try:
+                registry = ModelRegistry(self._ensure_mlflow(state))
+                return seed_demo(registry, [item.spec for item in self._registry_sourced()])
+            except BaseException:
+                self._stop_started(state)
+                raise
 
     def down(self) -> list[str]:
         """Stop the servers `up` recorded (Triton first); return one line per server."""
-        state = self._load_state()
-        lines = []
-        for name in (TRITON, MLFLOW):
-            record = state.servers.pop(name, None)
-            if record is None:
-                continue
-            stopped = record.stop()
-            verb = "stopped" if stopped else "was not running:"
-            lines.append(f"{verb} {name} (pid {record.pid})")
-        self.paths.state_file.unlink(missing_ok=True)
+        with self._locked():
+            state = self._load_state()
+            lines = []
+            for name in (TRITON, MLFLOW):
+                record = state.servers.pop(name, None)
+                if record is None:
+                    continue
+                stopped = record.stop()
+                verb = "stopped" if stopped else "was not running:"
+                lines.append(f"{verb} {name} (pid {record.pid})")
+            self.paths.state_file.unlink(missing_ok=True)
         return lines
 
     # -- steps -------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ class LocalStack:
         if spec.mlflow_tracking_uri is not None:
             self.say(f"  using the MLflow tracking server at {spec.mlflow_tracking_uri}")
             return spec.mlflow_tracking_uri
-        record = state.running(MLFLOW)
+        record = self._running_on(state, MLFLOW, {"http": spec.ports.mlflow})
         if record is not None:
             self.say(f"  MLflow already running at {spec.tracking_uri()} (pid {record.pid})")
             return spec.tracking_uri()
@@ -177,13 +188,7 @@ class LocalStack:
         server.start()
         assert server.pid is not None
         self._record(
-            state,
-            ServerRecord.of_process(
-                MLFLOW,
-                server.pid,
-                ports={"http": spec.ports.mlflow},
-                log_path=str(server.log_path),
-            ),
+            state, MLFLOW, server.pid, ports={"http": spec.ports.mlflow}, log_path=server.log_path
         )
         self.say(f"  started MLflow at {server.url} (pid {server.pid}, log {server.log_path})")
         return server.url
@@ -206,23 +211,30 @@ class LocalStack:
         for version in seed_demo(registry, missing):
             self.say(f"  registered demo model {version.name} version {version.version}")
 
-    def _assemble(self, registry: ModelRegistry) -> set[str]:
-        """Fill the repository; return the names of models whose files changed."""
+    def _assemble(self, registry: ModelRegistry) -> tuple[set[str], set[str]]:
+        """Fill the repository; return the models whose files changed, and those removed."""
         assembly = assemble_repository(registry, self.specs, self.repository, progress=self.say)
         plan = plan_repository(self.repository, render_repository_files(self.specs))
         apply_plan(plan)
         changed = set(assembly.changed_models)
         changed |= {relative.split("/", 1)[0] for relative in plan.created + plan.updated}
+        removed = {relative.split("/", 1)[0] for relative in plan.stale}
         self.say(
             f"  {self.repository}: configs {len(plan.created)} created, {len(plan.updated)} "
             f"updated, {len(plan.unchanged)} unchanged; model files changed for "
             f"{', '.join(sorted(changed)) or 'no model'}"
         )
-        return changed
+        return changed, removed
 
-    def _ensure_triton(self, state: RunState, changed: set[str]) -> None:
+    def _ensure_triton(self, state: RunState, changed: set[str], removed: set[str]) -> None:
         names = [item.spec.name for item in self.specs]
-        record = state.running(TRITON)
+        ports = self.stack.spec.ports
+        wanted_ports = {
+            "http": ports.triton_http,
+            "grpc": ports.triton_grpc,
+            "metrics": ports.triton_metrics,
+        }
+        record = self._running_on(state, TRITON, wanted_ports)
         if record is not None:
             control = LocalTritonServer.attach(
                 self.repository,
@@ -231,11 +243,11 @@ class LocalStack:
                 lambda: record.alive,
             )
             if control.is_ready():
+                self._unload(control, sorted(removed), record)
                 self._reload(control, [name for name in names if name in changed], record)
                 return
             self.say(f"  Triton (pid {record.pid}) is not ready; restarting it")
             record.stop()
-        ports = self.stack.spec.ports
         server = LocalTritonServer(
             self.repository,
             self.paths.triton_work,
@@ -249,22 +261,25 @@ class LocalStack:
         assert server.pid is not None
         self._record(
             state,
-            ServerRecord.of_process(
-                TRITON,
-                server.pid,
-                ports={
-                    "http": ports.triton_http,
-                    "grpc": ports.triton_grpc,
-                    "metrics": ports.triton_metrics,
-                },
-                log_path=str(server.log_path),
-                shm_prefix=server.shm_prefix,
-            ),
+            TRITON,
+            server.pid,
+            ports=wanted_ports,
+            log_path=server.log_path,
+            shm_prefix=server.shm_prefix,
         )
         self.say(
             f"  started Triton on 127.0.0.1:{ports.triton_http} (pid {server.pid}) with "
             f"{', '.join(names)}; log {server.log_path}"
         )
+
+    def _unload(self, control: LocalTritonServer, models: list[str], record: ServerRecord) -> None:
+        """Models whose config was removed (no longer in the stack) stop being served."""
+        for name in models:
+            try:
+                control.unload_model(name)
+            except TritonError as error:
+                raise StackRunError(str(error)) from None
+            self.say(f"  unloaded {name} from Triton (pid {record.pid}): no longer in the stack")
 
     def _reload(self, control: LocalTritonServer, models: list[str], record: ServerRecord) -> None:
         if not models:
@@ -287,13 +302,61 @@ class LocalStack:
             state = RunState.load(self.paths.state_file)
         except ValueError as error:
             raise StackRunError(str(error)) from None
+        if state is not None and state.stack != self.stack.name:
+            raise StackRunError(
+                f"{self.paths.state_file} belongs to stack {state.stack!r}, not "
+                f"{self.stack.name!r}; give each stack its own gpufleet:state_dir"
+            )
         return state or RunState(stack=self.stack.name)
 
-    def _record(self, state: RunState, record: ServerRecord) -> None:
+    def _tracking_uri(self, state: RunState) -> str:
+        """The registry: the spec's URI, else the local MLflow where it was started."""
+        mlflow = state.servers.get(MLFLOW)
+        if self.stack.spec.mlflow_tracking_uri is None and mlflow is not None:
+            return f"http://127.0.0.1:{mlflow.ports['http']}"
+        return self.stack.spec.tracking_uri()
+
+    def _running_on(self, state: RunState, name: str, ports: dict[str, int]) -> ServerRecord | None:
+        """The recorded server if it runs on `ports`; one on other ports is stopped."""
+        record = state.running(name)
+        if record is not None and record.ports != ports:
+            self.say(
+                f"  {name} (pid {record.pid}) runs on ports {record.ports}, the stack now says "
+                f"{ports}; restarting it"
+            )
+            record.stop()
+            del state.servers[name]
+            state.save(self.paths.state_file)
+            return None
+        return record
+
+    def _record(
+        self, state: RunState, name: str, pid: int, *, log_path: Path, **details: Any
+    ) -> None:
         """Write the server into the state file at once: a crash later must not orphan it."""
-        state.servers[record.name] = record
+        try:
+            record = ServerRecord.of_process(name, pid, log_path=str(log_path), **details)
+        except ProcessLookupError:
+            raise StackRunError(
+                f"{name} (pid {pid}) exited right after it started; see its log {log_path}"
+            ) from None
+        state.servers[name] = record
         self._started.append(record)
         state.save(self.paths.state_file)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One command at a time changes a stack (its state file, repository and servers)."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        with (self.paths.root / ".lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StackRunError(
+                    f"another gpufleet command is changing stack {self.stack.name!r} (lock "
+                    f"{self.paths.root / '.lock'}); wait for it to finish"
+                ) from None
+            yield
 
     def _stop_started(self, state: RunState) -> None:
         for record in reversed(self._started):
