@@ -275,6 +275,10 @@ def test_triton_killed_during_the_load_test_fails_the_load_gate(project: Project
         stdout = before_kill + stdout
     assert validate.returncode == 1, stdout + stderr
     assert "stopped answering" in stdout
+    # With Triton dead, validate still reports: the host gate fails on the missing process.
+    dead = project.gpufleet("validate", "--only", "host")
+    assert dead.returncode == 1, dead.stdout + dead.stderr
+    assert f"triton (pid {triton.pid}) is not running" in dead.stdout
     restarted = project.gpufleet("up", "--only", "host")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "started Triton" in restarted.stdout
