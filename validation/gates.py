@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from generators.registry_repository import served_versions, verify_repository
+from generators.registry_repository import Lineage, served_versions, verify_repository
 from gpufleet.registry.client import ModelRegistry, RegistryError, registered_model_name
 from gpufleet.registry.golden import GoldenExample
 from gpufleet.spec.model import ModelSpec, Objectives
@@ -84,11 +84,11 @@ def _correctness_gate(context: GateContext, say: Say) -> GateReport:
     problems: list[CheckResult] = []
     for spec in context.models:
         objectives = spec.objectives or Objectives()
-        unchecked = _not_from_the_registry(context, spec, "no golden examples to replay")
-        if unchecked is not None:
-            problems.append(unchecked)
+        served = _served_from_registry(context, spec, "no golden examples to replay")
+        if isinstance(served, CheckResult):
+            problems.append(served)
             continue
-        for lineage in served_versions(context.repository, spec.name):
+        for lineage in served:
             try:
                 examples = context.registry.golden_examples(lineage.registry_version)
             except RegistryError as error:
@@ -111,13 +111,12 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
     targets: list[LoadTarget] = []
     problems: list[CheckResult] = []
     for spec in context.models:
-        unchecked = _not_from_the_registry(context, spec, "no golden example to send")
-        if unchecked is not None:
-            problems.append(unchecked)
+        served = _served_from_registry(context, spec, "no golden example to send")
+        if isinstance(served, CheckResult):
+            problems.append(served)
             continue
-        versions = served_versions(context.repository, spec.name)
         try:
-            examples = context.registry.golden_examples(versions[-1].registry_version)
+            examples = context.registry.golden_examples(served[-1].registry_version)
         except RegistryError as error:
             problems.append(CheckResult(spec.name, "error", str(error)))
             continue
@@ -142,10 +141,10 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
 
 
-def _not_from_the_registry(
+def _served_from_registry(
     context: GateContext, spec: ModelSpec, lacking: str
-) -> CheckResult | None:
-    """A check result for a model the gate cannot check, or None when it can.
+) -> list[Lineage] | CheckResult:
+    """The registry versions the model serves, or the result for a model a gate cannot check.
 
     A model not filled from the registry (hand-made version directories, an ensemble) is a
     warning: it is served, just not checked. A registry model without a readable lineage
@@ -158,14 +157,15 @@ def _not_from_the_registry(
             f"not checked: {spec.name} is not filled from the registry (source "
             f"{spec.source or 'not set'}), so there is {lacking}",
         )
-    if not served_versions(context.repository, spec.name):
+    served = served_versions(context.repository, spec.name)
+    if not served:
         return CheckResult(
             spec.name,
             "error",
             f"{context.repository / spec.name} has no version exported from the registry (no "
             f"readable lineage manifest); run `gpufleet up --stack {context.stack}`",
         )
-    return None
+    return served
 
 
 def _one_request(example: GoldenExample, *, batching: bool) -> dict[str, npt.NDArray[Any]]:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -52,3 +53,16 @@ def die_with_parent() -> None:
 def signal_group(pgid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):  # the group is already gone
         os.killpg(pgid, signum)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM the group `process` leads, SIGKILL after `timeout_s`; then SIGKILL what is left
+    of the group (a child can outlive a leader that exited on its own)."""
+    if process.poll() is None:
+        signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+    signal_group(process.pid, signal.SIGKILL)

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from validation.loopback import (
     die_with_parent,
     http_request,
     pick_free_ports,
-    signal_group,
+    stop_process_group,
 )
 
 INSTALL_HINT = "pip install nvidia-pytriton"
@@ -291,16 +290,8 @@ class LocalTritonServer:
         process, self._process = self._process, None
         if process is None:
             return
-        pgid = process.pid
-        if process.poll() is None:
-            signal_group(pgid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                signal_group(pgid, signal.SIGKILL)
-                process.wait()
-        # A stub can outlive a tritonserver that exited on its own (e.g. after a failed load).
-        signal_group(pgid, signal.SIGKILL)
+        # Also a stub that outlived a tritonserver which exited on its own (after a failed load).
+        stop_process_group(process, timeout_s)
         # A stub killed before it unmapped its shared memory (Triton killed or stopped mid-load)
         # leaves its region in /dev/shm; the prefix names this server's regions and no other's.
         for region in SHARED_MEMORY_DIR.glob(f"{self.shm_prefix}*"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from validation.loopback import (
     die_with_parent,
     http_request,
     pick_free_ports,
-    signal_group,
+    stop_process_group,
 )
 
 INSTALL_HINT = "pip install 'gpufleet[local]'"
@@ -113,15 +112,8 @@ class LocalMlflowServer:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            signal_group(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                signal_group(process.pid, signal.SIGKILL)
-                process.wait()
         # `mlflow server` runs uvicorn as its child, which may outlive a parent that exited.
-        signal_group(process.pid, signal.SIGKILL)
+        stop_process_group(process, timeout_s)
 
     def __enter__(self) -> Self:
         self.start()
