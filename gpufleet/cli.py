@@ -26,9 +26,10 @@ from generators.model_repository import (
 from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
-from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
+from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName, StackSpec
 
 if TYPE_CHECKING:
+    from gpufleet.configure.runner import ConfigureResult
     from gpufleet.local.stack_runner import LocalStack
     from validation.report import GateReport
 
@@ -357,10 +358,41 @@ def validate(
     correctness (the registry's golden examples replayed through Triton), load (perf_analyzer's
     method against the specs' service objectives).
     """
+    try:
+        loaded = load_stack_spec(stacks_dir, stack)
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    if loaded.spec.environment != "local":
+        _validate_hosts(stack, loaded.spec, _gate_names(only), as_json)
     local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
         reports = local_stack.validate(_gate_names(only))
     _finish_with_gates(reports, local_stack.paths.reports, as_json)
+
+
+def _validate_hosts(
+    stack: str, spec: StackSpec, gates: list[GateName] | None, as_json: bool
+) -> NoReturn:
+    """The host gate over SSH on every host of a static, Proxmox or Azure stack."""
+    from validation.gpu_host import gpu_host_targets, run_gpu_host_gate
+    from validation.report import write_reports
+
+    unsupported = sorted(set(gates or spec.gates) - {"host"})
+    if unsupported:
+        _fail([f"stack {stack!r} has only the host gate for now, not {', '.join(unsupported)}"])
+    from generators.ansible_inventory import InventoryError
+
+    say = _say_to_stderr if as_json else _say
+    try:
+        targets = gpu_host_targets(stack, spec, project_root=Path.cwd())
+    except InventoryError as error:
+        _fail([str(error)])
+    say(f"checking {', '.join(target.name for target in targets)} over SSH")
+    report = run_gpu_host_gate(targets, stack)
+    reports_dir = Path(spec.resolved_state_dir(stack)) / "reports"
+    with _file_errors_exit():
+        write_reports(report, reports_dir)
+    _finish_with_gates([report], reports_dir, as_json)
 
 
 @app.command()
@@ -392,3 +424,68 @@ def seed_demo_command(
     with _could_not_run():
         for version in local_stack.seed_demo():
             _say(f"registered {version.name} version {version.version}")
+
+
+@app.command()
+def configure(
+    stack: StackOption = "local",
+    limit: Annotated[
+        str | None, typer.Option("--limit", help="Configure only this host of the stack.")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Report what would change (exit 1 if anything); change nothing."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the per-host summary as JSON.")
+    ] = False,
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Converge the stack's hosts with Ansible: base packages, NVIDIA driver, CUDA (when asked),
+    Docker engine, NVIDIA container runtime (ansible/site.yml, through ansible-runner).
+
+    Exit codes: 0 every host converged (with --check: nothing would change), 1 a host failed or
+    was unreachable (with --check: or would change), 2 bad input or Ansible could not run. The
+    run's events are kept under build/<stack>/ansible/artifacts/.
+    """
+    from generators.ansible_inventory import InventoryError
+    from gpufleet.configure.runner import ConfigureError, configure_hosts
+
+    try:
+        spec = load_stack_spec(stacks_dir, stack).spec
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    say = _say_to_stderr if as_json else _say
+    try:
+        with _file_errors_exit():
+            result = configure_hosts(
+                stack, spec, project_root=Path.cwd(), say=say, limit=limit, check=check
+            )
+    except (InventoryError, ConfigureError) as error:
+        _fail([str(error)])
+    if as_json:
+        out.print_json(json.dumps(result.to_json()))
+        raise typer.Exit(result.exit_code)
+    _print_configure_summary(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_configure_summary(result: ConfigureResult) -> None:
+    from rich.table import Table
+
+    mode = " (check mode: nothing was changed)" if result.check else ""
+    table = Table(title=f"configure{mode}", title_justify="left")
+    for column in ("host", "status", "ok", "changed", "failed", "skipped", "unreachable"):
+        table.add_column(column, no_wrap=True)
+    colours = {"ok": "green", "changed": "yellow", "failed": "red", "unreachable": "red"}
+    for host in result.hosts:
+        status = f"[{colours[host.status]}]{host.status}[/]"
+        counts = (host.ok, host.changed, host.failed, host.skipped, host.unreachable)
+        table.add_row(host.host, status, *(str(count) for count in counts))
+    out.print(table)
+    for host in result.hosts:
+        for problem in host.problems:
+            out.print(f"{host.host}: {problem}", markup=False)
+    out.print(f"events and output in {result.artifact_dir}/", markup=False)

@@ -123,7 +123,7 @@ def test_generate_for_a_stack_uses_its_models_and_repository(scratch_project: Pa
     [
         (
             "config:\n  gpufleet:environment: moon\n",
-            "Pulumi.bad.yaml:2: config.gpufleet:environment: Input should be 'local', 'proxmox' or 'azure'",
+            "Pulumi.bad.yaml:2: config.gpufleet:environment: Input should be 'local', 'static', 'proxmox' or 'azure'",
         ),
         (
             "config:\n  gpufleet:environment: local\n  gpufleet:modles: []\n",
@@ -149,7 +149,7 @@ def test_bad_stack_file(scratch_project: Path, stack_text: str, expected: str) -
 def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
     result = runner.invoke(app, ["generate", "--stack", "nope"])
     assert result.exit_code == 2
-    assert "no stack named 'nope' (known stacks: local)" in result.output
+    assert "no stack named 'nope' (known stacks: lab, local)" in result.output
 
 
 def test_help_explains_the_commands() -> None:

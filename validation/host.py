@@ -99,7 +99,7 @@ def run_host_gate(
     try:
         target = connect(host)
     except Exception as exc:  # an unknown backend, a missing client library, ...
-        message = f"could not reach host {host!r}: {_summary(exc)}; check the host spec"
+        message = f"could not reach host {host!r}: {describe_exception(exc)}; check the host spec"
         return GateReport(GATE_NAME, [CheckResult("host connection", "error", message)], stack)
     start_hint = f"start the stack with `gpufleet up --stack {stack or '<stack>'}`"
     checks = [
@@ -112,13 +112,14 @@ def run_host_gate(
     return GateReport(GATE_NAME, checks, stack)
 
 
-def connect(host: str) -> Any:
-    """A fresh testinfra Host for the spec ``host`` (``local://``, ``ssh://user@name``...).
+def connect(host: str, **backend_options: Any) -> Any:
+    """A fresh testinfra Host for the spec ``host`` (``local://``, ``ssh://user@name``...);
+    ``backend_options`` go to testinfra's backend (``ssh_identity_file``, ``ssh_extra_args``).
 
     Not ``testinfra.get_host``: it caches each Host, with what its modules found out (where
     ``ss`` is, which ``ps``), for the life of the process; a gate must see the host as it is now.
     """
-    backend = testinfra.backend.get_backend(host)
+    backend = testinfra.backend.get_backend(host, **backend_options)
     target = testinfra.host.Host(backend)
     backend.set_host(target)
     return target
@@ -385,11 +386,13 @@ def _run_check(name: str, check: Callable[[], CheckResult], needs: str) -> Check
     try:
         result = check()
     except Exception as exc:  # any failure of testinfra or its backend: the check did not run
-        result = CheckResult(name, "error", f"could not check {name}: {_summary(exc)}; {needs}")
+        result = CheckResult(
+            name, "error", f"could not check {name}: {describe_exception(exc)}; {needs}"
+        )
     return dataclasses.replace(result, duration_s=round(time.monotonic() - started, 3))
 
 
-def _summary(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
     """The exception's message; for a command testinfra ran, the command and its stderr."""
     text = str(exc)
     # testinfra's check_output fails with "Unexpected exit code N for CommandResult(...)".

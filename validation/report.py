@@ -7,7 +7,9 @@ short table. Status per check:
 - ``pass``: the check ran and the expectation holds;
 - ``fail``: the check ran and the expectation does not hold (exit 1);
 - ``warn``: it holds, but something makes the number less trustworthy (still exit 0);
-- ``error``: the check could not run (exit 2, unless another check failed).
+- ``error``: the check could not run (exit 2, unless another check failed);
+- ``skip``: the check does not apply to this host, and the message says why (``no GPU present``);
+  never counted as a pass, and it does not fail the gate either.
 
     report = GateReport("load", [CheckResult("tabular_mlp@c8", "pass", "p99 12 ms <= 50 ms")])
     write_reports(report, Path("build/local/reports"))
@@ -25,7 +27,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-Status = Literal["pass", "fail", "warn", "error"]
+Status = Literal["pass", "fail", "warn", "error", "skip"]
 EXIT_OK, EXIT_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
 _LOG_WIDTH = 400
 
@@ -95,6 +97,7 @@ def junit_xml(report: GateReport) -> str:
         tests=str(len(report.checks)),
         failures=str(sum(check.status == "fail" for check in report.checks)),
         errors=str(sum(check.status == "error" for check in report.checks)),
+        skipped=str(sum(check.status == "skip" for check in report.checks)),
         time=f"{sum(check.duration_s for check in report.checks):.3f}",
     )
     for check in report.checks:
@@ -109,6 +112,8 @@ def junit_xml(report: GateReport) -> str:
             ET.SubElement(case, "failure", message=check.message).text = check.message
         elif check.status == "error":
             ET.SubElement(case, "error", message=check.message).text = check.message
+        elif check.status == "skip":
+            ET.SubElement(case, "skipped", message=check.message)
         else:
             ET.SubElement(case, "system-out").text = f"{check.status}: {check.message}"
     ET.indent(suite)
@@ -121,7 +126,7 @@ def print_report(report: GateReport, console: Console) -> None:
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("result")
-    colours = {"pass": "green", "fail": "red", "warn": "yellow", "error": "red"}
+    colours = {"pass": "green", "fail": "red", "warn": "yellow", "error": "red", "skip": "cyan"}
     for check in report.checks:
         status = f"[{colours[check.status]}]{check.status}[/]"
         table.add_row(check.name, status, check.message.replace("[", r"\["))

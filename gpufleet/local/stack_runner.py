@@ -77,9 +77,14 @@ class LocalStack:
         self, stack: LoadedStackSpec, specs: Sequence[LoadedModelSpec], *, say: Say = print
     ) -> None:
         if stack.spec.environment != "local":
+            next_step = (
+                f"configure its hosts with `gpufleet configure --stack {stack.name}`"
+                if stack.spec.environment == "static"
+                else f"provision it with `pulumi up -s {stack.name}`"
+            )
             raise StackRunError(
                 f"stack {stack.name!r} is a {stack.spec.environment} stack; `gpufleet up` runs "
-                f"local stacks, provision the others with `pulumi up -s {stack.name}`"
+                f"local stacks: {next_step}"
             )
         self.stack = stack
         self.specs = list(specs)

@@ -12,12 +12,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
 GateName = Literal["host", "correctness", "load"]
 GATE_NAMES: tuple[GateName, ...] = ("host", "correctness", "load")
+EnvironmentKind = Literal["local", "static", "proxmox", "azure"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -61,8 +63,9 @@ class LoadGateSettings(SpecModel):
 class StackSpec(SpecModel):
     """What an environment runs, where its servers listen, and the gates that check it."""
 
-    environment: Literal["local", "proxmox", "azure"] = Field(
-        description="Where the stack runs: this machine, Proxmox VMs or Azure VMs."
+    environment: EnvironmentKind = Field(
+        description="Where the stack runs: this machine (local), machines that already exist "
+        "and are listed by address (static), Proxmox VMs or Azure VMs."
     )
     models: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(
         default_factory=list,
@@ -92,6 +95,12 @@ class StackSpec(SpecModel):
     min_free_disk_gb: float = Field(
         default=1.0, ge=0, description="Free space the host gate requires for the repository."
     )
+    hosts: list[HostSpec] = Field(
+        default_factory=list,
+        description="The GPU hosts `gpufleet configure` converges with Ansible and the host "
+        "gate checks.",
+    )
+    host_config: HostConfig = Field(default_factory=HostConfig)
 
     @field_validator("mlflow_tracking_uri")
     @classmethod
@@ -120,6 +129,40 @@ class StackSpec(SpecModel):
         if len(set(gates)) != len(gates):
             raise ValueError("name each gate once")
         return gates
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names_once(cls, hosts: list[HostSpec]) -> list[HostSpec]:
+        names = [host.name for host in hosts]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"host names must be unique; {', '.join(repeated)} repeated")
+        return hosts
+
+    @model_validator(mode="after")
+    def _static_hosts(self) -> StackSpec:
+        if self.environment == "local" and self.hosts:
+            raise ValueError(
+                "a local stack is this machine and has no hosts; list machines in a static, "
+                "proxmox or azure stack"
+            )
+        if self.environment != "static":
+            return self
+        if not self.hosts:
+            raise ValueError("a static stack lists its machines under gpufleet:hosts")
+        for index, host in enumerate(self.hosts):
+            if host.address is None:
+                raise ValueError(
+                    f"hosts[{index}] ({host.name}): a static host needs an address (IP or DNS name)"
+                )
+        if "gates" not in self.model_fields_set:
+            object.__setattr__(self, "gates", ["host"])
+        elif set(self.gates) - {"host"}:
+            raise ValueError(
+                "a static stack has only the host gate for now (correctness and load run "
+                "against local stacks); use gates: [host]"
+            )
+        return self
 
     def resolved_state_dir(self, stack_name: str) -> str:
         return self.state_dir or f"build/{stack_name}"

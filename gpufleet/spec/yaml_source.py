@@ -235,14 +235,30 @@ def validation_problems(
             message = detail["msg"].removeprefix("Value error, ")
             if not isinstance(detail["input"], dict | list):
                 message += f" (got {detail['input']!r})"
-            if kind in _WHAT_TO_DO:
-                message += f"; {_WHAT_TO_DO[kind]}"
+            what_to_do = _WHAT_TO_DO.get(kind)
+            if kind == "string_pattern_mismatch":
+                what_to_do = _field_description(model, loc) or what_to_do
+            if what_to_do:
+                message += f"; {what_to_do}"
         problems.append(source.problem(to_file_path(loc), message))
     return problems
 
 
 def _field_names_at(model: type[BaseModel], path: FieldPath) -> list[str]:
     """Field names of the (nested) model found at `path`, for "did you mean" hints."""
+    found = _model_at(model, path)
+    return list(found.model_fields) if found else []
+
+
+def _field_description(model: type[BaseModel], path: FieldPath) -> str | None:
+    """The description of the field at `path`: it says what a pattern-checked value looks like."""
+    parent = _model_at(model, path[:-1]) if path else None
+    info = parent.model_fields.get(str(path[-1])) if parent else None
+    return info.description if info else None
+
+
+def _model_at(model: type[BaseModel], path: FieldPath) -> type[BaseModel] | None:
+    """The (nested) model class found at `path`, through lists and dicts; None if not a model."""
     current: Any = model
     for part in path:
         current = _unwrap(current)
@@ -252,11 +268,11 @@ def _field_names_at(model: type[BaseModel], path: FieldPath) -> list[str]:
         elif get_origin(current) in (list, dict):
             current = get_args(current)[-1]  # the item type of a list or the value type of a dict
         else:
-            return []
+            return None
     current = _unwrap(current)
     if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+        return current
+    return None
 
 
 def _unwrap(annotation: Any) -> Any:

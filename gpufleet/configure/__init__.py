@@ -1,0 +1,1 @@
+"""Host configuration: Ansible runs driven from Python (inventory, ansible-runner, progress)."""

@@ -1,0 +1,265 @@
+"""`gpufleet configure`: converge a stack's hosts with the roles in `ansible/` via ansible-runner.
+
+Each run gets a private data directory under the stack's state directory
+(`build/<stack>/ansible/`): the inventory generated from the spec, an `env/extravars` file with
+the secrets (mode 0600, removed with the rest of `env/` when the run ends), and
+`artifacts/<ident>/` with the run's events, its stdout and a `summary.json`, kept for later.
+Nothing secret is left on disk: the environment ansible-runner records with the command is
+reduced to variable names.
+
+    result = configure_hosts("lab", spec, project_root=Path.cwd(), say=print)
+    print(result.exit_code)   # 0 converged (or in sync, with check), 1 failed, unreachable, drift
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from generators.ansible_inventory import inventory_yaml, render_inventory
+from gpufleet.configure.progress import EventTracker, HostOutcome, Say
+from gpufleet.spec.stack import StackSpec
+
+ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
+SITE_PLAYBOOK = "site.yml"
+KEPT_RUNS = 20
+EXIT_CONVERGED, EXIT_HOST_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
+
+
+class ConfigureError(RuntimeError):
+    """The run could not start or Ansible stopped before any host ran; the message says why."""
+
+
+@dataclass(frozen=True)
+class ConfigureResult:
+    """What a run did to each host, and where its artifacts are."""
+
+    hosts: list[HostOutcome]
+    artifact_dir: Path
+    check: bool
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a host failed or was unreachable, or (in check mode) would change: drift."""
+        if any(host.status in ("failed", "unreachable") for host in self.hosts):
+            return EXIT_HOST_FAILED
+        if self.check and any(host.changed for host in self.hosts):
+            return EXIT_HOST_FAILED
+        return EXIT_CONVERGED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "exit_code": self.exit_code,
+            "artifact_dir": str(self.artifact_dir),
+            "hosts": [
+                {
+                    "host": host.host,
+                    "status": host.status,
+                    "ok": host.ok,
+                    "changed": host.changed,
+                    "failed": host.failed,
+                    "skipped": host.skipped,
+                    "unreachable": host.unreachable,
+                    "problems": host.problems,
+                }
+                for host in self.hosts
+            ],
+        }
+
+
+def configure_hosts(
+    stack: str,
+    spec: StackSpec,
+    *,
+    project_root: Path,
+    say: Say,
+    limit: str | None = None,
+    check: bool = False,
+) -> ConfigureResult:
+    """Run `ansible/site.yml` against the stack's hosts (or only `limit`); never raises for a
+    host that fails: that host's outcome says so. Raises InventoryError for a spec that cannot
+    become an inventory and ConfigureError when Ansible cannot run at all."""
+    import ansible_runner  # type: ignore[import-untyped]  # slow to import; only for this command
+
+    inventory = render_inventory(stack, spec, project_root=project_root, limit=limit)
+    secrets = _secrets(spec)
+    data_dir = project_root / spec.resolved_state_dir(stack) / "ansible"
+    ident = datetime.datetime.now(datetime.UTC).strftime("configure-%Y%m%dT%H%M%S%fZ")
+    tracker = EventTracker(say)
+    artifact_dir = data_dir / "artifacts" / ident
+    with _locked(data_dir), _private_files(data_dir, inventory, secrets):
+        hosts = ", ".join(inventory["all"]["hosts"])
+        mode = " (check mode)" if check else ""
+        say(f"configuring {hosts} with {ANSIBLE_DIR / SITE_PLAYBOOK}{mode}")
+        try:
+            with _without_environment(spec.host_config.become_password_env):
+                runner = ansible_runner.run(
+                    private_data_dir=str(data_dir),
+                    project_dir=str(ANSIBLE_DIR),
+                    playbook=SITE_PLAYBOOK,
+                    ident=ident,
+                    cmdline="--check --diff" if check else None,
+                    envvars=_ansible_environment(data_dir),
+                    # Facts live for this run only, not in the kept artifacts.
+                    fact_cache_type="memory",
+                    # Keep the arguments out of env/: a --check left there applies to the next run.
+                    suppress_env_files=True,
+                    event_handler=tracker.handle,
+                    quiet=True,
+                    rotate_artifacts=KEPT_RUNS,
+                )
+        except Exception as error:  # ansible-runner's own failures: a missing binary, bad paths
+            raise ConfigureError(f"ansible-runner could not run: {error}") from error
+        finally:
+            _forget_environment(artifact_dir)
+    outcomes = tracker.outcomes(runner.stats)
+    if not outcomes:
+        raise ConfigureError(
+            f"Ansible stopped before any host ran ({runner.status}, rc={runner.rc}): "
+            f"{_stdout_tail(artifact_dir)}; the run's output is in {artifact_dir}/stdout"
+        )
+    result = ConfigureResult(outcomes, artifact_dir, check)
+    (artifact_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _secrets(spec: StackSpec) -> dict[str, str]:
+    """Secrets for Ansible, read from the environment variables the spec names."""
+    variable = spec.host_config.become_password_env
+    if variable is None:
+        return {}
+    password = os.environ.get(variable)
+    if password and ("\n" in password or "\r" in password):
+        raise ConfigureError(f"{variable} holds a line break; sudo passwords are one line")
+    if not password:
+        raise ConfigureError(
+            f"host_config.become_password_env names {variable}, which is not set; export the "
+            "sudo password in it (or remove become_password_env for passwordless sudo)"
+        )
+    return {"ansible_become_password": password}
+
+
+def _search_path() -> str:
+    """PATH with this Python environment's bin/ first: its ansible-playbook need not be on PATH."""
+    environment_bin = Path(sys.executable).parent
+    if not (environment_bin / "ansible-playbook").exists() and not shutil.which("ansible-playbook"):
+        raise ConfigureError("ansible-playbook not found: install ansible-core (make setup does)")
+    return os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])
+
+
+def _unsafe_yaml(secrets: dict[str, str]) -> str:
+    """YAML with every value tagged !unsafe: Ansible templates extra vars, and a password such
+    as `p{{ 7*7 }}w` must reach sudo as written, not as `p49w`."""
+    lines = []
+    for name, value in secrets.items():
+        quoted = value.replace("'", "''")  # YAML's single-quoted style: '' is one quote
+        lines.append(f"{name}: !unsafe '{quoted}'\n")
+    return "".join(lines)
+
+
+def _ansible_environment(data_dir: Path) -> dict[str, str]:
+    return {
+        "PATH": _search_path(),
+        "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+        # Facts are gathered once per host and run, not once per playbook of site.yml.
+        "ANSIBLE_GATHERING": "smart",
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        # Ansible's own default, set so that an ANSIBLE_SSH_ARGS in the caller's environment
+        # (say, StrictHostKeyChecking=no, which ssh would take before ours) cannot apply.
+        "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=60s",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORKS": "10",
+        "ANSIBLE_TIMEOUT": "15",
+        "ANSIBLE_LOCAL_TEMP": str(data_dir / "tmp"),
+    }
+
+
+@contextlib.contextmanager
+def _private_files(
+    data_dir: Path, inventory: dict[str, Any], secrets: dict[str, str]
+) -> Iterator[None]:
+    """The run's inventory, and its secrets in a 0600 extravars file that the run never outlives."""
+    inventory_dir = data_dir / "inventory"
+    inventory_dir.mkdir(parents=True, exist_ok=True)
+    for stale in inventory_dir.iterdir():  # Ansible reads every file here
+        stale.unlink()
+    (inventory_dir / "hosts.yml").write_text(inventory_yaml(inventory))
+    env_dir = data_dir / "env"
+    env_dir.mkdir(mode=0o700, exist_ok=True)
+    _empty(env_dir)
+    if secrets:
+        descriptor = os.open(env_dir / "extravars", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(_unsafe_yaml(secrets))
+    try:
+        yield
+    finally:
+        _empty(env_dir)
+
+
+def _empty(env_dir: Path) -> None:
+    """ansible-runner reads env/ (and writes its arguments there: env/cmdline, env/envvars),
+    so a file left from one run, such as a `--check`, would change the next."""
+    for leftover in env_dir.iterdir():
+        leftover.unlink()
+
+
+@contextlib.contextmanager
+def _without_environment(variable: str | None) -> Iterator[None]:
+    """Hide a secret's variable from Ansible's environment: it travels in extravars only."""
+    value = os.environ.pop(variable, None) if variable else None
+    try:
+        yield
+    finally:
+        if variable and value is not None:
+            os.environ[variable] = value
+
+
+def _forget_environment(artifact_dir: Path) -> None:
+    """ansible-runner records the whole environment with the command; keep only its names.
+
+    The caller's environment may hold credentials (cloud keys, MLFLOW_TRACKING_PASSWORD) that
+    have no business in an artifact kept on disk.
+    """
+    command_file = artifact_dir / "command"
+    if not command_file.exists():
+        return
+    record = json.loads(command_file.read_text())
+    record["env"] = sorted(record.get("env") or {})
+    command_file.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _stdout_tail(artifact_dir: Path, lines: int = 5) -> str:
+    stdout = artifact_dir / "stdout"
+    if not stdout.exists():
+        return "no output"
+    tail = [
+        line.strip() for line in stdout.read_text(errors="replace").splitlines() if line.strip()
+    ]
+    return " | ".join(tail[-lines:]) or "no output"
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """One configure per stack at a time: two runs would share the inventory and extravars."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigureError(
+                f"another `gpufleet configure` runs with {data_dir} now; wait for it to end"
+            ) from None
+        yield
