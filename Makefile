@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/generate.py
 	$(PY) bench/loadgen.py
 	$(PY) bench/serving.py
+	$(PY) bench/configure.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

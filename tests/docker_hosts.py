@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -196,7 +197,7 @@ class DockerEngine:
         return self.docker("info", "--format", "{{.CgroupVersion}}").stdout.strip()
 
 
-class _OwnDockerd:
+class OwnDockerd:
     """A dockerd of this session in `root`, its own process group; stop() removes `root` (the
     log, elsewhere, stays)."""
 
@@ -276,7 +277,7 @@ def docker_engine(
         return
     # A short path of its own: unix socket paths (containerd's below it) hold 107 bytes at most.
     root = Path(tempfile.mkdtemp(prefix="gpufleet-dockerd-"))
-    dockerd = _OwnDockerd(root, tmp_path_factory.mktemp("dockerd") / "dockerd.log")
+    dockerd = OwnDockerd(root, tmp_path_factory.mktemp("dockerd") / "dockerd.log")
     _say(request.config, f"starting dockerd in {dockerd.root} (log: {dockerd.log_path})")
     try:
         dockerd.start()
@@ -380,7 +381,7 @@ def _build_tarball(tarball: Path) -> None:
         _remove_tree(work)
 
 
-def host_image_tarball(config: pytest.Config) -> Path:
+def host_image_tarball(say: Callable[[str], None]) -> Path:
     """The cached root filesystem tarball, built first when missing (one builder at a time)."""
     cache = image_cache_dir()
     tarball = cache / f"debian12-host-{RECIPE_HASH}.tar.gz"
@@ -388,28 +389,32 @@ def host_image_tarball(config: pytest.Config) -> Path:
         return tarball
     cache.mkdir(parents=True, exist_ok=True)
     waiting = f"waiting for another session that builds {tarball.name} ..."
-    with _file_lock(cache / f".{tarball.name}.lock", lambda: _say(config, waiting)):
+    with _file_lock(cache / f".{tarball.name}.lock", lambda: say(waiting)):
         if not tarball.exists():
-            _say(
-                config,
+            say(
                 "building the Debian 12 host image with debootstrap "
-                f"(about a minute, cached afterwards in {tarball}) ...",
+                f"(about a minute, cached afterwards in {tarball}) ..."
             )
             started = time.monotonic()
             _build_tarball(tarball)
-            _say(config, f"built {tarball.name} in {time.monotonic() - started:.0f} s")
+            say(f"built {tarball.name} in {time.monotonic() - started:.0f} s")
     return tarball
+
+
+def import_host_image(engine: DockerEngine, say: Callable[[str], None]) -> str:
+    """The tag of the Debian 12 host image, imported into `engine` when it lacks it."""
+    if engine.docker("image", "inspect", IMAGE_TAG, check=False).returncode != 0:
+        tarball = host_image_tarball(say)
+        say(f"importing {tarball.name} as {IMAGE_TAG} ...")
+        changes = [arg for change in _IMPORT_CHANGES for arg in ("--change", change)]
+        engine.docker("import", *changes, str(tarball), IMAGE_TAG, timeout=600)
+    return IMAGE_TAG
 
 
 @pytest.fixture(scope="session")
 def debian_host_image(request: pytest.FixtureRequest, docker_engine: DockerEngine) -> str:
     """The tag of the Debian 12 host image, imported into the engine when it lacks it."""
-    if docker_engine.docker("image", "inspect", IMAGE_TAG, check=False).returncode != 0:
-        tarball = host_image_tarball(request.config)
-        _say(request.config, f"importing {tarball.name} as {IMAGE_TAG} ...")
-        changes = [arg for change in _IMPORT_CHANGES for arg in ("--change", change)]
-        docker_engine.docker("import", *changes, str(tarball), IMAGE_TAG, timeout=600)
-    return IMAGE_TAG
+    return import_host_image(docker_engine, functools.partial(_say, request.config))
 
 
 # --- SSH client key -----------------------------------------------------------------------
