@@ -489,3 +489,52 @@ def _print_configure_summary(result: ConfigureResult) -> None:
         for problem in host.problems:
             out.print(f"{host.host}: {problem}", markup=False)
     out.print(f"events and output in {result.artifact_dir}/", markup=False)
+
+
+@app.command()
+def preflight(
+    stack: StackOption,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"ok": ..., "problems": [...]} as JSON.')
+    ] = False,
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Check a Proxmox stack's cluster before `pulumi up`: nodes online, the template, room on
+    the storage, the GPUs (mappings, IOMMU groups, not passed to other VMs) and the login's
+    privileges. Reads only; TLS is always verified.
+
+    The token secret or password comes from the environment variable that
+    gpufleet:proxmox.secret_env names (default GPUFLEET_PROXMOX_SECRET). Exit codes: 0 ready,
+    2 problems found (all of them are listed) or the check could not run.
+    """
+    from infra.proxmox.client import MissingSecretError, secret_from_environment
+    from infra.proxmox.preflight import check_stack
+
+    try:
+        spec = load_stack_spec(stacks_dir, stack).spec
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    if spec.proxmox is None:
+        _fail(
+            [
+                f"stack {stack} is a {spec.environment} stack; preflight checks proxmox stacks "
+                "(gpufleet:environment: proxmox)"
+            ]
+        )
+    try:
+        secret = secret_from_environment(spec.proxmox)
+    except MissingSecretError as error:
+        _fail([str(error)])
+    problems = check_stack(spec, secret, project_root=Path.cwd(), stack=stack)
+    if as_json:
+        out.print_json(json.dumps({"ok": not problems, "problems": problems}))
+        raise typer.Exit(EXIT_BAD_INPUT if problems else EXIT_OK)
+    if problems:
+        _fail(problems)
+    nodes = ", ".join(sorted({host.proxmox.node for host in spec.hosts if host.proxmox}))
+    out.print(
+        f"preflight passed: {spec.proxmox.endpoint} is ready for {len(spec.hosts)} host(s) on "
+        f"node(s) {nodes} (template {spec.proxmox.template_vmid}, storage "
+        f"{spec.proxmox.storage})",
+        markup=False,
+    )

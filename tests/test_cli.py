@@ -149,7 +149,10 @@ def test_bad_stack_file(scratch_project: Path, stack_text: str, expected: str) -
 def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
     result = runner.invoke(app, ["generate", "--stack", "nope"])
     assert result.exit_code == 2
-    assert "no stack named 'nope' (known stacks: lab, local)" in result.output
+    assert (
+        "no stack named 'nope' (known stacks: lab, local, onprem-prod, onprem-staging)"
+        in result.output
+    )
 
 
 def test_help_explains_the_commands() -> None:

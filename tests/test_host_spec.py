@@ -170,9 +170,9 @@ def test_vendor_sources_and_no_cuda_by_default(tmp_path: Path) -> None:
 def test_inventory_refuses_unknown_limits_and_hosts_without_address(tmp_path: Path) -> None:
     with pytest.raises(InventoryError, match=r"--limit gpu-z: stack 'lab' has no such host"):
         render_inventory("lab", static_spec(), project_root=tmp_path, limit="gpu-z")
-    proxmox = StackSpec.model_validate({"environment": "proxmox", "hosts": [{"name": "pve-gpu-1"}]})
-    with pytest.raises(InventoryError, match=r"pve-gpu-1 .* no address yet.*pulumi up -s lab"):
-        render_inventory("lab", proxmox, project_root=tmp_path)
+    azure = StackSpec.model_validate({"environment": "azure", "hosts": [{"name": "az-gpu-1"}]})
+    with pytest.raises(InventoryError, match=r"az-gpu-1 .* no address yet.*pulumi up -s lab"):
+        render_inventory("lab", azure, project_root=tmp_path)
 
 
 def test_gate_targets_expect_the_roles_driver_branch(tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_configure_bad_input_exits_2_with_one_line(
             "host_config": {"become_password_env": "GPUFLEET_NOT_SET_HERE"},
         },
     )
-    write_stack(stacks, "empty", {"environment": "proxmox"})
+    write_stack(stacks, "empty", {"environment": "azure"})
     cases = {
         ("--stack", "lab", "--limit", "gpu-z"): "--limit gpu-z: stack 'lab' has no such host",
         ("--stack", "lab"): "become_password_env names GPUFLEET_NOT_SET_HERE, which is not set",
@@ -275,9 +275,9 @@ def test_gate_targets_bracket_ipv6_and_refuse_what_cannot_be_checked(tmp_path: P
     spec = static_spec(hosts=[{"name": "v6", "address": "2001:db8::7", "ssh_port": 2222}])
     (target,) = gpu_host_targets("lab", spec, project_root=tmp_path)
     assert target.hostspec == "ssh://root@[2001:db8::7]:2222"
-    proxmox = StackSpec.model_validate({"environment": "proxmox", "hosts": [{"name": "pve-1"}]})
+    azure = StackSpec.model_validate({"environment": "azure", "hosts": [{"name": "az-1"}]})
     with pytest.raises(InventoryError, match="no address yet"):
-        gpu_host_targets("onprem", proxmox, project_root=tmp_path)
+        gpu_host_targets("cloud", azure, project_root=tmp_path)
     local = StackSpec.model_validate({"environment": "local"})
     with pytest.raises(InventoryError, match="is a local stack"):
         gpu_host_targets("local", local, project_root=tmp_path)

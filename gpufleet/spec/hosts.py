@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from gpufleet.spec.model import SpecModel
+from gpufleet.spec.proxmox import ProxmoxVm
 
 GpuFamily = Literal["t4", "a10", "h100"]
 HOST_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -64,6 +65,9 @@ class HostSpec(SpecModel):
     )
     gpus: GpuRequest | None = Field(
         default=None, description="The GPUs the host should have; none for a CPU host."
+    )
+    proxmox: ProxmoxVm | None = Field(
+        default=None, description="The host's VM on a proxmox stack: node, size, network, GPUs."
     )
 
     @field_validator("address")

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import check_model_set, check_model_spec
 from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
+from gpufleet.spec.proxmox import SECRET_KEYS
 from gpufleet.spec.stack import CONFIG_NAMESPACE, StackSpec
 from gpufleet.spec.yaml_source import YamlSource, read_yaml_file, validation_problems
 
@@ -170,7 +171,11 @@ def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
     if not isinstance(config, dict):
         raise SpecError([source.problem(("config",), "config must be a mapping of keys to values")])
     prefix = f"{CONFIG_NAMESPACE}:"
-    fields = {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
+    fields = {
+        key[len(prefix) :]: value
+        for key, value in config.items()
+        if key.startswith(prefix) and key[len(prefix) :] not in SECRET_KEYS
+    }
     try:
         spec = StackSpec.model_validate(fields)
     except ValidationError as error:

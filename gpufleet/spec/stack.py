@@ -14,6 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
+from gpufleet.spec.proxmox import ProxmoxCluster
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
@@ -101,6 +102,9 @@ class StackSpec(SpecModel):
         "gate checks.",
     )
     host_config: HostConfig = Field(default_factory=HostConfig)
+    proxmox: ProxmoxCluster | None = Field(
+        default=None, description="The Proxmox cluster of a proxmox stack."
+    )
 
     @field_validator("mlflow_tracking_uri")
     @classmethod
@@ -138,6 +142,40 @@ class StackSpec(SpecModel):
         if repeated:
             raise ValueError(f"host names must be unique; {', '.join(repeated)} repeated")
         return hosts
+
+    @model_validator(mode="after")
+    def _proxmox_hosts(self) -> StackSpec:
+        if self.environment != "proxmox":
+            if self.proxmox is not None or any(host.proxmox for host in self.hosts):
+                raise ValueError("proxmox settings belong to proxmox stacks only")
+            return self
+        if self.proxmox is None:
+            raise ValueError("a proxmox stack needs gpufleet:proxmox (endpoint, login, template)")
+        if not self.hosts:
+            raise ValueError("a proxmox stack lists its VMs under gpufleet:hosts")
+        raw_pci_allowed = self.proxmox.user == "root@pam"
+        for index, host in enumerate(self.hosts):
+            where = f"hosts[{index}] ({host.name})"
+            if host.proxmox is None:
+                raise ValueError(f"{where}: a proxmox host needs a proxmox block (node, ...)")
+            raw = [device.address for device in host.proxmox.pci if device.address]
+            if raw and not raw_pci_allowed:
+                login = (
+                    f"API token {self.proxmox.token_id}"
+                    if self.proxmox.uses_token
+                    else (f"user {self.proxmox.user}")
+                )
+                raise ValueError(
+                    f"{where}: raw PCI address {raw[0]} needs root@pam with a password, not "
+                    f"{login}; map the device (Datacenter > Resource Mappings > PCI) and "
+                    "use mapping: <name>"
+                )
+            if host.gpus and host.proxmox.pci and len(host.proxmox.pci) != host.gpus.count:
+                raise ValueError(
+                    f"{where}: gpus.count is {host.gpus.count} but proxmox.pci passes "
+                    f"{len(host.proxmox.pci)} device(s) through; make them agree"
+                )
+        return self
 
     @model_validator(mode="after")
     def _static_hosts(self) -> StackSpec:

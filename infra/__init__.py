@@ -1,0 +1,1 @@
+"""Infrastructure code for gpufleet's stacks: what talks to Proxmox and Azure."""

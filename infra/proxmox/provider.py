@@ -1,0 +1,657 @@
+"""The Pulumi dynamic provider that makes one GPU VM on Proxmox VE: clone, configure, start.
+
+`GpuVmProvider` implements create / read / diff / update / delete for the inputs that
+`vm_config.vm_inputs` builds (plus `secret`, the token secret or password, which arrives as a
+Pulumi secret and is never logged or put in an error). Each method opens its own API session:
+dynamic providers are pickled into the stack's state and run in the engine's provider process,
+so nothing is kept between calls.
+
+    create  adopt a VM already tagged for this stack and host (a retried create after an
+            interruption), else nextid + full clone of the template; POST the config, grow the
+            disk, start, and wait for the guest agent to report an address. If anything fails
+            after the clone, the VM this create made is stopped and destroyed before the error
+            (PVE's words) is raised: a failed create leaves nothing behind.
+    read    the VM's actual config; inputs that drifted come back with their actual values
+            (and are listed in `drift`), so the next diff shows them.
+    diff    `vm_config.classify`: node, template_vmid, storage (or a smaller disk) replace the VM
+            (delete first: the GPUs and the tags cannot be shared); the rest updates it.
+    update  POST what differs from the actual config, grow the disk; changes PVE keeps pending
+            until the next start are reported in `pending_restart`, or applied by a restart
+            when `allow_restart` is true.
+    delete  shutdown with a timeout, then stop; destroy with purge and unreferenced disks.
+            A VM already gone (or no longer carrying this resource's tags) is not an error.
+
+Retries: a VM locked by a backup, snapshot, ... (`VM is locked (backup)`, or a config lock
+timeout) is retried a bounded number of times, then fails with a clear error; a password
+login's expired ticket is renewed once per call; a VM id that a parallel create took between
+`cluster/nextid` and the clone is replaced by the next free one.
+
+Adoption goes by the tags, which the first config POST after the clone writes: a create
+killed while its clone task still runs leaves an untagged VM named after the host, which
+a retry does not adopt (destroy it by hand).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+from proxmoxer import ProxmoxAPI, ResourceException  # type: ignore[import-untyped]
+from pulumi.dynamic import (
+    CreateResult,
+    DiffResult,
+    ReadResult,
+    ResourceProvider,
+    UpdateResult,
+)
+from pulumi.runtime import rpc
+
+from infra.proxmox import vm_config
+from infra.proxmox.client import (
+    ProxmoxApiError,
+    ProxmoxError,
+    ProxmoxTaskError,
+    api_get,
+    connect,
+    one_line,
+    unreachable,
+    wait_for_task,
+)
+
+T = TypeVar("T")
+
+_LOCKED = re.compile(r"VM is locked \(([\w-]+)\)|can't lock file '[^']*' - got timeout")
+_GONE = re.compile(r"Configuration file '[^']*' does not exist|unable to find configuration file")
+_EXPIRED_TICKET = "invalid PVE ticket"
+_ID_TAKEN = re.compile(r"already exists")
+_ID_RETRIES = 5
+# Answers while the guest agent is not up yet: PVE's 500s.
+_AGENT_NOT_READY = 500
+OUTPUT_KEYS = ("vmid", "address", "gpus", "pending_restart", "drift")
+
+
+class GpuVmError(ProxmoxError):
+    """Making, changing or removing the VM failed; str() says what and what PVE answered."""
+
+
+class VmLockedError(GpuVmError):
+    """The VM stayed locked (backup, snapshot, ...) through every retry."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to wait for PVE; the tests shrink it (fakepve runs PVE's seconds faster)."""
+
+    task_timeout_s: float = 1800.0  # a full clone of a large disk takes a while
+    poll_s: float = 1.0
+    shutdown_timeout_s: int = 120  # the guest's ACPI shutdown, before a hard stop
+    agent_timeout_s: float = 600.0  # boot, cloud-init and the guest agent answering
+    lock_retries: int = 20
+    lock_retry_delay_s: float = 15.0  # 20 x 15 s: a backup of a large disk
+
+
+# ------------------------------------------------------------------------- API session
+
+
+class PveSession:
+    """One provider call's API connection: PVE's errors as ProxmoxError, tasks waited for.
+
+    A password login whose ticket expired mid-call logs in again, once; an API token has no
+    ticket. The secret stays in this object and never goes into a message.
+    """
+
+    def __init__(self, inputs: Mapping[str, Any], timing: Timing) -> None:
+        self._cluster = vm_config.cluster_of(inputs)
+        self._secret = _secret_of(inputs)
+        self._relogged = False
+        self.timing = timing
+        self.api = self._connect()
+
+    def _connect(self) -> ProxmoxAPI:
+        # ca_bundle is absolute in the inputs, so the project root does not matter here.
+        return connect(self._cluster, self._secret, project_root=Path.cwd())
+
+    def run(self, action: Callable[[ProxmoxAPI], T]) -> T:
+        try:
+            return action(self.api)
+        except ProxmoxError as error:
+            if self._relogged or self._cluster.uses_token or _EXPIRED_TICKET not in str(error):
+                raise
+        self._relogged = True
+        self.api = self._connect()
+        return action(self.api)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.run(lambda api: api_get(api, path, **params))
+
+    def send(self, method: str, path: str, **params: Any) -> Any:
+        return self.run(lambda api: _send(api, method, path, params))
+
+    def task(self, method: str, path: str, node: str, timeout_s: float, **params: Any) -> Any:
+        """Call a method that starts a PVE task and wait for it to end OK (ProxmoxTaskError)."""
+        result = self.send(method, path, **params)
+        if isinstance(result, str) and result.startswith("UPID:"):
+            return self.wait(node, result, timeout_s)
+        return result
+
+    def wait(self, node: str, upid: str, timeout_s: float) -> Any:
+        """The task's status once it ended OK; ProxmoxTaskError otherwise."""
+        poll = self.timing.poll_s
+        return self.run(lambda api: wait_for_task(api, node, upid, timeout_s, poll_s=poll))
+
+
+def _send(api: ProxmoxAPI, method: str, path: str, params: dict[str, Any]) -> Any:
+    """POST/PUT/DELETE through proxmoxer; errors as client.py words them for GETs."""
+    resource = api(path)
+    call = {"POST": resource.post, "PUT": resource.put, "DELETE": resource.delete}[method]
+    try:
+        return call(**params)
+    except ResourceException as error:
+        message = one_line(str(error.content or ""))
+        if isinstance(error.errors, dict) and "errors" not in error.errors:
+            fields = "; ".join(f"{k}: {one_line(str(v))}" for k, v in error.errors.items())
+            message = f"{message} ({fields})" if fields else message
+        raise ProxmoxApiError(method, path, error.status_code, message) from None
+    except requests.RequestException as error:
+        raise unreachable(error) from None
+
+
+def _secret_of(inputs: Mapping[str, Any]) -> str:
+    secret = inputs.get("secret")
+    if rpc.is_rpc_secret(secret):
+        secret = rpc.unwrap_rpc_secret(secret)
+    if not isinstance(secret, str) or not secret:
+        raise GpuVmError(
+            "no Proxmox secret in the resource's inputs: set it with `pulumi config set "
+            "--secret gpufleet:proxmox_secret <token secret or password>`"
+        )
+    return secret
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _locked(error: Exception) -> str | None:
+    """What holds the VM's lock (`backup`, `config`, ...) if the error is a lock, else None."""
+    found = _LOCKED.search(str(error))
+    if found is None:
+        return None
+    return found.group(1) or "config"
+
+
+def _vm_path(node: str, vmid: int, tail: str = "") -> str:
+    return f"nodes/{node}/qemu/{vmid}" + (f"/{tail}" if tail else "")
+
+
+def _vms(pve: PveSession) -> list[dict[str, Any]]:
+    return [vm for vm in pve.get("cluster/resources", type="vm") if vm.get("type") == "qemu"]
+
+
+def _tags_of(vm: Mapping[str, Any]) -> set[str]:
+    return {tag for tag in re.split(r"[;, ]+", str(vm.get("tags", ""))) if tag}
+
+
+def _ours(vm: Mapping[str, Any], inputs: Mapping[str, Any]) -> bool:
+    """Tagged for this stack and host (what adoption goes by)."""
+    return set(inputs["tags"]) <= _tags_of(vm)
+
+
+def _still_ours(vm: Mapping[str, Any], inputs: Mapping[str, Any]) -> bool:
+    """The VM with this resource's id is still its VM: tagged so, or at least named so (someone
+    may have edited the tags). A reused id with another name is someone else's VM."""
+    return _ours(vm, inputs) or vm.get("name") == inputs["name"]
+
+
+def _inputs_of(props: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs among a resource's properties (state has the outputs mixed in)."""
+    return {k: v for k, v in props.items() if not k.startswith("__") and k not in OUTPUT_KEYS}
+
+
+@dataclass
+class _Vm:
+    """Where one VM lives, and whether this create made it (and so may destroy it)."""
+
+    vmid: int
+    node: str
+    made_here: bool = False
+
+
+# --------------------------------------------------------------------------- provider
+
+
+class GpuVmProvider(ResourceProvider):
+    """Pulumi dynamic provider for one GPU passthrough VM cloned from a template (see module)."""
+
+    def __init__(self, timing: Timing | None = None) -> None:
+        super().__init__()
+        self.timing = timing or Timing()
+
+    # ------------------------------------------------------------------ Pulumi methods
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        inputs = _inputs_of(props)
+        with _failing(f"creating the VM of {inputs['name']} on {inputs['node']}"):
+            return self._create(inputs)
+
+    def _create(self, inputs: dict[str, Any]) -> CreateResult:
+        pve = PveSession(inputs, self.timing)
+        vm = self._adoptable(pve, inputs)
+        clone: tuple[str, str] | None = None  # (the template's node, the clone task's UPID)
+        if vm is None:
+            source = self._check_placement(pve, inputs)
+            vm = _Vm(0, inputs["node"])
+            clone = (source, self._start_clone(pve, vm, inputs, source))
+        try:
+            if clone is not None:
+                pve.wait(*clone, self.timing.task_timeout_s)
+            self._configure(pve, vm, inputs)
+            self._start(pve, vm)
+            address = self._wait_for_address(pve, vm, inputs)
+            outs = self._outputs(pve, vm, inputs, address)
+        except Exception as error:
+            if not vm.made_here:
+                raise
+            note = self._discard(pve, vm, inputs)
+            raise GpuVmError(
+                f"creating VM {vm.vmid} for {inputs['name']} on {vm.node} failed: {error}; {note}"
+            ) from error
+        return CreateResult(str(vm.vmid), outs)
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        inputs = _inputs_of(props)
+        with _failing(f"reading VM {id_} ({inputs['name']})"):
+            return self._read(id_, props, inputs)
+
+    def _read(self, id_: str, props: Mapping[str, Any], inputs: dict[str, Any]) -> ReadResult:
+        pve = PveSession(inputs, self.timing)
+        vm = self._locate(pve, int(id_), inputs)
+        if vm is None:
+            return ReadResult("", {})
+        config = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+        actual = vm_config.actual_inputs(config, vm.node)
+        drifted = vm_config.drift(inputs, actual)
+        observed = {**inputs, **{key: actual[key] for key in drifted}}
+        address = self._current_address(pve, vm, inputs) or props.get("address")
+        outs = self._outputs(pve, vm, observed, address, config=config)
+        outs["drift"] = drifted
+        return ReadResult(id_, outs)
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        changes = vm_config.classify(_inputs_of(olds), _inputs_of(news))
+        return DiffResult(
+            changes=changes.any,
+            replaces=changes.replace,
+            delete_before_replace=bool(changes.replace) or None,
+        )
+
+    def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        inputs = _inputs_of(news)
+        replace = vm_config.classify(_inputs_of(olds), inputs).replace
+        if replace:
+            raise GpuVmError(f"{', '.join(replace)} cannot change in place; the VM is replaced")
+        with _failing(f"updating VM {id_} ({inputs['name']})"):
+            return self._update(id_, olds, inputs)
+
+    def _update(self, id_: str, olds: Mapping[str, Any], inputs: dict[str, Any]) -> UpdateResult:
+        pve = PveSession(inputs, self.timing)
+        # Found by the old inputs: a change of stack or name changes the tags it carries.
+        vm = self._locate(pve, int(id_), _inputs_of(olds))
+        if vm is None:
+            raise GpuVmError(
+                f"VM {id_} ({inputs['name']}) is gone: run `pulumi refresh`, then `pulumi up` "
+                "makes it again"
+            )
+        self._configure(pve, vm, inputs)
+        address: str | None
+        if inputs.get("allow_restart") and self._pending(pve, vm):
+            self._power_off(pve, vm)
+            self._start(pve, vm)
+            address = self._wait_for_address(pve, vm, inputs)
+        else:
+            address = self._current_address(pve, vm, inputs) or olds.get("address")
+        return UpdateResult(self._outputs(pve, vm, inputs, address))
+
+    def delete(self, id_: str, props: dict[str, Any]) -> None:
+        inputs = _inputs_of(props)
+        with _failing(f"deleting VM {id_} ({inputs['name']})"):
+            pve = PveSession(inputs, self.timing)
+            vm = self._locate(pve, int(id_), inputs)
+            if vm is None:
+                return
+            self._power_off(pve, vm)
+            self._destroy(pve, vm)
+
+    # ------------------------------------------------------------------- finding VMs
+
+    def _adoptable(self, pve: PveSession, inputs: Mapping[str, Any]) -> _Vm | None:
+        """The VM an interrupted create left, tagged for this stack and host, if any."""
+        found = [vm for vm in _vms(pve) if _ours(vm, inputs) and not vm.get("template")]
+        if not found:
+            return None
+        if len(found) > 1:
+            ids = ", ".join(f"{vm['vmid']} on {vm['node']}" for vm in found)
+            raise GpuVmError(
+                f"several VMs carry the tags {';'.join(inputs['tags'])}: {ids}; destroy the "
+                "extra ones (or remove their tags), then run again"
+            )
+        vm = found[0]
+        if vm["node"] != inputs["node"]:
+            raise GpuVmError(
+                f"VM {vm['vmid']} tagged for {inputs['name']} is on node {vm['node']}, not "
+                f"{inputs['node']}: migrate it back or destroy it, then run again"
+            )
+        return _Vm(int(vm["vmid"]), str(vm["node"]))
+
+    def _locate(self, pve: PveSession, vmid: int, inputs: Mapping[str, Any]) -> _Vm | None:
+        """Where VM `vmid` is now, or None if it is gone or is no longer this resource's VM."""
+        for vm in _vms(pve):
+            if int(vm["vmid"]) == vmid:
+                return _Vm(vmid, str(vm["node"])) if _still_ours(vm, inputs) else None
+        return None
+
+    # ------------------------------------------------------------------------ create
+
+    def _check_placement(self, pve: PveSession, inputs: Mapping[str, Any]) -> str:
+        """Check the node is online and the template exists; the template's node."""
+        node = inputs["node"]
+        nodes = {str(n["node"]): str(n.get("status")) for n in pve.get("nodes")}
+        if node not in nodes:
+            raise GpuVmError(
+                f"node {node} is not in the cluster (nodes: {', '.join(sorted(nodes))})"
+            )
+        if nodes[node] != "online":
+            raise GpuVmError(f"node {node} is {nodes[node]}: bring it back or pick another node")
+        return self._template_node(pve, inputs)
+
+    def _template_node(self, pve: PveSession, inputs: Mapping[str, Any]) -> str:
+        template = int(inputs["template_vmid"])
+        for vm in _vms(pve):
+            if int(vm["vmid"]) == template:
+                if not vm.get("template"):
+                    raise GpuVmError(
+                        f"VM {template} is not a template: convert it (`qm template {template}`)"
+                        " or set proxmox.template_vmid to one"
+                    )
+                return str(vm["node"])
+        raise GpuVmError(f"template VM {template} does not exist (proxmox.template_vmid)")
+
+    def _start_clone(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any], source: str) -> str:
+        """Start a full clone of the template (on node `source`) onto the VM's node and storage,
+        under a fresh VM id; its task's UPID. Sets vm.vmid and vm.made_here once PVE took it."""
+        template = int(inputs["template_vmid"])
+
+        def clone_once() -> str:
+            vm.vmid = int(pve.get("cluster/nextid"))
+            params: dict[str, Any] = {
+                "newid": vm.vmid,
+                "name": inputs["name"],
+                "full": 1,
+                "storage": inputs["storage"],
+            }
+            if source != vm.node:
+                params["target"] = vm.node
+            upid = str(pve.send("POST", _vm_path(source, template, "clone"), **params))
+            vm.made_here = True
+            return upid
+
+        for attempt in range(_ID_RETRIES):
+            try:
+                return self._locked_retry(template, f"cloning template {template}", clone_once)
+            except ProxmoxApiError as error:
+                # Another create (a parallel `pulumi up` step) took the id nextid gave us.
+                if not _ID_TAKEN.search(error.pve_message) or attempt == _ID_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _configure(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> None:
+        """POST the config keys that differ, then grow the boot disk to disk_gb."""
+        current = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+        update = vm_config.config_update(inputs, current)
+        if not update.empty:
+            self._locked_retry(
+                vm.vmid,
+                f"configuring VM {vm.vmid}",
+                lambda: pve.task(
+                    "POST",
+                    _vm_path(vm.node, vm.vmid, "config"),
+                    vm.node,
+                    self.timing.task_timeout_s,
+                    **update.as_params(),
+                ),
+            )
+        self._grow_disk(pve, vm, current, int(inputs["disk_gb"]))
+
+    def _grow_disk(self, pve: PveSession, vm: _Vm, config: Mapping[str, Any], disk_gb: int) -> None:
+        disk = vm_config.boot_disk(config)
+        if disk is None:
+            raise GpuVmError(f"VM {vm.vmid} has no boot disk to grow: does the template have one?")
+        size = vm_config.disk_size_gb(str(config[disk]))
+        if size is not None and size >= disk_gb:
+            return
+        self._locked_retry(
+            vm.vmid,
+            f"growing {disk} of VM {vm.vmid} to {disk_gb}G",
+            lambda: pve.task(
+                "PUT",
+                _vm_path(vm.node, vm.vmid, "resize"),
+                vm.node,
+                self.timing.task_timeout_s,
+                disk=disk,
+                size=f"{disk_gb}G",
+            ),
+        )
+
+    def _start(self, pve: PveSession, vm: _Vm) -> None:
+        if self._status(pve, vm) == "running":
+            return
+        self._locked_retry(
+            vm.vmid,
+            f"starting VM {vm.vmid}",
+            lambda: pve.task(
+                "POST",
+                _vm_path(vm.node, vm.vmid, "status/start"),
+                vm.node,
+                self.timing.task_timeout_s,
+            ),
+        )
+
+    # ----------------------------------------------------------------- the guest agent
+
+    def _wait_for_address(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> str:
+        """The VM's IPv4 address as its guest agent reports it, within agent_timeout_s."""
+        deadline = time.monotonic() + self.timing.agent_timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                address = self._agent_address(pve, vm, inputs)
+                if address:
+                    return address
+                last = "no IPv4 address on any interface yet"
+            except ProxmoxApiError as error:
+                if error.status_code != _AGENT_NOT_READY:
+                    raise
+                last = error.reason
+            if time.monotonic() >= deadline:
+                raise GpuVmError(
+                    f"VM {vm.vmid} started but its guest agent reported no IPv4 address within "
+                    f"{self.timing.agent_timeout_s:g}s (last: {last}): the template needs "
+                    "qemu-guest-agent installed and enabled, and the network must come up"
+                )
+            time.sleep(self.timing.poll_s)
+
+    def _current_address(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> str | None:
+        """The agent's address now, or None (VM stopped, agent not answering)."""
+        with suppress(ProxmoxApiError):
+            return self._agent_address(pve, vm, inputs)
+        return None
+
+    def _agent_address(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> str | None:
+        answer = pve.get(_vm_path(vm.node, vm.vmid, "agent/network-get-interfaces"))
+        found = list(_ipv4_addresses(answer.get("result", []) if isinstance(answer, dict) else []))
+        wanted = str(inputs["network"]["ipv4"]).split("/")[0]
+        if wanted in found:
+            return wanted
+        if inputs["network"]["ipv4"] == "dhcp" and found:
+            return found[0]
+        return None
+
+    # ------------------------------------------------------------------ power, removal
+
+    def _status(self, pve: PveSession, vm: _Vm) -> str:
+        return str(pve.get(_vm_path(vm.node, vm.vmid, "status/current")).get("status"))
+
+    def _power_off(self, pve: PveSession, vm: _Vm) -> None:
+        """ACPI shutdown with a timeout; a guest still running after it is stopped hard."""
+        if self._status(pve, vm) != "running":
+            return
+        timeout = self.timing.shutdown_timeout_s
+        with suppress(ProxmoxTaskError):
+            self._locked_retry(
+                vm.vmid,
+                f"shutting down VM {vm.vmid}",
+                lambda: pve.task(
+                    "POST",
+                    _vm_path(vm.node, vm.vmid, "status/shutdown"),
+                    vm.node,
+                    timeout + 60,
+                    timeout=timeout,
+                ),
+            )
+        if self._status(pve, vm) != "running":
+            return
+        self._locked_retry(
+            vm.vmid,
+            f"stopping VM {vm.vmid}",
+            lambda: pve.task(
+                "POST",
+                _vm_path(vm.node, vm.vmid, "status/stop"),
+                vm.node,
+                self.timing.task_timeout_s,
+            ),
+        )
+
+    def _destroy(self, pve: PveSession, vm: _Vm) -> None:
+        """Destroy the VM with its disks and every reference (jobs, HA); gone already is fine."""
+        try:
+            self._locked_retry(
+                vm.vmid,
+                f"destroying VM {vm.vmid}",
+                lambda: pve.task(
+                    "DELETE",
+                    _vm_path(vm.node, vm.vmid),
+                    vm.node,
+                    self.timing.task_timeout_s,
+                    purge=1,
+                    **{"destroy-unreferenced-disks": 1},
+                ),
+            )
+        except ProxmoxError as error:
+            if not _GONE.search(str(error)):
+                raise
+
+    def _discard(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> str:
+        """Stop and destroy a VM this create made; a sentence on how that went."""
+        try:
+            for found in _vms(pve):
+                if int(found["vmid"]) == vm.vmid:
+                    if not _still_ours(found, inputs):
+                        return f"VM {vm.vmid} is not the clone this create made: left alone"
+                    vm.node = str(found["node"])
+                    break
+            else:
+                return f"no VM {vm.vmid} was left behind"
+            self._power_off(pve, vm)
+            self._destroy(pve, vm)
+        except ProxmoxError as error:
+            return (
+                f"removing the half-made VM {vm.vmid} failed too ({error}): destroy it by hand "
+                f"(`qm stop {vm.vmid}; qm destroy {vm.vmid} --purge`)"
+            )
+        return f"VM {vm.vmid} was stopped and destroyed"
+
+    def _locked_retry(self, vmid: int, what: str, action: Callable[[], T]) -> T:
+        """Run `action`; while PVE says VM `vmid` is locked, wait and try again (bounded)."""
+        timing = self.timing
+        for attempt in _attempts(timing.lock_retries):
+            try:
+                return action()
+            except ProxmoxError as error:
+                lock = _locked(error)
+                if lock is None:
+                    raise
+                if attempt == timing.lock_retries:
+                    waited = timing.lock_retries * timing.lock_retry_delay_s
+                    raise VmLockedError(
+                        f"{what}: the VM stayed locked ({lock}) through {attempt + 1} tries over "
+                        f"{waited:g}s ({error}); wait for the {lock} to finish (or, if nothing "
+                        f"holds it, `qm unlock {vmid}`) and run again"
+                    ) from None
+            time.sleep(timing.lock_retry_delay_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ----------------------------------------------------------------------- outputs
+
+    def _pending(self, pve: PveSession, vm: _Vm) -> list[str]:
+        """Config keys PVE holds back until the VM starts again."""
+        entries = pve.get(_vm_path(vm.node, vm.vmid, "pending"))
+        return sorted(
+            str(e["key"]) for e in entries if "pending" in e or (e.get("delete") and "value" in e)
+        )
+
+    def _outputs(
+        self,
+        pve: PveSession,
+        vm: _Vm,
+        inputs: Mapping[str, Any],
+        address: str | None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The inputs (Pulumi diffs against them) plus what PVE made: vmid, node, address, ..."""
+        if config is None:
+            config = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+        devices = vm_config.actual_inputs(config, vm.node)["pci"]
+        return {
+            **inputs,
+            "vmid": vm.vmid,
+            "node": vm.node,
+            "address": address,
+            "gpus": [device.get("mapping") or device.get("address") for device in devices],
+            "pending_restart": self._pending(pve, vm),
+            "drift": [],
+        }
+
+
+@contextmanager
+def _failing(what: str) -> Iterator[None]:
+    """Say which resource and step a ProxmoxError came from (GpuVmErrors already do)."""
+    try:
+        yield
+    except GpuVmError:
+        raise
+    except ProxmoxError as error:
+        raise GpuVmError(f"{what}: {error}") from error
+
+
+def _attempts(retries: int) -> Iterator[int]:
+    yield from range(retries + 1)
+
+
+def _ipv4_addresses(interfaces: list[dict[str, Any]]) -> Iterator[str]:
+    """Routable IPv4 addresses the guest agent lists (no loopback, no link-local)."""
+    for interface in interfaces:
+        if interface.get("name") == "lo":
+            continue
+        for entry in interface.get("ip-addresses") or []:
+            address = str(entry.get("ip-address", ""))
+            if entry.get("ip-address-type") != "ipv4":
+                continue
+            if address.startswith(("127.", "169.254.")):
+                continue
+            yield address

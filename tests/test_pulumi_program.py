@@ -1,0 +1,140 @@
+"""The Pulumi program (infra/program.py) on the onprem stacks, under `pulumi.runtime.set_mocks`.
+
+Real: the program and the Pulumi SDK (resource registration, secrets, outputs), the stack
+files through gpufleet's loader. Not real: the Pulumi engine and the provider are mocked (no
+engine can run here); the preflight is switched off by config, as it would reach PVE (its own
+tests run against fakepve, tests/test_proxmox_preflight.py), except in the test that proves a
+failing preflight stops the program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime import rpc
+
+from gpufleet.spec.loading import load_stack_spec
+from tests.conftest import PROJECT_ROOT
+
+SECRET = "tok-3f9a-not-for-outputs"  # noqa: S105  # a marker to look for
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Records every registered resource; the dynamic VM answers with a vmid and an address."""
+
+    def __init__(self) -> None:
+        self.resources: list[pulumi.runtime.MockResourceArgs] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        self.resources.append(args)
+        outputs = dict(args.inputs)
+        if args.typ.startswith("pulumi-python:dynamic"):
+            number = len(self.resources)
+            outputs.update(
+                vmid=100 + number,
+                address=f"10.20.0.{20 + number}",
+                gpus=[
+                    device.get("mapping", device.get("address")) for device in args.inputs["pci"]
+                ],
+                pending_restart=[],
+                drift=[],
+            )
+        return f"{args.name}-id", outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[Any]]:
+        return {}, []
+
+
+@pytest.fixture
+def mocks() -> Iterator[RecordingMocks]:
+    recording = RecordingMocks()
+    pulumi.runtime.set_mocks(recording, project="gpufleet", stack="onprem-prod", preview=False)
+    pulumi.runtime.set_all_config(
+        {"gpufleet:proxmox_secret": SECRET, "gpufleet:preflight": "false"},
+        ["gpufleet:proxmox_secret"],
+    )
+    yield recording
+    pulumi.runtime.set_all_config({}, [])
+
+
+def resolve(output: pulumi.Output[Any]) -> Any:
+    """The value of an output once every registration has settled (mocks run on this loop)."""
+    future: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+    output.apply(future.set_result)
+    return asyncio.get_event_loop().run_until_complete(future)
+
+
+@pytest.mark.parametrize("stack", ["onprem-prod", "onprem-staging"])
+def test_every_host_becomes_a_gpu_vm_with_the_specs_inputs(
+    mocks: RecordingMocks, stack: str
+) -> None:
+    from infra.program import build_stack
+
+    spec = load_stack_spec(PROJECT_ROOT / "stacks", stack).spec
+    hosts = build_stack(stack)
+    assert sorted(hosts) == sorted(host.name for host in spec.hosts)
+    for name, component in hosts.items():
+        assert resolve(component.address).startswith("10.20.0.")
+        assert resolve(component.name) == name
+    components = [r for r in mocks.resources if r.typ == "gpufleet:proxmox:GpuHost"]
+    vms = [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
+    assert len(components) == len(vms) == len(spec.hosts)
+    for host in spec.hosts:
+        assert host.proxmox is not None
+        (vm,) = [r for r in vms if r.name == f"{host.name}-vm"]
+        inputs = vm.inputs
+        assert inputs["node"] == host.proxmox.node
+        assert inputs["template_vmid"] == 9000
+        assert inputs["cores"] == host.proxmox.cores
+        assert inputs["memory_mb"] == host.proxmox.memory_mb
+        assert inputs["pci"] == [{"mapping": d.mapping} for d in host.proxmox.pci]
+        assert inputs["tags"] == [f"gpufleet-{stack}", f"gpufleet-host-{host.name}"]
+        assert inputs["ca_bundle"] == str(PROJECT_ROOT / "certs/pve-root-ca.pem")
+
+
+def test_the_token_secret_stays_secret(mocks: RecordingMocks) -> None:
+    from infra.program import build_stack
+
+    hosts = build_stack("onprem-prod")
+    vm = hosts["gpu-prod-1"].vm
+    assert asyncio.get_event_loop().run_until_complete(vm.secret.is_secret()) is True
+    (registered,) = [r for r in mocks.resources if r.name == "gpu-prod-1-vm"]
+    wire = registered.inputs["secret"]  # what the engine would store: marked secret
+    assert wire[rpc._special_sig_key] == rpc._special_secret_sig
+    assert wire["value"] == SECRET, "the provider gets the real secret"
+    assert SECRET not in repr({k: v for k, v in registered.inputs.items() if k != "secret"})
+    for component in hosts.values():
+        for output in (component.name, component.address, component.gpus):
+            assert SECRET not in repr(resolve(output))
+
+
+def test_outputs_name_address_and_gpus_per_host(mocks: RecordingMocks) -> None:
+    from infra.program import build_stack
+
+    hosts = build_stack("onprem-prod")
+    assert resolve(hosts["gpu-prod-2"].gpus) == ["a10-pve2-0"]
+    assert resolve(hosts["gpu-prod-1"].vmid) > 100
+
+
+def test_a_failing_preflight_stops_the_program_before_any_vm(tmp_path: Any) -> None:
+    """The preflight runs for real here: the CA bundle named in the stack does not exist."""
+    from infra.program import _passed_preflight
+
+    spec = load_stack_spec(PROJECT_ROOT / "stacks", "onprem-prod").spec
+    with pytest.raises(pulumi.RunError) as caught:
+        _passed_preflight("onprem-prod", spec, SECRET, tmp_path)
+    message = str(caught.value)
+    assert "preflight of stack 'onprem-prod' found 1 problem(s)" in message
+    assert "ca_bundle certs/pve-root-ca.pem" in message
+    assert SECRET not in message
+
+
+def test_a_stack_that_is_not_proxmox_is_refused(mocks: RecordingMocks) -> None:
+    from infra.program import build_stack
+
+    with pytest.raises(pulumi.RunError, match="stack 'lab' is a static stack"):
+        build_stack("lab")
