@@ -4,7 +4,8 @@
 `pulumi.runtime.set_mocks`. The spec is read through gpufleet's loader (errors name the file,
 line and field), proxmox stacks run the preflight first (skipped with
 `pulumi config set gpufleet:preflight false`), and each host becomes one component. Outputs per
-host: name, address and GPUs, which `gpufleet configure` and the gates need.
+host: name, address and GPUs, which `gpufleet configure` and the gates need, and the changes
+waiting for a restart (made when `gpufleet:allow_restart` is true).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pulumi
 from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import StackSpec
-from infra.proxmox.client import ProxmoxError, connect
+from infra.proxmox.client import ProxmoxError
 from infra.proxmox.gpu_host import ProxmoxGpuHost
-from infra.proxmox.preflight import run_preflight
+from infra.proxmox.preflight import check_stack
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_NAMESPACE = "gpufleet"
@@ -55,10 +56,16 @@ def _proxmox_hosts(stack: str, spec: StackSpec, project_root: Path) -> dict[str,
             cluster=cluster,
             secret=secret,
             project_root=project_root,
+            allow_restart=config.get_bool("allow_restart") is True,
         )
         pulumi.export(
             host.name,
-            {"name": component.name, "address": component.address, "gpus": component.gpus},
+            {
+                "name": component.name,
+                "address": component.address,
+                "gpus": component.gpus,
+                "pending_restart": component.pending_restart,
+            },
         )
         hosts[host.name] = component
     return hosts
@@ -67,9 +74,7 @@ def _proxmox_hosts(stack: str, spec: StackSpec, project_root: Path) -> dict[str,
 def _passed_preflight(stack: str, spec: StackSpec, secret: str, project_root: Path) -> str:
     assert spec.proxmox is not None
     try:
-        problems = run_preflight(
-            spec, connect(spec.proxmox, secret, project_root=project_root), stack=stack
-        )
+        problems = check_stack(spec, secret, project_root=project_root, stack=stack)
     except ProxmoxError as error:
         problems = [str(error)]
     if problems:

@@ -55,6 +55,7 @@ VM_PRIVILEGES = [
     "VM.Config.Options",
     "VM.Config.HWType",
     "VM.PowerMgmt",
+    "VM.GuestAgent.Audit",
 ]
 runner = CliRunner()
 

@@ -18,6 +18,7 @@ as a booted cloud image would. PVE seconds run 100x faster (time_scale 0.01).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import threading
@@ -723,7 +724,7 @@ class _Mocks(pulumi.runtime.Mocks):
 
 
 def test_the_component_wraps_one_dynamic_resource_with_the_secret_kept_secret(
-    fakepve_cafile: str,
+    fakepve_cafile: str, pulumi_loop: asyncio.AbstractEventLoop
 ) -> None:
     mocks = _Mocks()
     pulumi.runtime.set_mocks(mocks, project="gpufleet", stack=STACK, preview=False)

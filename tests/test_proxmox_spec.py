@@ -139,3 +139,14 @@ def test_proxmox_settings_are_refused_outside_proxmox_stacks(tmp_path: Path) -> 
     config["gpufleet:hosts"][0]["address"] = "10.0.0.5"
     with pytest.raises(SpecError, match="proxmox settings belong to proxmox stacks only"):
         load(tmp_path, config)
+
+
+def test_keys_pulumi_config_set_writes_are_not_spec_errors(tmp_path: Path) -> None:
+    """`pulumi config set gpufleet:preflight false` writes into the same stack file."""
+    config = {**BASE, "gpufleet:preflight": False, "gpufleet:allow_restart": True}
+    assert load(tmp_path, config).environment == "proxmox"
+
+
+def test_a_proxmox_host_with_gpus_must_pass_them_through(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"gpus.count is 1 but proxmox.pci passes 0 device"):
+        load(tmp_path, changed(["gpufleet:hosts", 0, "proxmox", "pci"], []))

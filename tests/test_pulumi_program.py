@@ -50,7 +50,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 
 @pytest.fixture
-def mocks() -> Iterator[RecordingMocks]:
+def mocks(pulumi_loop: asyncio.AbstractEventLoop) -> Iterator[RecordingMocks]:
     recording = RecordingMocks()
     pulumi.runtime.set_mocks(recording, project="gpufleet", stack="onprem-prod", preview=False)
     pulumi.runtime.set_all_config(
@@ -62,10 +62,10 @@ def mocks() -> Iterator[RecordingMocks]:
 
 
 def resolve(output: pulumi.Output[Any]) -> Any:
-    """The value of an output once every registration has settled (mocks run on this loop)."""
-    future: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
-    output.apply(future.set_result)
-    return asyncio.get_event_loop().run_until_complete(future)
+    """The value of an output once every registration has settled (mocks run on this loop);
+    raises what produced it raised."""
+    loop = asyncio.get_event_loop()
+    return loop.run_until_complete(asyncio.wait_for(output.future(), 30))
 
 
 @pytest.mark.parametrize("stack", ["onprem-prod", "onprem-staging"])
@@ -138,3 +138,43 @@ def test_a_stack_that_is_not_proxmox_is_refused(mocks: RecordingMocks) -> None:
 
     with pytest.raises(pulumi.RunError, match="stack 'lab' is a static stack"):
         build_stack("lab")
+
+
+def test_the_program_waits_for_the_preflight_and_stops_when_it_fails(
+    mocks: RecordingMocks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight is on; its answer is replaced by a failure (no PVE here): no VM is made."""
+    import infra.program
+
+    pulumi.runtime.set_all_config(
+        {"gpufleet:proxmox_secret": SECRET, "gpufleet:preflight": "true"},
+        ["gpufleet:proxmox_secret"],
+    )
+    calls = []
+
+    def failing_preflight(*args: Any, **kwargs: Any) -> list[str]:
+        calls.append(kwargs["stack"])
+        return ["node pve1 is offline: bring it back or move gpu-prod-1"]
+
+    monkeypatch.setattr(infra.program, "check_stack", failing_preflight)
+    hosts = infra.program.build_stack("onprem-prod")
+    with pytest.raises(pulumi.RunError, match=r"found 1 problem\(s\):\n  - node pve1 is offline"):
+        resolve(hosts["gpu-prod-1"].address)
+    assert calls == ["onprem-prod"]
+    assert not [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
+
+
+def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks) -> None:
+    from infra.program import build_stack
+
+    pulumi.runtime.set_all_config(
+        {
+            "gpufleet:proxmox_secret": SECRET,
+            "gpufleet:preflight": "false",
+            "gpufleet:allow_restart": "true",
+        },
+        ["gpufleet:proxmox_secret"],
+    )
+    resolve(build_stack("onprem-staging")["gpu-staging-1"].address)
+    (vm,) = [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
+    assert vm.inputs["allow_restart"] is True

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import check_model_set, check_model_spec
 from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
-from gpufleet.spec.proxmox import SECRET_KEYS
+from gpufleet.spec.proxmox import PULUMI_ONLY_KEYS
 from gpufleet.spec.stack import CONFIG_NAMESPACE, StackSpec
 from gpufleet.spec.yaml_source import YamlSource, read_yaml_file, validation_problems
 
@@ -174,7 +174,7 @@ def load_stack_spec(stacks_dir: Path, stack: str) -> LoadedStackSpec:
     fields = {
         key[len(prefix) :]: value
         for key, value in config.items()
-        if key.startswith(prefix) and key[len(prefix) :] not in SECRET_KEYS
+        if key.startswith(prefix) and key[len(prefix) :] not in PULUMI_ONLY_KEYS
     }
     try:
         spec = StackSpec.model_validate(fields)

@@ -19,8 +19,9 @@ from gpufleet.spec.model import SpecModel
 TOKEN_ID_PATTERN = r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z][A-Za-z0-9._-]*$"  # noqa: S105  # a pattern
 USER_PATTERN = r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+$"
 PCI_ADDRESS_PATTERN = r"^([0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
-# Pulumi keys that hold secrets: never part of the StackSpec, read by the program or preflight.
-SECRET_KEYS = ("proxmox_secret",)
+# Keys only the Pulumi program reads (`pulumi config set` writes them into the stack file): the
+# API secret (a Pulumi secret), and switches of the program. They are not part of the StackSpec.
+PULUMI_ONLY_KEYS = ("proxmox_secret", "preflight", "allow_restart")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 

@@ -170,7 +170,7 @@ class StackSpec(SpecModel):
                     f"{login}; map the device (Datacenter > Resource Mappings > PCI) and "
                     "use mapping: <name>"
                 )
-            if host.gpus and host.proxmox.pci and len(host.proxmox.pci) != host.gpus.count:
+            if host.gpus and len(host.proxmox.pci) != host.gpus.count:
                 raise ValueError(
                     f"{where}: gpus.count is {host.gpus.count} but proxmox.pci passes "
                     f"{len(host.proxmox.pci)} device(s) through; make them agree"

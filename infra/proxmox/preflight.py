@@ -56,7 +56,10 @@ VM_PRIVILEGES = (
     ("VM.Config.Network", "attach the VMs' network"),
     ("VM.Config.Cloudinit", "set the VMs' cloud-init user, keys and addresses"),
     ("VM.Config.Options", "name and tag the VMs"),
+    ("VM.Config.HWType", "set q35, OVMF and the GPUs' hostpci entries"),
     ("VM.PowerMgmt", "start the VMs"),
+    # PVE 9's name; the guest agent's answer is how a new VM's address becomes known.
+    ("VM.GuestAgent.Audit", "read the VMs' addresses from the guest agent"),
 )
 # A built-in role that holds each privilege, for the "grant it" hint.
 ROLE_FOR_PREFIX = (
@@ -693,8 +696,6 @@ class _Preflight:
     def _required_privileges(self) -> dict[str, list[tuple[str, str]]]:
         vms = [_vm(host) for host in self.hosts]
         needs: dict[str, list[tuple[str, str]]] = {"/vms": list(VM_PRIVILEGES)}
-        if any(vm.pci for vm in vms):
-            needs["/vms"].append(("VM.Config.HWType", "pass GPUs through"))
         template = self.cluster.template_vmid
         needs[f"/vms/{template}"] = [("VM.Clone", f"clone template {template}")]
         needs[f"/storage/{self.cluster.storage}"] = [

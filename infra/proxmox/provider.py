@@ -273,7 +273,9 @@ class GpuVmProvider(ResourceProvider):
         vm = self._locate(pve, int(id_), inputs)
         if vm is None:
             return ReadResult("", {})
-        config = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+        # current=1: what runs now. Without it PVE answers with pending changes applied, which
+        # would hide drift and report a GPU the VM does not have yet.
+        config = pve.get(_vm_path(vm.node, vm.vmid, "config"), current=1)
         actual = vm_config.actual_inputs(config, vm.node)
         drifted = vm_config.drift(inputs, actual)
         observed = {**inputs, **{key: actual[key] for key in drifted}}
@@ -615,7 +617,7 @@ class GpuVmProvider(ResourceProvider):
     ) -> dict[str, Any]:
         """The inputs (Pulumi diffs against them) plus what PVE made: vmid, node, address, ..."""
         if config is None:
-            config = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+            config = pve.get(_vm_path(vm.node, vm.vmid, "config"), current=1)
         devices = vm_config.actual_inputs(config, vm.node)["pci"]
         return {
             **inputs,
