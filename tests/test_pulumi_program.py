@@ -178,3 +178,20 @@ def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks) -> Non
     resolve(build_stack("onprem-staging")["gpu-staging-1"].address)
     (vm,) = [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
     assert vm.inputs["allow_restart"] is True
+
+
+def test_pulumi_yaml_declares_every_stack_key_and_marks_the_secret() -> None:
+    """The project file is where `pulumi config` learns the keys: every StackSpec field, and the
+    program's own keys, each with a description; the API secret marked secret."""
+    import yaml
+
+    from gpufleet.spec.proxmox import PULUMI_ONLY_KEYS
+    from gpufleet.spec.stack import StackSpec
+
+    declared = yaml.safe_load((PROJECT_ROOT / "Pulumi.yaml").read_text())["config"]
+    for name in [*StackSpec.model_fields, *PULUMI_ONLY_KEYS]:
+        assert declared[f"gpufleet:{name}"]["description"], name
+    assert declared["gpufleet:proxmox_secret"]["secret"] is True
+    for stack_file in (PROJECT_ROOT / "stacks").glob("Pulumi.*.yaml"):
+        for key in yaml.safe_load(stack_file.read_text())["config"]:
+            assert key in declared, f"{stack_file.name}: {key} is not declared in Pulumi.yaml"
