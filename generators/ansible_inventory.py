@@ -75,13 +75,9 @@ def selected_hosts(stack: str, spec: StackSpec, limit: str | None) -> list[HostS
 
 def _stack_vars(config: HostConfig, project_root: Path) -> dict[str, Any]:
     vendor = config.package_sources == "vendor"
-    ssh_options = ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
-    if config.ssh_known_hosts_file:
-        known_hosts = resolve_path(config.ssh_known_hosts_file, project_root)
-        ssh_options += ["-o", f"UserKnownHostsFile={known_hosts}"]
     stack_vars: dict[str, Any] = {
         "ansible_python_interpreter": "/usr/bin/python3",
-        "ansible_ssh_common_args": shlex.join(ssh_options),
+        "ansible_ssh_common_args": ssh_arguments(config, project_root),
         "nvidia_driver_branch": config.driver_branch or "",
         "nvidia_driver_force": config.force_gpu_tasks,
         "nvidia_driver_reboot": config.reboot,
@@ -101,6 +97,18 @@ def _stack_vars(config: HostConfig, project_root: Path) -> dict[str, Any]:
         key = resolve_path(config.ssh_private_key_file, project_root)
         stack_vars["ansible_ssh_private_key_file"] = str(key)
     return stack_vars
+
+
+def ssh_arguments(config: HostConfig, project_root: Path) -> str:
+    """ssh options for every host of the stack: host keys always checked, never a prompt.
+
+    Ansible and the host gate (testinfra) both reach the hosts with them.
+    """
+    options = ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
+    if config.ssh_known_hosts_file:
+        known_hosts = resolve_path(config.ssh_known_hosts_file, project_root)
+        options += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    return shlex.join(options)
 
 
 def _host_vars(host: HostSpec) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from generators.ansible_inventory import resolve_path, selected_hosts
+from generators.ansible_inventory import resolve_path, selected_hosts, ssh_arguments
 from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.stack import StackSpec
 from validation.host import GATE_NAME, connect, describe_exception
@@ -73,14 +73,11 @@ def gpu_host_targets(
     hosts, an unknown `limit` or a host without an address: the gate could check nothing.
     """
     config = spec.host_config
-    ssh_options = ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
-    if config.ssh_known_hosts_file:
-        known_hosts = resolve_path(config.ssh_known_hosts_file, project_root)
-        ssh_options += ["-o", f"UserKnownHostsFile={known_hosts}"]
+    ssh_extra_args = ssh_arguments(config, project_root)
     branches = _branches_by_family()
     targets = []
     for host in selected_hosts(stack, spec, limit):
-        options: dict[str, Any] = {"ssh_extra_args": shlex.join(ssh_options)}
+        options: dict[str, Any] = {"ssh_extra_args": ssh_extra_args}
         if config.ssh_private_key_file:
             options["ssh_identity_file"] = str(
                 resolve_path(config.ssh_private_key_file, project_root)
