@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from generators.serving_stack.graph import ServiceGraphError, bind_address_of
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.stack import StackSpec
 
@@ -35,8 +36,12 @@ def render_inventory(
     config = spec.host_config
     return {
         "all": {
-            "vars": {"gpufleet_stack": stack, **_stack_vars(config, project_root)},
-            "hosts": {host.name: _host_vars(host) for host in hosts},
+            "vars": {
+                "gpufleet_stack": stack,
+                **_stack_vars(config, project_root),
+                **_serving_stack_vars(stack, spec, project_root),
+            },
+            "hosts": {host.name: _host_vars(host, spec, stack, project_root) for host in hosts},
         }
     }
 
@@ -111,8 +116,36 @@ def ssh_arguments(config: HostConfig, project_root: Path) -> str:
     return shlex.join(options)
 
 
-def _host_vars(host: HostSpec) -> dict[str, Any]:
+def _serving_stack_vars(stack: str, spec: StackSpec, project_root: Path) -> dict[str, Any]:
+    serving = spec.serving
+    if serving is None:
+        return {"serving_stack_enabled": False}
+    return {
+        "serving_stack_enabled": True,
+        "serving_stack_model_repository_src": str(
+            resolve_path(spec.model_repository, project_root)
+        ),
+        "serving_stack_directory": serving.directory,
+        "serving_stack_project": f"gpufleet-{stack}",
+        "serving_stack_secrets_dir": serving.secrets_dir,
+    }
+
+
+def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) -> dict[str, Any]:
     gpus = host.gpus
+    serving: dict[str, Any] = {}
+    if spec.serving is not None:
+        try:
+            address = bind_address_of(spec.serving, host)
+        except ServiceGraphError as error:
+            raise InventoryError(str(error)) from None
+        serving_dir = project_root / spec.resolved_state_dir(stack) / "serving" / host.name
+        serving = {
+            "serving_stack_source_dir": str(serving_dir.resolve()),
+            "serving_stack_ready_url": (
+                f"http://{_url_host(address)}:{_published_triton_port(spec)}/v2/health/ready"
+            ),
+        }
     return {
         "ansible_host": host.address,
         "ansible_port": host.ssh_port,
@@ -121,7 +154,22 @@ def _host_vars(host: HostSpec) -> dict[str, Any]:
         "nvidia_driver_gpu_family": gpus.model if gpus else DEFAULT_GPU_FAMILY,
         "nvidia_driver_gpu_count": gpus.count if gpus else 0,
         "nvidia_driver_nvswitch": gpus.has_nvswitch if gpus else False,
+        **serving,
     }
+
+
+def _published_triton_port(spec: StackSpec) -> int:
+    assert spec.serving is not None
+    if "triton_http" in spec.serving.publish:
+        return spec.ports.triton_http
+    raise InventoryError(
+        "serving.publish leaves out triton_http, so the serving_stack role cannot see Triton "
+        "become ready; publish triton_http (on the host's private address)"
+    )
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def resolve_path(path: str, project_root: Path) -> Path:

@@ -57,6 +57,16 @@ class RepositoryPlan:
 
 
 def plan_repository(root: Path, files: dict[str, str]) -> RepositoryPlan:
+    generated = []
+    if root.is_dir():
+        configs = sorted(root.glob(f"*/{CONFIG_FILE}"))
+        generated = [c.relative_to(root).as_posix() for c in configs if _is_generated(c)]
+    return plan_files(root, files, generated)
+
+
+def plan_files(root: Path, files: dict[str, str], generated: list[str]) -> RepositoryPlan:
+    """What writing `files` into `root` would change; `generated` lists the files earlier runs
+    wrote, of which those no longer in `files` are stale."""
     plan = RepositoryPlan(root=root, files=files)
     for relative, content in sorted(files.items()):
         target = root / relative
@@ -66,11 +76,9 @@ def plan_repository(root: Path, files: dict[str, str]) -> RepositoryPlan:
             plan.updated.append(relative)
         else:
             plan.unchanged.append(relative)
-    if root.is_dir():
-        for config in sorted(root.glob(f"*/{CONFIG_FILE}")):
-            relative = config.relative_to(root).as_posix()
-            if relative not in files and _is_generated(config):
-                plan.stale.append(relative)
+    plan.stale = sorted(
+        relative for relative in set(generated) - set(files) if (root / relative).is_file()
+    )
     return plan
 
 

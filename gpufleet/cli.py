@@ -17,13 +17,20 @@ import typer
 from rich.console import Console
 
 from generators.model_repository import (
+    RepositoryPlan,
     apply_plan,
     diff_plan,
+    plan_files,
     plan_repository,
     render_repository_files,
     write_atomically,
 )
 from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
+from generators.serving_stack.files import (
+    generated_files_on_disk,
+    render_serving_files,
+    serving_directory,
+)
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName, StackSpec
@@ -120,7 +127,9 @@ def generate(
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
-    """Render each model spec to <out>/<model>/config.pbtxt (only files that changed are written).
+    """Render each model spec to <out>/<model>/config.pbtxt (only files that changed are written);
+    with --stack, also each host's serving stack (compose, Prometheus, Grafana) when the stack
+    has gpufleet:serving.
 
     Examples:
 
@@ -128,6 +137,8 @@ def generate(
 
       gpufleet generate --stack local --check # CI drift check of the local stack
     """
+    serving_files: dict[str, str] = {}
+    serving_root: Path | None = None
     try:
         specs = load_model_specs(specs_dir)
         repository = Path(DEFAULT_MODEL_REPOSITORY)
@@ -135,44 +146,59 @@ def generate(
             loaded_stack = load_stack_spec(stacks_dir, stack)
             specs = select_stack_models(loaded_stack, specs)
             repository = Path(loaded_stack.spec.model_repository)
+            if loaded_stack.spec.serving is not None:
+                serving_files = render_serving_files(loaded_stack, specs)
+                serving_root = serving_directory(loaded_stack)
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
     repository = out_dir or repository
     with _file_errors_exit():
-        plan = plan_repository(repository, render_repository_files(specs))
+        plans = [plan_repository(repository, render_repository_files(specs))]
+        if serving_root is not None:
+            previous = generated_files_on_disk(serving_root)
+            plans.append(plan_files(serving_root, serving_files, previous))
         if not check:
-            apply_plan(plan)
-    summary = {
-        "ok": plan.in_sync or not check,
-        "repository": str(repository),
+            for plan in plans:
+                apply_plan(plan)
+    in_sync = all(plan.in_sync for plan in plans)
+    if as_json:
+        summary: dict[str, object] = {"ok": in_sync or not check, **_plan_summary(plans[0])}
+        if serving_root is not None:
+            summary["serving"] = _plan_summary(plans[1])
+        out.print_json(json.dumps(summary))
+    elif check:
+        for plan in plans:
+            if plan.in_sync:
+                out.print(f"{len(plan.unchanged)} files in {plan.root} match their specs.")
+            else:
+                out.print(diff_plan(plan), end="", markup=False)
+                err.print(
+                    f"{len(plan.created) + len(plan.updated) + len(plan.stale)} files in "
+                    f"{plan.root} differ from the specs; run `gpufleet generate` to update them."
+                )
+    else:
+        for plan in plans:
+            for verb, names in (("created", plan.created), ("updated", plan.updated)):
+                for name in names:
+                    out.print(f"{verb} {plan.root / name}")
+            for name in plan.stale:
+                out.print(f"removed {plan.root / name} (its spec is gone)")
+            out.print(
+                f"{len(plan.created)} created, {len(plan.updated)} updated, "
+                f"{len(plan.unchanged)} unchanged, {len(plan.stale)} removed in {plan.root}"
+            )
+    if check and not in_sync:
+        raise typer.Exit(EXIT_DIFFERENT)
+
+
+def _plan_summary(plan: RepositoryPlan) -> dict[str, object]:
+    return {
+        "repository": str(plan.root),
         "created": plan.created,
         "updated": plan.updated,
         "unchanged": plan.unchanged,
         "stale": plan.stale,
     }
-    if as_json:
-        out.print_json(json.dumps(summary))
-    elif check:
-        if plan.in_sync:
-            out.print(f"{len(plan.unchanged)} configs in {repository} match their specs.")
-        else:
-            out.print(diff_plan(plan), end="", markup=False)
-            err.print(
-                f"{len(plan.created) + len(plan.updated) + len(plan.stale)} files in "
-                f"{repository} differ from the specs; run `gpufleet generate` to update them."
-            )
-    else:
-        for verb, names in (("created", plan.created), ("updated", plan.updated)):
-            for name in names:
-                out.print(f"{verb} {repository / name}")
-        for name in plan.stale:
-            out.print(f"removed {repository / name} (its spec is gone)")
-        out.print(
-            f"{len(plan.created)} created, {len(plan.updated)} updated, "
-            f"{len(plan.unchanged)} unchanged, {len(plan.stale)} removed in {repository}"
-        )
-    if check and not plan.in_sync:
-        raise typer.Exit(EXIT_DIFFERENT)
 
 
 @app.command()

@@ -18,7 +18,10 @@ from gpufleet.spec.stack import StackSpec
 from tests.conftest import PROJECT_ROOT
 
 ANSIBLE = PROJECT_ROOT / "ansible"
-ROLES = ["base", "nvidia_driver", "cuda_toolkit", "docker_engine", "nvidia_container_toolkit"]
+ROLES = [
+    *("base", "nvidia_driver", "cuda_toolkit", "docker_engine", "nvidia_container_toolkit"),
+    "serving_stack",
+]
 
 
 def role_defaults(role: str) -> dict[str, object]:
@@ -77,6 +80,7 @@ def test_every_role_variable_the_inventory_sets_is_a_role_default(tmp_path: Path
             "environment": "static",
             "hosts": [{"name": "gpu-a", "address": "10.0.0.5", "gpus": {"model": "h100"}}],
             "host_config": {"cuda_version": "12.4", "driver_branch": "550"},
+            "serving": {},
         }
     )
     inventory = render_inventory("lab", spec, project_root=tmp_path)["all"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from generators.ansible_inventory import inventory_yaml, render_inventory
+from generators.serving_stack.secrets import MissingSecretError, render_env_files
 from gpufleet.configure.progress import EventTracker, HostOutcome, Say
 from gpufleet.spec.stack import StackSpec
 
@@ -102,7 +103,7 @@ def configure_hosts(
         mode = " (check mode)" if check else ""
         say(f"configuring {hosts} with {ANSIBLE_DIR / SITE_PLAYBOOK}{mode}")
         try:
-            with _without_environment(spec.host_config.become_password_env):
+            with _without_environment(*_secret_variables(spec)):
                 runner = ansible_runner.run(
                     private_data_dir=str(data_dir),
                     project_dir=str(ANSIBLE_DIR),
@@ -133,11 +134,17 @@ def configure_hosts(
     return result
 
 
-def _secrets(spec: StackSpec) -> dict[str, str]:
+def _secrets(spec: StackSpec) -> dict[str, str | dict[str, str]]:
     """Secrets for Ansible, read from the environment variables the spec names."""
+    secrets: dict[str, str | dict[str, str]] = {}
+    if spec.serving is not None:
+        try:
+            secrets["serving_stack_env_files"] = render_env_files(spec.serving, os.environ)
+        except MissingSecretError as error:
+            raise ConfigureError(str(error)) from None
     variable = spec.host_config.become_password_env
     if variable is None:
-        return {}
+        return secrets
     password = os.environ.get(variable)
     if password and ("\n" in password or "\r" in password):
         raise ConfigureError(f"{variable} holds a line break; sudo passwords are one line")
@@ -146,7 +153,7 @@ def _secrets(spec: StackSpec) -> dict[str, str]:
             f"host_config.become_password_env names {variable}, which is not set; export the "
             "sudo password in it (or remove become_password_env for passwordless sudo)"
         )
-    return {"ansible_become_password": password}
+    return {**secrets, "ansible_become_password": password}
 
 
 def _search_path() -> str:
@@ -157,13 +164,20 @@ def _search_path() -> str:
     return os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])
 
 
-def _unsafe_yaml(secrets: dict[str, str]) -> str:
+def _unsafe_yaml(secrets: dict[str, str | dict[str, str]]) -> str:
     """YAML with every value tagged !unsafe: Ansible templates extra vars, and a password such
     as `p{{ 7*7 }}w` must reach sudo as written, not as `p49w`."""
+
+    def unsafe(value: str) -> str:
+        return "!unsafe '" + value.replace("'", "''") + "'"  # YAML's '' is one quote
+
     lines = []
     for name, value in secrets.items():
-        quoted = value.replace("'", "''")  # YAML's single-quoted style: '' is one quote
-        lines.append(f"{name}: !unsafe '{quoted}'\n")
+        if isinstance(value, str):
+            lines.append(f"{name}: {unsafe(value)}\n")
+            continue
+        lines.append(f"{name}:\n")
+        lines.extend(f"  {key}: {unsafe(text)}\n" for key, text in value.items())
     return "".join(lines)
 
 
@@ -188,7 +202,7 @@ def _ansible_environment(data_dir: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _private_files(
-    data_dir: Path, inventory: dict[str, Any], secrets: dict[str, str]
+    data_dir: Path, inventory: dict[str, Any], secrets: dict[str, str | dict[str, str]]
 ) -> Iterator[None]:
     """The run's inventory, and its secrets in a 0600 extravars file that the run never outlives."""
     inventory_dir = data_dir / "inventory"
@@ -216,15 +230,21 @@ def _empty(env_dir: Path) -> None:
         leftover.unlink()
 
 
+def _secret_variables(spec: StackSpec) -> list[str]:
+    names = [spec.host_config.become_password_env] if spec.host_config.become_password_env else []
+    if spec.serving is not None:
+        names += spec.serving.secrets_env.model_dump().values()
+    return names
+
+
 @contextlib.contextmanager
-def _without_environment(variable: str | None) -> Iterator[None]:
-    """Hide a secret's variable from Ansible's environment: it travels in extravars only."""
-    value = os.environ.pop(variable, None) if variable else None
+def _without_environment(*variables: str) -> Iterator[None]:
+    """Hide secrets' variables from Ansible's environment: they travel in extravars only."""
+    values = {name: os.environ.pop(name) for name in variables if name in os.environ}
     try:
         yield
     finally:
-        if variable and value is not None:
-            os.environ[variable] = value
+        os.environ.update(values)
 
 
 def _forget_environment(artifact_dir: Path) -> None:

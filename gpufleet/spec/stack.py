@@ -15,6 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 from gpufleet.spec.proxmox import ProxmoxCluster
+from gpufleet.spec.serving import ServingSpec
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
@@ -104,6 +105,11 @@ class StackSpec(SpecModel):
     host_config: HostConfig = Field(default_factory=HostConfig)
     proxmox: ProxmoxCluster | None = Field(
         default=None, description="The Proxmox cluster of a proxmox stack."
+    )
+    serving: ServingSpec | None = Field(
+        default=None,
+        description="The docker-compose serving stack each host runs (Triton, MLflow with "
+        "Postgres, Prometheus, Grafana); `gpufleet generate --stack` renders it per host.",
     )
 
     @field_validator("mlflow_tracking_uri")
@@ -199,6 +205,15 @@ class StackSpec(SpecModel):
             raise ValueError(
                 "a static stack has only the host gate for now (correctness and load run "
                 "against local stacks); use gates: [host]"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _serving_on_hosts(self) -> StackSpec:
+        if self.serving is not None and self.environment == "local":
+            raise ValueError(
+                "a local stack serves from this machine's Triton binary, not a compose stack; "
+                "put serving in a static, proxmox or azure stack"
             )
         return self
 

@@ -1,0 +1,1 @@
+"""Specs -> the serving stack of each host: service graph, compose, Prometheus, Grafana."""

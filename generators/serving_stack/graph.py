@@ -1,0 +1,320 @@
+"""The serving stack of one host as a typed service graph: what runs, how, and who reaches it.
+
+Built from the StackSpec (images, ports, monitoring), the host (its address, its GPUs) and the
+models placed on it; `compose.py` renders it to docker-compose, and the Prometheus and Grafana
+renderers read the same graph, so a port or a service name is decided in one place.
+
+    graph = build_service_graph("onprem-prod", spec, host, models)
+    graph.service("triton").gpu_device_ids  # ("0",): the GPUs the models' instance groups use
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gpufleet.spec.hosts import HostSpec
+from gpufleet.spec.model import ModelSpec
+from gpufleet.spec.serving import ServingSpec, check_bind_address
+from gpufleet.spec.stack import StackSpec
+
+MODELS_MOUNT = "/models"
+# Inside the containers: the ports every image listens on (the host side comes from the spec).
+TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
+MLFLOW_PORT, POSTGRES_PORT, PROMETHEUS_PORT, GRAFANA_PORT = 5000, 5432, 9090, 3000
+POSTGRES_DB = POSTGRES_USER = "mlflow"
+# The secrets each service gets, from `<secrets_dir>/<service>.env` on the host (written by the
+# serving_stack role, never generated): each service sees only its own.
+SERVICE_SECRETS = {
+    "triton": ("TRITON_ADMIN_KEY",),
+    "postgres": ("POSTGRES_PASSWORD",),
+    "mlflow": ("MLFLOW_BACKEND_STORE_URI",),  # postgresql://mlflow:<password>@postgres/mlflow
+    "grafana": ("GF_SECURITY_ADMIN_PASSWORD",),
+}
+ADMIN_KEY_HEADER = "triton-admin-key"
+# Internal: no route out and nothing published; the edge network carries the published ports.
+BACKEND_NETWORK, EDGE_NETWORK = "backend", "edge"
+
+
+class ServiceGraphError(ValueError):
+    """The host cannot run the stack as specified (no private address, a GPU it lacks)."""
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    host_ip: str
+    host_port: int
+    container_port: int
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A named volume or a path relative to the stack directory, mounted into a container."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @property
+    def is_named_volume(self) -> bool:
+        return not self.source.startswith(".")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    command: tuple[str, ...]
+    interval_s: int = 10
+    timeout_s: int = 5
+    retries: int = 6
+    start_period_s: int = 30
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    user: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()  # variables of its env file on the host
+    ports: tuple[PublishedPort, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    networks: tuple[str, ...] = (BACKEND_NETWORK,)
+    healthcheck: HealthCheck | None = None
+    depends_on_healthy: tuple[str, ...] = ()
+    gpu_device_ids: tuple[str, ...] = ()
+    shm_size_mb: int | None = None
+    build_context: str | None = None  # an image nobody publishes, built on the host
+
+
+@dataclass(frozen=True)
+class ServiceGraph:
+    stack: str
+    host: str
+    bind_address: str
+    secrets_dir: str
+    scrape_interval_s: int
+    services: tuple[Service, ...]
+    restart: Literal["unless-stopped"] = "unless-stopped"
+
+    def service(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(name)
+
+    def env_file(self, service: Service) -> str:
+        return f"./{self.secrets_dir}/{service.name}.env"
+
+    def has(self, name: str) -> bool:
+        return any(service.name == name for service in self.services)
+
+    @property
+    def volumes(self) -> tuple[str, ...]:
+        names = {m.source for s in self.services for m in s.mounts if m.is_named_volume}
+        return tuple(sorted(names))
+
+
+def build_service_graph(
+    stack: str, spec: StackSpec, host: HostSpec, models: list[ModelSpec]
+) -> ServiceGraph:
+    """The services `host` runs; ServiceGraphError says what to change when it cannot."""
+    serving = spec.serving or ServingSpec()
+    bind_address = bind_address_of(serving, host)
+    published = set(serving.publish)
+
+    def publish(service: str, host_port: int, container_port: int) -> tuple[PublishedPort, ...]:
+        if service not in published:
+            return ()
+        return (PublishedPort(bind_address, host_port, container_port),)
+
+    def networks(*services: str) -> tuple[str, ...]:
+        if published.intersection(services):
+            return (BACKEND_NETWORK, EDGE_NETWORK)
+        return (BACKEND_NETWORK,)
+
+    triton = Service(
+        name="triton",
+        image=serving.images.triton,
+        command=_triton_command(serving),
+        user=serving.triton.user,
+        secrets=SERVICE_SECRETS["triton"] if serving.triton.restricted_apis else (),
+        ports=(
+            *publish("triton_http", spec.ports.triton_http, TRITON_HTTP),
+            *publish("triton_grpc", spec.ports.triton_grpc, TRITON_GRPC),
+            *publish("triton_metrics", spec.ports.triton_metrics, TRITON_METRICS),
+        ),
+        mounts=(Mount("./model_repository", MODELS_MOUNT, read_only=True),),
+        networks=networks("triton_http", "triton_grpc", "triton_metrics"),
+        healthcheck=HealthCheck(
+            _http_probe(f"http://127.0.0.1:{TRITON_HTTP}/v2/health/ready"),
+            start_period_s=120,  # loading every model comes first
+        ),
+        gpu_device_ids=_gpu_device_ids(host, models),
+        shm_size_mb=serving.triton.shm_size_mb,
+    )
+    postgres = Service(
+        name="postgres",
+        image=serving.images.postgres,
+        environment={"POSTGRES_USER": POSTGRES_USER, "POSTGRES_DB": POSTGRES_DB},
+        secrets=SERVICE_SECRETS["postgres"],
+        mounts=(Mount("postgres-data", "/var/lib/postgresql/data"),),
+        healthcheck=HealthCheck(
+            ("pg_isready", "-U", POSTGRES_USER, "-d", POSTGRES_DB), start_period_s=30
+        ),
+    )
+    mlflow = Service(
+        name="mlflow",
+        image=serving.images.mlflow,
+        # The store URI (it holds the password) comes from MLFLOW_BACKEND_STORE_URI.
+        command=(
+            *("mlflow", "server", "--host", "0.0.0.0", "--port", str(MLFLOW_PORT)),  # noqa: S104
+            *("--serve-artifacts", "--artifacts-destination", "/mlflow/artifacts"),
+        ),
+        secrets=SERVICE_SECRETS["mlflow"],
+        ports=publish("mlflow", spec.ports.mlflow, MLFLOW_PORT),
+        mounts=(Mount("mlflow-artifacts", "/mlflow/artifacts"),),
+        networks=networks("mlflow"),
+        healthcheck=HealthCheck(_http_probe(f"http://127.0.0.1:{MLFLOW_PORT}/health")),
+        depends_on_healthy=("postgres",),
+        build_context="./images/mlflow" if serving.images.mlflow.startswith("gpufleet/") else None,
+    )
+    services = [triton, postgres, mlflow]
+    monitoring = serving.monitoring
+    if monitoring.prometheus:
+        services.append(
+            Service(
+                name="prometheus",
+                image=serving.images.prometheus,
+                command=(
+                    "--config.file=/etc/prometheus/prometheus.yml",
+                    "--storage.tsdb.path=/prometheus",
+                    f"--storage.tsdb.retention.time={monitoring.retention_days}d",
+                    f"--web.listen-address=:{PROMETHEUS_PORT}",
+                ),
+                ports=publish("prometheus", serving.ports.prometheus, PROMETHEUS_PORT),
+                mounts=(
+                    Mount("./prometheus", "/etc/prometheus", read_only=True),
+                    Mount("prometheus-data", "/prometheus"),
+                ),
+                networks=networks("prometheus"),
+                healthcheck=HealthCheck(
+                    ("wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready")
+                ),
+            )
+        )
+    if monitoring.grafana and monitoring.prometheus:
+        services.append(
+            Service(
+                name="grafana",
+                image=serving.images.grafana,
+                environment={
+                    "GF_SECURITY_ADMIN_USER": "admin",
+                    "GF_AUTH_ANONYMOUS_ENABLED": "false",
+                    "GF_USERS_ALLOW_SIGN_UP": "false",
+                    "GF_ANALYTICS_REPORTING_ENABLED": "false",
+                    "GF_ANALYTICS_CHECK_FOR_UPDATES": "false",
+                },
+                secrets=SERVICE_SECRETS["grafana"],
+                ports=publish("grafana", serving.ports.grafana, GRAFANA_PORT),
+                mounts=(
+                    Mount("./grafana/provisioning", "/etc/grafana/provisioning", read_only=True),
+                    Mount("./grafana/dashboards", "/var/lib/grafana/dashboards", read_only=True),
+                    Mount("grafana-data", "/var/lib/grafana"),
+                ),
+                networks=networks("grafana"),
+                depends_on_healthy=("prometheus",),
+            )
+        )
+    return ServiceGraph(
+        stack=stack,
+        host=host.name,
+        bind_address=bind_address,
+        secrets_dir=serving.secrets_dir,
+        scrape_interval_s=monitoring.scrape_interval_s,
+        services=tuple(services),
+    )
+
+
+def _http_probe(url: str) -> tuple[str, ...]:
+    """A health check with the image's own python3 (Triton's and MLflow's images have no curl
+    guarantee; both have python3): fails on a refused connection or a non-2xx answer."""
+    return (
+        "python3",
+        "-c",
+        "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=4)",
+        url,
+    )
+
+
+def _triton_command(serving: ServingSpec) -> tuple[str, ...]:
+    command = [
+        "tritonserver",
+        f"--model-repository={MODELS_MOUNT}",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--strict-readiness=true",
+        "--exit-on-error=false",  # one bad model must not take the others down
+        f"--http-port={TRITON_HTTP}",
+        f"--grpc-port={TRITON_GRPC}",
+        f"--metrics-port={TRITON_METRICS}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=true",
+        # p50/p99 per model for the dashboard and the queue alert (summaries, not only counters)
+        "--metrics-config=summary_latencies=true",
+    ]
+    restricted = ",".join(serving.triton.restricted_apis)
+    if not restricted:
+        return tuple(command)
+    # The key lives in the env file and the container's shell expands it, so it is in no
+    # generated file. (`$$` is compose's escape for a literal `$`.)
+    key = f'{restricted}:{ADMIN_KEY_HEADER}="$${{TRITON_ADMIN_KEY:?set it in the env file}}"'
+    script = (
+        f"exec {shlex.join(command)} --http-restricted-api={key} --grpc-restricted-protocol={key}"
+    )
+    return ("sh", "-c", script)
+
+
+def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:
+    address = serving.bind_address or _host_ip(host)
+    if address is None:
+        raise ServiceGraphError(
+            f"host {host.name} has no IP address to publish the stack on; set its address "
+            "(or the proxmox network's ipv4), or serving.bind_address"
+        )
+    try:
+        return check_bind_address(address)
+    except ValueError as error:
+        raise ServiceGraphError(
+            f"host {host.name}: {error}; or set serving.bind_address to its private address"
+        ) from None
+
+
+def _host_ip(host: HostSpec) -> str | None:
+    if host.proxmox is not None and host.proxmox.network.ipv4 != "dhcp":
+        return host.proxmox.network.ipv4.split("/")[0]
+    return host.address
+
+
+def _gpu_device_ids(host: HostSpec, models: list[ModelSpec]) -> tuple[str, ...]:
+    """The host GPUs the models' `kind: gpu` instance groups use (all when a group names none)."""
+    available = host.gpus.count if host.gpus else 0
+    wanted: set[int] = set()
+    for model in models:
+        for index, group in enumerate(model.instance_groups):
+            if group.kind != "gpu":
+                continue
+            if available == 0:
+                raise ServiceGraphError(
+                    f"model {model.name} instance_groups[{index}] runs on GPUs but host "
+                    f"{host.name} has none; place the model on a GPU host or use kind: cpu"
+                )
+            missing = [gpu for gpu in group.gpus if gpu >= available]
+            if missing:
+                raise ServiceGraphError(
+                    f"model {model.name} instance_groups[{index}] uses GPU {missing[0]} but "
+                    f"host {host.name} has {available} (0-{available - 1}); change gpus"
+                )
+            wanted.update(group.gpus or range(available))
+    return tuple(str(gpu) for gpu in sorted(wanted))

@@ -1,0 +1,53 @@
+"""The serving stack's env files: each service's secrets as `VAR=value` text, from the
+environment of the machine that runs `gpufleet configure`.
+
+The text goes to the serving_stack role as a (0600, emptied after the run) extra var and is
+written on the host as `<secrets_dir>/<service>.env`; it is never generated into the repository
+or logged.
+
+    texts = render_env_files(spec.serving, os.environ)  # {"postgres": "POSTGRES_PASSWORD=..."}
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Mapping
+
+from generators.serving_stack.graph import POSTGRES_DB, POSTGRES_PORT, POSTGRES_USER
+from gpufleet.spec.serving import ServingSpec
+
+
+class MissingSecretError(ValueError):
+    """A secret's environment variable is unset, empty or not one line."""
+
+
+def render_env_files(serving: ServingSpec, environ: Mapping[str, str]) -> dict[str, str]:
+    """Service name -> env file text (one `VAR=value` line each, no trailing newline)."""
+    names = serving.secrets_env
+    postgres_password = _secret(environ, names.postgres_password, "the Postgres password")
+    store_uri = (
+        f"postgresql://{POSTGRES_USER}:{urllib.parse.quote(postgres_password, safe='')}"
+        f"@postgres:{POSTGRES_PORT}/{POSTGRES_DB}"
+    )
+    files = {
+        "postgres": f"POSTGRES_PASSWORD={postgres_password}",
+        "mlflow": f"MLFLOW_BACKEND_STORE_URI={store_uri}",
+    }
+    if serving.triton.restricted_apis:
+        key = _secret(environ, names.triton_admin_key, "Triton's admin key")
+        files["triton"] = f"TRITON_ADMIN_KEY={key}"
+    if serving.monitoring.grafana and serving.monitoring.prometheus:
+        password = _secret(environ, names.grafana_admin_password, "Grafana's admin password")
+        files["grafana"] = f"GF_SECURITY_ADMIN_PASSWORD={password}"
+    return files
+
+
+def _secret(environ: Mapping[str, str], variable: str, what: str) -> str:
+    value = environ.get(variable, "")
+    if not value:
+        raise MissingSecretError(
+            f"{variable} is not set: export {what} in it (serving.secrets_env names it)"
+        )
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise MissingSecretError(f"{variable} holds a line break; {what} must be one line")
+    return value

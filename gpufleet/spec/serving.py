@@ -1,0 +1,207 @@
+"""The serving stack each GPU host runs (`gpufleet:serving`): images, published ports, monitoring.
+
+`generators/serving_stack/` turns it, with the host and the models placed on it, into one
+typed service graph (Triton, MLflow with Postgres, Prometheus, Grafana) and renders that graph
+to `docker-compose.yml`, Prometheus's configuration and rules, and Grafana's provisioning.
+Secrets (the Postgres password, Grafana's admin password, Triton's admin key) are never part
+of the spec: they live in an env file on the host that nothing here generates.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from gpufleet.spec.model import SpecModel
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+RestrictedApi = Literal["model-repository", "shared-memory", "model-config", "trace"]
+PublishedService = Literal[
+    "triton_http", "triton_grpc", "triton_metrics", "mlflow", "prometheus", "grafana"
+]
+# name[:port]/path:tag or @sha256:digest; a tag is required so a host never drifts to `latest`.
+_IMAGE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$"
+)
+
+
+def _pinned_image(reference: str) -> str:
+    if not _IMAGE.match(reference):
+        raise ValueError(
+            f"{reference!r} is not an image reference with a tag or digest; write "
+            "registry/name:tag (for example nvcr.io/nvidia/tritonserver:24.10-py3)"
+        )
+    if reference.endswith(":latest"):
+        raise ValueError(f"{reference!r} floats with every release; pin a version tag or digest")
+    return reference
+
+
+ImageReference = Annotated[str, Field(min_length=3, max_length=256)]
+
+
+class ServingImages(SpecModel):
+    """The container images of the stack, each pinned by tag or digest."""
+
+    triton: ImageReference = Field(
+        default="nvcr.io/nvidia/tritonserver:24.10-py3",
+        description="Triton Inference Server (24.10 is Triton 2.51, the version tested here).",
+    )
+    mlflow: ImageReference = Field(
+        default="gpufleet/mlflow-postgres:3.17.2",
+        description="MLflow tracking server with the Postgres driver; the official image lacks "
+        "psycopg2, so the default is built on the host from stacks/images/mlflow/.",
+    )
+    postgres: ImageReference = Field(default="postgres:16.4", description="MLflow's database.")
+    prometheus: ImageReference = Field(default="prom/prometheus:v2.54.1")
+    grafana: ImageReference = Field(default="grafana/grafana:11.2.2")
+
+    @field_validator("*")
+    @classmethod
+    def _pinned(cls, reference: str) -> str:
+        return _pinned_image(reference)
+
+
+class ServingPorts(SpecModel):
+    """Host ports of the monitoring services (Triton's and MLflow's are `gpufleet:ports`)."""
+
+    prometheus: Port = 9090
+    grafana: Port = 3000
+
+
+class AlertThresholds(SpecModel):
+    """When Prometheus's alert rules fire."""
+
+    queue_time_ms: float = Field(
+        default=100.0, gt=0, description="Mean time a request waits in Triton's queue (5 min)."
+    )
+    error_ratio: float = Field(
+        default=0.01, gt=0, lt=1, description="Failed requests / all requests of a model (5 min)."
+    )
+    gpu_memory_ratio: float = Field(
+        default=0.9, gt=0, le=1, description="GPU memory used / total, held for 10 minutes."
+    )
+    down_for_s: int = Field(
+        default=60, ge=0, le=3600, description="How long Triton must be unreachable to alert."
+    )
+
+
+class Monitoring(SpecModel):
+    """Prometheus scraping Triton, and Grafana showing it."""
+
+    prometheus: bool = True
+    grafana: bool = True
+    scrape_interval_s: int = Field(default=15, ge=1, le=300)
+    retention_days: int = Field(default=15, ge=1, le=3650)
+    alerts: AlertThresholds = Field(default_factory=AlertThresholds)
+
+
+class TritonService(SpecModel):
+    """How Triton runs in the stack."""
+
+    shm_size_mb: int = Field(
+        default=1024,
+        ge=64,
+        le=1048576,
+        description="Shared memory size (the python backend's tensors).",
+    )
+    user: str = Field(
+        default="1000:1000",
+        pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
+        description="Non-root uid[:gid] Triton runs as (1000 is triton-server in NVIDIA's image).",
+    )
+    restricted_apis: list[RestrictedApi] = Field(
+        default_factory=lambda: list[RestrictedApi](["model-repository", "shared-memory"]),
+        description="APIs that need the admin key header (TRITON_ADMIN_KEY in the env file), "
+        "as Triton's secure-deployment guide advises: loading models and registering "
+        "shared memory stay with operators.",
+    )
+
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+
+
+class ServingSecrets(SpecModel):
+    """Names of the environment variables `gpufleet configure` reads the stack's secrets from
+    (on the machine that runs it); the values go to the host's env files and nowhere else."""
+
+    # Variable names, not values (hence the noqa for "hard-coded password").
+    postgres_password: EnvName = "GPUFLEET_POSTGRES_PASSWORD"  # noqa: S105
+    grafana_admin_password: EnvName = "GPUFLEET_GRAFANA_ADMIN_PASSWORD"  # noqa: S105
+    triton_admin_key: EnvName = Field(
+        default="GPUFLEET_TRITON_ADMIN_KEY",
+        description="The header value that unlocks Triton's restricted APIs.",
+    )
+
+
+class ServingSpec(SpecModel):
+    """What runs on each host of the stack, and who may reach it."""
+
+    images: ServingImages = Field(default_factory=ServingImages)
+    publish: list[PublishedService] = Field(
+        default_factory=lambda: list[PublishedService](
+            ["triton_http", "triton_grpc", "mlflow", "grafana"]
+        ),
+        description="Services reachable from outside the host, on its private address; the "
+        "rest (Postgres always, Triton's metrics, Prometheus) stay on the stack's internal "
+        "network.",
+    )
+    bind_address: str | None = Field(
+        default=None,
+        description="Private (or loopback) IP address to publish on; default: each host's own "
+        "address. Never 0.0.0.0 or a public address.",
+    )
+    ports: ServingPorts = Field(default_factory=ServingPorts)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    triton: TritonService = Field(default_factory=TritonService)
+    directory: str = Field(
+        default="/opt/gpufleet/serving",
+        pattern=r"^/[A-Za-z0-9._/-]+$",
+        description="Where the serving_stack role puts the stack on the host.",
+    )
+    secrets_dir: str = Field(
+        default="secrets",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Directory beside docker-compose.yml on the host with one 0600 env file per "
+        "service (triton.env: TRITON_ADMIN_KEY, postgres.env: POSTGRES_PASSWORD, mlflow.env: "
+        "MLFLOW_BACKEND_STORE_URI, grafana.env: GF_SECURITY_ADMIN_PASSWORD); written by the "
+        "serving_stack role, never generated.",
+    )
+
+    secrets_env: ServingSecrets = Field(default_factory=ServingSecrets)
+
+    @field_validator("publish")
+    @classmethod
+    def _publish_once(cls, services: list[str]) -> list[str]:
+        if len(set(services)) != len(services):
+            raise ValueError("name each published service once")
+        return services
+
+    @field_validator("bind_address")
+    @classmethod
+    def _private_address(cls, address: str | None) -> str | None:
+        if address is None:
+            return None
+        return check_bind_address(address)
+
+
+def check_bind_address(address: str) -> str:
+    """A private or loopback IP address, or ValueError saying why not."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address; publish on an IP address") from None
+    if ip.is_unspecified:
+        raise ValueError(
+            f"{address} publishes on every interface, the internet's included; use the "
+            "host's private address"
+        )
+    if not (ip.is_private or ip.is_loopback) or ip.is_link_local or ip.is_multicast:
+        raise ValueError(
+            f"{address} is not a private address; publish on the host's private network "
+            "(10/8, 172.16/12, 192.168/16, fc00::/7) and put a proxy in front for the rest"
+        )
+    return address
