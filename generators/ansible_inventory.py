@@ -142,9 +142,7 @@ def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) 
         serving_dir = project_root / spec.resolved_state_dir(stack) / "serving" / host.name
         serving = {
             "serving_stack_source_dir": str(serving_dir.resolve()),
-            "serving_stack_ready_url": (
-                f"http://{_url_host(address)}:{_published_triton_port(spec)}/v2/health/ready"
-            ),
+            "serving_stack_ready_urls": _ready_urls(spec, _url_host(address)),
         }
     return {
         "ansible_host": host.address,
@@ -158,14 +156,30 @@ def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) 
     }
 
 
-def _published_triton_port(spec: StackSpec) -> int:
-    assert spec.serving is not None
-    if "triton_http" in spec.serving.publish:
-        return spec.ports.triton_http
-    raise InventoryError(
-        "serving.publish leaves out triton_http, so the serving_stack role cannot see Triton "
-        "become ready; publish triton_http (on the host's private address)"
-    )
+def _ready_urls(spec: StackSpec, host: str) -> list[str]:
+    """Triton's readiness first, then the health of the other services the stack publishes."""
+    serving = spec.serving
+    assert serving is not None
+    if "triton_http" not in serving.publish:
+        raise InventoryError(
+            "serving.publish leaves out triton_http, so the serving_stack role cannot see "
+            "Triton become ready; publish triton_http (on the host's private address)"
+        )
+    urls = [f"http://{host}:{spec.ports.triton_http}/v2/health/ready"]
+    monitoring = serving.monitoring
+    health = {
+        "mlflow": (True, spec.ports.mlflow, "/health"),
+        "prometheus": (monitoring.prometheus, serving.ports.prometheus, "/-/ready"),
+        "grafana": (
+            monitoring.prometheus and monitoring.grafana,
+            serving.ports.grafana,
+            "/api/health",
+        ),
+    }
+    for service, (running, port, path) in health.items():
+        if running and service in serving.publish:
+            urls.append(f"http://{host}:{port}{path}")
+    return urls
 
 
 def _url_host(address: str) -> str:

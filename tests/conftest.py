@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["tests.triton_fixtures", "tests.mlflow_fixtures", "tests.docker_hosts"]
+pytest_plugins = [
+    "tests.triton_fixtures",
+    "tests.mlflow_fixtures",
+    "tests.docker_hosts",
+    "tests.serving_images",
+]
 
 # CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples on every run, so a red
 # build is reproducible; locally every run explores new ones.

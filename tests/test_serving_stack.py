@@ -201,7 +201,7 @@ def test_no_generated_file_holds_a_secret_or_a_wildcard_address(tmp_path: Path) 
     assert env_files == {
         "postgres": "POSTGRES_PASSWORD=pg-S3cret/with@odd:chars",
         # The password is URL-encoded inside the store URI: '/', '@' and ':' would split it.
-        "mlflow": "MLFLOW_BACKEND_STORE_URI=postgresql://mlflow:pg-S3cret%2Fwith%40odd%3Achars"
+        "mlflow": "MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow:pg-S3cret%2Fwith%40odd%3Achars"
         "@postgres:5432/mlflow",
         "triton": "TRITON_ADMIN_KEY=triton-S3cret",
         "grafana": "GF_SECURITY_ADMIN_PASSWORD=graf-S3cret",
@@ -351,7 +351,11 @@ def test_the_inventory_points_the_role_at_each_hosts_stack(tmp_path: Path) -> No
     assert inventory["vars"]["serving_stack_project"] == "gpufleet-lab"
     host = inventory["hosts"]["lab-t4-1"]
     assert host["serving_stack_source_dir"] == str(tmp_path / "build/lab/serving/lab-t4-1")
-    assert host["serving_stack_ready_url"] == "http://10.20.0.11:8000/v2/health/ready"
+    assert host["serving_stack_ready_urls"] == [
+        "http://10.20.0.11:8000/v2/health/ready",
+        "http://10.20.0.11:5000/health",
+        "http://10.20.0.11:3000/api/health",
+    ]
     no_http = spec.model_copy(update={"serving": ServingSpec(publish=["triton_grpc"])}, deep=True)
     with pytest.raises(InventoryError, match="publish triton_http"):
         render_inventory("lab", no_http, project_root=tmp_path)

@@ -65,7 +65,8 @@ def _service(graph: ServiceGraph, service: Service) -> dict[str, Any]:
         rendered["healthcheck"] = _healthcheck(service.healthcheck)
     if service.shm_size_mb:
         rendered["shm_size"] = f"{service.shm_size_mb}m"
-        rendered["ulimits"] = {"memlock": -1, "stack": 67108864}  # NVIDIA's advice for Triton
+    if service.ulimits:
+        rendered["ulimits"] = dict(service.ulimits)
     if service.gpu_device_ids:
         rendered["deploy"] = {
             "resources": {

@@ -29,7 +29,7 @@ POSTGRES_DB = POSTGRES_USER = "mlflow"
 SERVICE_SECRETS = {
     "triton": ("TRITON_ADMIN_KEY",),
     "postgres": ("POSTGRES_PASSWORD",),
-    "mlflow": ("MLFLOW_BACKEND_STORE_URI",),  # postgresql://mlflow:<password>@postgres/mlflow
+    "mlflow": ("MLFLOW_BACKEND_STORE_URI",),  # postgresql+psycopg2://mlflow:<password>@postgres
     "grafana": ("GF_SECURITY_ADMIN_PASSWORD",),
 }
 ADMIN_KEY_HEADER = "triton-admin-key"
@@ -85,6 +85,7 @@ class Service:
     depends_on_healthy: tuple[str, ...] = ()
     gpu_device_ids: tuple[str, ...] = ()
     shm_size_mb: int | None = None
+    ulimits: dict[str, int] = field(default_factory=dict)
     build_context: str | None = None  # an image nobody publishes, built on the host
 
 
@@ -153,6 +154,8 @@ def build_service_graph(
         ),
         gpu_device_ids=_gpu_device_ids(host, models),
         shm_size_mb=serving.triton.shm_size_mb,
+        # NVIDIA's advice for Triton: pinned memory and deep stacks.
+        ulimits={"memlock": -1, "stack": 67108864} if serving.triton.unlimited_memlock else {},
     )
     postgres = Service(
         name="postgres",
@@ -173,6 +176,18 @@ def build_service_graph(
             *("--serve-artifacts", "--artifacts-destination", "/mlflow/artifacts"),
         ),
         secrets=SERVICE_SECRETS["mlflow"],
+        # MLflow 3 refuses Host headers it does not know (DNS rebinding): the service name for
+        # the stack's own containers, the published address for everyone else.
+        environment={
+            "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(
+                (
+                    f"mlflow:{MLFLOW_PORT}",
+                    f"{_url_host(bind_address)}:{spec.ports.mlflow}",
+                    f"localhost:{MLFLOW_PORT}",  # the health check, inside the container
+                    f"127.0.0.1:{MLFLOW_PORT}",
+                )
+            )
+        },
         ports=publish("mlflow", spec.ports.mlflow, MLFLOW_PORT),
         mounts=(Mount("mlflow-artifacts", "/mlflow/artifacts"),),
         networks=networks("mlflow"),
@@ -289,6 +304,10 @@ def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:
         raise ServiceGraphError(
             f"host {host.name}: {error}; or set serving.bind_address to its private address"
         ) from None
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def _host_ip(host: HostSpec) -> str | None:

@@ -26,7 +26,9 @@ def render_env_files(serving: ServingSpec, environ: Mapping[str, str]) -> dict[s
     names = serving.secrets_env
     postgres_password = _secret(environ, names.postgres_password, "the Postgres password")
     store_uri = (
-        f"postgresql://{POSTGRES_USER}:{urllib.parse.quote(postgres_password, safe='')}"
+        # +psycopg2: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which MLflow's
+        # images do not carry.
+        f"postgresql+psycopg2://{POSTGRES_USER}:{urllib.parse.quote(postgres_password, safe='')}"
         f"@postgres:{POSTGRES_PORT}/{POSTGRES_DB}"
     )
     files = {

@@ -113,6 +113,11 @@ class TritonService(SpecModel):
         pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
         description="Non-root uid[:gid] Triton runs as (1000 is triton-server in NVIDIA's image).",
     )
+    unlimited_memlock: bool = Field(
+        default=True,
+        description="NVIDIA's advice for Triton (--ulimit memlock=-1 --ulimit stack=67108864); "
+        "off where the container runtime may not raise limits (rootless, sandboxes).",
+    )
     restricted_apis: list[RestrictedApi] = Field(
         default_factory=lambda: list[RestrictedApi](["model-repository", "shared-memory"]),
         description="APIs that need the admin key header (TRITON_ADMIN_KEY in the env file), "

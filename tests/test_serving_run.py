@@ -1,0 +1,433 @@
+"""The generated serving stack, deployed by the serving_stack role and run on a Docker engine.
+
+Real: `gpufleet generate --stack` as a process, rendering a static stack (one host on
+127.0.0.1) with a python-backend model; the inventory generator; ansible-playbook running the
+serving_stack role (local connection: this machine is the host) twice, the second run
+reporting changed=0; Debian's docker-compose against the tests' dockerd; Triton, MLflow,
+Postgres and Prometheus containers talking over the stack's internal network; every check
+through ports published on 127.0.0.1; Triton's main process killed with SIGKILL during a load
+test and brought back by the restart policy. Not real: the images are the local stand-ins of
+tests/serving_images.py (built here from Debian packages and PyPI wheels; no registry can be
+reached), so Triton is 2.51 on the CPU, and Grafana is left out of this run (no package of it
+can be installed here: tests/test_serving_monitoring.py checks its dashboard query by query).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+
+from generators.ansible_inventory import inventory_yaml, render_inventory
+from generators.serving_stack.secrets import render_env_files
+from gpufleet.spec.loading import load_stack_spec
+from gpufleet.spec.model import Objectives
+from gpufleet.spec.stack import LoadGateSettings
+from tests.conftest import PROJECT_ROOT
+from tests.docker_hosts import DockerEngine
+from tests.serving_images import ServingImages
+from tests.serving_models import FEATURES, MODEL_NAME, affine_spec, write_affine_model
+from validation.load import LoadTarget, run_load_gate
+from validation.loopback import LOOPBACK, pick_free_ports
+
+STACK = "svc"
+HOST = "serving-a"
+PROJECT = f"gpufleet-{STACK}"
+SECRETS = {
+    "GPUFLEET_POSTGRES_PASSWORD": "pg-Run-7f3a/x@y:z",
+    "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Run-91c2",
+    "GPUFLEET_TRITON_ADMIN_KEY": "key-Run-5d8e0b",
+}
+ADMIN_HEADER = "triton-admin-key"
+GPUFLEET = Path(sys.executable).with_name("gpufleet")
+ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+
+
+@dataclass
+class DeployedStack:
+    engine: DockerEngine
+    project: Path  # the gpufleet project: modelconfigs/, stacks/, build/
+    deployed: Path  # the stack directory the role wrote on the "host"
+    ports: dict[str, int]
+    runs: list[str]  # ansible-playbook's output, per run
+
+    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker-compose", "--project-name", PROJECT, "--file", "docker-compose.yml", *args],
+            cwd=self.deployed,
+            env={**os.environ, "DOCKER_HOST": self.engine.docker_host},
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=300,
+        )
+
+    def container(self, service: str) -> str:
+        container_id = self.compose("ps", "-q", service).stdout.strip()
+        assert container_id, f"no {service} container"
+        return container_id
+
+    def inspect(self, service: str) -> dict[str, Any]:
+        output = self.engine.docker("inspect", self.container(service)).stdout
+        details = json.loads(output)[0]
+        assert isinstance(details, dict)
+        return details
+
+    def url(self, name: str) -> str:
+        return f"{LOOPBACK}:{self.ports[name]}"
+
+
+def write_project(project: Path, images: ServingImages, deployed: Path) -> dict[str, int]:
+    spec = affine_spec()
+    (project / "modelconfigs").mkdir(parents=True)
+    (project / "modelconfigs" / f"{MODEL_NAME}.yaml").write_text(
+        yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    )
+    http, grpc, metrics, mlflow, prometheus = pick_free_ports(5)
+    config = {
+        "environment": "static",
+        "models": [MODEL_NAME],
+        "model_repository": f"build/{STACK}/model_repository",
+        "ports": {
+            "triton_http": http,
+            "triton_grpc": grpc,
+            "triton_metrics": metrics,
+            "mlflow": mlflow,
+        },
+        "hosts": [{"name": HOST, "address": LOOPBACK}],
+        "serving": {
+            "images": {
+                "triton": images.tritonserver,
+                "mlflow": images.mlflow,
+                "postgres": images.postgres,
+                "prometheus": images.prometheus,
+            },
+            "publish": ["triton_http", "triton_grpc", "mlflow", "prometheus"],
+            "ports": {"prometheus": prometheus},
+            "monitoring": {"grafana": False, "scrape_interval_s": 2},
+            # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
+            "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
+            "directory": str(deployed),
+        },
+    }
+    (project / "stacks").mkdir()
+    (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
+        yaml.safe_dump({"config": {f"gpufleet:{key}": value for key, value in config.items()}})
+    )
+    return {"http": http, "grpc": grpc, "mlflow": mlflow, "prometheus": prometheus}
+
+
+def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
+    """ansible-playbook with the serving_stack role on this machine; its output."""
+    loaded = load_stack_spec(project / "stacks", STACK)
+    inventory = render_inventory(STACK, loaded.spec, project_root=project)
+    host_vars = inventory["all"]["hosts"][HOST]
+    host_vars.update(
+        ansible_connection="local",
+        ansible_become=False,  # root already; this machine has no sudo
+        ansible_python_interpreter=sys.executable,
+        serving_stack_docker_host=engine.docker_host,
+    )
+    (work / "hosts.yml").write_text(inventory_yaml(inventory))
+    assert loaded.spec.serving is not None
+    env_files = render_env_files(loaded.spec.serving, SECRETS)
+    extravars = work / "secrets.json"
+    extravars.touch(mode=0o600)
+    extravars.write_text(json.dumps({"serving_stack_env_files": env_files}))
+    try:
+        result = subprocess.run(
+            [
+                str(ANSIBLE_PLAYBOOK),
+                *("-i", str(work / "hosts.yml"), "-e", f"@{extravars}"),
+                str(PROJECT_ROOT / "ansible" / "playbooks" / "serving_stack.yml"),
+            ],
+            env={
+                **os.environ,
+                "ANSIBLE_ROLES_PATH": str(PROJECT_ROOT / "ansible" / "roles"),
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_LOCAL_TEMP": str(work / "tmp"),
+                "ANSIBLE_RETRY_FILES_ENABLED": "False",
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+    finally:
+        extravars.unlink()
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def deployed_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    docker_engine: DockerEngine,
+    serving_images: ServingImages,
+) -> Iterator[DeployedStack]:
+    root = tmp_path_factory.mktemp("serving-run")
+    project, deployed, work = root / "project", root / "host" / "serving", root / "ansible"
+    work.mkdir()
+    project.mkdir()
+    ports = write_project(project, serving_images, deployed)
+    generate = subprocess.run(
+        [str(GPUFLEET), "generate", "--stack", STACK],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert generate.returncode == 0, generate.stdout + generate.stderr
+    # The registry step's part, done by hand: the model file beside the generated config.
+    write_affine_model(project / "build" / STACK / "model_repository")
+    stack = DeployedStack(docker_engine, project, deployed, ports, [])
+    try:
+        stack.runs.append(run_role(project, docker_engine, work))
+        stack.runs.append(run_role(project, docker_engine, work))
+        yield stack
+    finally:
+        if (deployed / "docker-compose.yml").exists():
+            stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
+
+
+def recap(output: str) -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.startswith(HOST) and "ok=" in line)
+    return {key: int(value) for key, value in (part.split("=") for part in line.split()[2:])}
+
+
+def infer_http(url: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    client = httpclient.InferenceServerClient(url)
+    tensor = httpclient.InferInput("INPUT0", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    output = client.infer(MODEL_NAME, [tensor]).as_numpy("OUTPUT0")
+    assert output is not None
+    return output
+
+
+def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=b"{}")
+    if method == "GET":
+        request.data = None
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def prometheus_query(stack: DeployedStack, expr: str) -> list[dict[str, Any]]:
+    url = f"http://{stack.url('prometheus')}/api/v1/query?" + urllib.parse.urlencode(
+        {"query": expr}
+    )
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    result = body["data"]["result"]
+    assert isinstance(result, list)
+    return result
+
+
+def test_the_role_converges_the_stack_and_a_second_run_changes_nothing(
+    deployed_stack: DeployedStack,
+) -> None:
+    first, second = (recap(output) for output in deployed_stack.runs)
+    assert first["failed"] == 0
+    assert first["changed"] >= 4  # directories, files, models, env files, compose up
+    assert second["changed"] == 0, deployed_stack.runs[1][-3000:]
+    assert second["failed"] == 0
+    assert "Triton is ready" in deployed_stack.runs[1]
+    state = {
+        service: deployed_stack.inspect(service)["State"]["Status"]
+        for service in ("triton", "postgres", "mlflow", "prometheus")
+    }
+    assert state == dict.fromkeys(state, "running")
+
+
+def test_triton_answers_over_http_and_grpc_on_the_published_ports(
+    deployed_stack: DeployedStack,
+) -> None:
+    batch = np.arange(2 * FEATURES, dtype=np.float32).reshape(2, FEATURES)
+    assert np.array_equal(infer_http(deployed_stack.url("http"), batch), 2 * batch + 1)
+    client = grpcclient.InferenceServerClient(deployed_stack.url("grpc"))
+    tensor = grpcclient.InferInput("INPUT0", [1, FEATURES], "FP32")
+    tensor.set_data_from_numpy(batch[:1])
+    result = client.infer(MODEL_NAME, [tensor]).as_numpy("OUTPUT0")
+    assert np.array_equal(result, 2 * batch[:1] + 1)
+    triton = deployed_stack.inspect("triton")
+    published = {
+        port: [binding["HostIp"] for binding in bindings or []]
+        for port, bindings in triton["NetworkSettings"]["Ports"].items()
+    }
+    assert published == {"8000/tcp": ["127.0.0.1"], "8001/tcp": ["127.0.0.1"], "8002/tcp": []}
+    assert triton["Config"]["User"] == "1000:1000"
+    assert triton["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert triton["State"]["Health"]["Status"] == "healthy"
+
+
+def test_triton_model_repository_api_needs_the_admin_key(deployed_stack: DeployedStack) -> None:
+    index = f"http://{deployed_stack.url('http')}/v2/repository/index"
+    assert http_status(index, "POST") == 403
+    wrong = {ADMIN_HEADER: "not-the-key"}
+    assert http_status(index, "POST", wrong) == 403
+    right = {ADMIN_HEADER: SECRETS["GPUFLEET_TRITON_ADMIN_KEY"]}
+    assert http_status(index, "POST", right) == 200
+    # Inference and health stay open.
+    assert http_status(f"http://{deployed_stack.url('http')}/v2/health/ready") == 200
+
+
+def test_mlflow_keeps_its_runs_in_postgres(deployed_stack: DeployedStack) -> None:
+    mlflow = f"http://{deployed_stack.url('mlflow')}"
+    assert http_status(f"{mlflow}/health") == 200
+    request = urllib.request.Request(
+        f"{mlflow}/api/2.0/mlflow/experiments/create",
+        data=json.dumps({"name": "serving-stack-run"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        experiment = json.loads(response.read())["experiment_id"]
+    rows = deployed_stack.compose(
+        "exec",
+        "-T",
+        "postgres",
+        *("psql", "-U", "mlflow", "-d", "mlflow", "-tAc"),
+        "SELECT experiment_id, name FROM experiments",
+    ).stdout
+    assert f"{experiment}|serving-stack-run" in rows.splitlines()
+
+
+def test_postgres_and_the_metrics_stay_on_the_internal_network(
+    deployed_stack: DeployedStack,
+) -> None:
+    postgres = deployed_stack.inspect("postgres")
+    assert set(postgres["NetworkSettings"]["Networks"]) == {f"{PROJECT}_backend"}
+    assert all(not bindings for bindings in postgres["NetworkSettings"]["Ports"].values())
+    backend = json.loads(
+        deployed_stack.engine.docker("network", "inspect", f"{PROJECT}_backend").stdout
+    )
+    assert backend[0]["Internal"] is True
+
+
+def test_prometheus_scrapes_triton_and_sees_the_load(deployed_stack: DeployedStack) -> None:
+    batch = np.ones((1, FEATURES), dtype=np.float32)
+    for _ in range(25):
+        infer_http(deployed_stack.url("http"), batch)
+    deadline = time.monotonic() + 60
+    while True:
+        up = prometheus_query(deployed_stack, 'up{job="triton"}')
+        count = prometheus_query(deployed_stack, f'sum(nv_inference_count{{model="{MODEL_NAME}"}})')
+        if up and up[0]["value"][1] == "1" and count and float(count[0]["value"][1]) >= 25:
+            break
+        assert time.monotonic() < deadline, f"up={up} count={count}"
+        time.sleep(1)
+    assert up[0]["metric"]["host"] == HOST
+    with urllib.request.urlopen(
+        f"http://{deployed_stack.url('prometheus')}/api/v1/rules"
+    ) as answer:
+        rules = [
+            rule["name"]
+            for group in json.loads(answer.read())["data"]["groups"]
+            for rule in group["rules"]
+        ]
+    assert "TritonDown" in rules
+
+
+def test_a_killed_triton_is_restarted_and_the_load_gate_counts_the_failures(
+    deployed_stack: DeployedStack,
+) -> None:
+    """SIGKILL to Triton's main process (a crash, not `docker stop`) during a load test."""
+    before = deployed_stack.inspect("triton")
+    pid = before["State"]["Pid"]
+    assert pid > 0
+    readiness: list[tuple[float, bool]] = []
+    stop_polling = threading.Event()
+
+    def poll_readiness() -> None:
+        ready = f"http://{deployed_stack.url('http')}/v2/health/ready"
+        while not stop_polling.is_set():
+            try:
+                readiness.append((time.monotonic(), http_status(ready) == 200))
+            except OSError:
+                readiness.append((time.monotonic(), False))
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll_readiness)
+    poller.start()
+    killer = threading.Timer(1.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    try:
+        inputs = {"INPUT0": np.ones((1, FEATURES), dtype=np.float32)}
+        report = run_load_gate(
+            deployed_stack.url("grpc"),
+            [LoadTarget(MODEL_NAME, inputs, Objectives(p99_latency_ms=5000, concurrency=[2]))],
+            # Never stable: the load runs all 20 windows (10 s) unless a failure ends it.
+            LoadGateSettings(
+                window_s=0.5, stable_windows=2, stability_percent=1e-6, max_windows=20
+            ),
+        )
+        deadline = time.monotonic() + 180
+        while not (readiness and readiness[-1][1] and readiness_dropped(readiness)):
+            assert time.monotonic() < deadline, "Triton did not come back ready"
+            time.sleep(0.5)
+    finally:
+        killer.cancel()
+        stop_polling.set()
+        poller.join()
+    (check,) = report.checks
+    assert check.status == "fail", check.message
+    assert check.measurements["errors"] > 0
+    assert f"{check.measurements['errors']} of" in check.message
+    after = deployed_stack.inspect("triton")
+    assert after["RestartCount"] == before["RestartCount"] + 1
+    assert after["State"]["Pid"] != pid
+    batch = np.full((1, FEATURES), 3, dtype=np.float32)
+    assert np.array_equal(infer_http(deployed_stack.url("http"), batch), 2 * batch + 1)
+
+
+def readiness_dropped(readiness: list[tuple[float, bool]]) -> bool:
+    """Ready, then not ready (the outage), then ready again."""
+    states = [ready for _, ready in readiness]
+    if True not in states:
+        return False
+    first_ready = states.index(True)
+    return False in states[first_ready:] and states[-1]
+
+
+def test_no_secret_in_any_generated_file_deployed_file_or_log(
+    deployed_stack: DeployedStack,
+) -> None:
+    env_files = sorted((deployed_stack.deployed / "secrets").iterdir())
+    assert [path.name for path in env_files] == ["mlflow.env", "postgres.env", "triton.env"]
+    for path in env_files:
+        assert path.stat().st_mode & 0o777 == 0o600
+    searched = [
+        path
+        for root in (deployed_stack.project, deployed_stack.deployed)
+        for path in root.rglob("*")
+        if path.is_file() and path.parent.name != "secrets"
+    ]
+    assert len(searched) > 10
+    texts = [path.read_text(errors="replace") for path in searched]
+    texts += deployed_stack.runs
+    for service in ("triton", "postgres", "mlflow", "prometheus"):
+        logs = deployed_stack.engine.docker("logs", deployed_stack.container(service))
+        texts.append(logs.stdout + logs.stderr)
+    for value in SECRETS.values():
+        for text in texts:
+            assert value not in text
