@@ -151,8 +151,7 @@ def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
     assert result.exit_code == 2
     assert (
         "no stack named 'nope' (known stacks: azure-dev, azure-prod, lab, local, onprem-prod, "
-        "onprem-staging)"
-        in result.output
+        "onprem-staging)" in result.output
     )
 
 

@@ -300,7 +300,7 @@ def test_gate_targets_bracket_ipv6_and_refuse_what_cannot_be_checked(tmp_path: P
     local = StackSpec.model_validate({"environment": "local"})
     with pytest.raises(InventoryError, match="is a local stack"):
         gpu_host_targets("local", local, project_root=tmp_path)
+    # The spec refuses a hostless azure stack; the inventory refuses one on its own too.
+    empty = StackSpec.model_construct(environment="azure", hosts=[])
     with pytest.raises(InventoryError, match="lists no hosts"):
-        # The spec refuses a hostless azure stack; the inventory refuses one on its own too.
-        empty = StackSpec.model_construct(environment="azure", hosts=[])
         gpu_host_targets("empty", empty, project_root=tmp_path)
