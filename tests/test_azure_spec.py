@@ -88,10 +88,10 @@ def test_catalog_facts_of_the_sizes_the_stacks_use() -> None:
         400,
     )
     assert nd.generations == {2}
-    assert nd.local_nvme_disks == 8
+    assert (nd.local_nvme, nd.temp_storage_gib) == (True, 28000)
     nc = find_size("Standard_NC40ads_H100_v5")
     assert nc is not None
-    assert (nc.gpu_count, nc.gpu_memory_gib, nc.generations) == (1, 94, {2})
+    assert (nc.gpu_count, nc.gpu_memory_gib, nc.generations, nc.max_data_disks) == (1, 94, {2}, 8)
     sixth = find_size("Standard_NV6ads_A10_v5")
     assert sixth is not None
     assert sixth.fractional

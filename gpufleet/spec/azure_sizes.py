@@ -11,10 +11,11 @@ the program against it.
 Sources (each row below names its page):
 - NCasT4_v3: https://learn.microsoft.com/azure/virtual-machines/sizes/gpu-accelerated/ncast4v3-series
 - NVadsA10_v5: https://learn.microsoft.com/azure/virtual-machines/sizes/gpu-accelerated/nvadsa10v5-series
-  (table checked against MicrosoftDocs/azure-docs articles/virtual-machines/nva10v5-series.md:
-  vCPUs, memory, temp storage, GPU partition and GPU memory per size)
 - NCads_H100_v5: https://learn.microsoft.com/azure/virtual-machines/sizes/gpu-accelerated/ncadsh100v5-series
 - ND_H100_v5: https://learn.microsoft.com/azure/virtual-machines/sizes/gpu-accelerated/ndh100v5-series
+  The four pages' tables (vCPUs, memory, temp storage, max data disks, GPUs and GPU memory,
+  the A10 partitions, Gen1/Gen2 support) were read in their source, MicrosoftDocs/azure-docs
+  articles/virtual-machines/sizes/gpu-accelerated/*.md (mid-2024 revisions).
 - Driver family: Azure's NVIDIA GPU driver extension selects GRID for the whole NVadsA10_v5
   series and CUDA (datacenter) drivers for NCasT4_v3 (its resource list,
   https://github.com/Azure/azhpc-extensions NvidiaGPU/Nvidia-GPU-Linux-Resources.json,
@@ -22,10 +23,13 @@ Sources (each row below names its page):
   guest drivers instead of standard CUDA drivers", Azure/AgentBaker pull request 7986). The
   A10 v5 GPUs are GPU-P partitions even at full size, so the datacenter driver does not drive
   them.
-- Secure Boot: "Installation of the GRID driver requires Secure Boot to be disabled for Linux
-  VMs" (Trusted launch, supported sizes notes:
-  https://learn.microsoft.com/azure/virtual-machines/trusted-launch#virtual-machines-sizes;
-  wording recalled, not re-read here).
+- Secure Boot: "Installation of the GRID driver requires secure boot to be disabled for Linux
+  VMs"; "Installation of the CUDA driver on Secure Boot enabled Ubuntu VMs requires additional
+  steps" (Ubuntu's signed modules) - Trusted launch, the notes under "Virtual machines sizes":
+  https://learn.microsoft.com/azure/virtual-machines/trusted-launch (read in its source,
+  MicrosoftDocs/azure-docs articles/virtual-machines/trusted-launch.md, 2023 revisions; their
+  size table lists NCasT4_v3 and NVadsA10 v5 but predates the H100 series, whose Trusted
+  Launch support was not verified here).
 """
 
 from __future__ import annotations
@@ -68,8 +72,8 @@ class GpuSize:
     gpu_memory_gib: int  # all devices together
     vcpus: int
     memory_gib: int
-    temp_storage_gib: int  # the local (temporary) disk, NVMe where local_nvme_disks > 0
-    local_nvme_disks: int
+    temp_storage_gib: int  # the local (temporary) disk: wiped on deallocation and eviction
+    local_nvme: bool  # the temp storage is direct-attached NVMe (scratch for model files)
     nvswitch: bool
     infiniband_gbps_per_gpu: int  # 0: none
     generations: frozenset[VmGeneration]
@@ -111,7 +115,7 @@ def _t4(name: str, vcpus: int, memory: int, temp: int, gpus: int, data_disks: in
         vcpus=vcpus,
         memory_gib=memory,
         temp_storage_gib=temp,
-        local_nvme_disks=0,
+        local_nvme=False,
         nvswitch=False,
         infiniband_gbps_per_gpu=0,
         generations=_GEN_1_2,
@@ -137,7 +141,7 @@ def _a10(
         vcpus=vcpus,
         memory_gib=memory,
         temp_storage_gib=temp,
-        local_nvme_disks=0,
+        local_nvme=False,
         nvswitch=False,
         infiniband_gbps_per_gpu=0,
         generations=_GEN_1_2,
@@ -148,20 +152,21 @@ def _a10(
 
 
 CATALOG: tuple[GpuSize, ...] = (
-    # NCasT4_v3 [_T4]: vCPUs, GiB memory, GiB temp storage (SSD), T4s, max data disks.
-    _t4("Standard_NC4as_T4_v3", 4, 28, 180, 1, 8),
-    _t4("Standard_NC8as_T4_v3", 8, 56, 360, 1, 16),
-    _t4("Standard_NC16as_T4_v3", 16, 110, 360, 1, 32),
-    _t4("Standard_NC64as_T4_v3", 64, 440, 2880, 4, 32),
+    # NCasT4_v3 [_T4]: vCPUs, GiB memory, GiB temp storage, T4s, max data disks.
+    _t4("Standard_NC4as_T4_v3", 4, 28, 176, 1, 8),
+    _t4("Standard_NC8as_T4_v3", 8, 56, 352, 1, 16),
+    _t4("Standard_NC16as_T4_v3", 16, 110, 352, 1, 32),
+    _t4("Standard_NC64as_T4_v3", 64, 440, 2816, 4, 32),
     # NVadsA10_v5 [_A10]: vCPUs, GiB memory, GiB temp storage, GPU partition, devices, disks.
     _a10("Standard_NV6ads_A10_v5", 6, 55, 180, Fraction(1, 6), 1, 4),
     _a10("Standard_NV12ads_A10_v5", 12, 110, 360, Fraction(1, 3), 1, 4),
     _a10("Standard_NV18ads_A10_v5", 18, 220, 720, Fraction(1, 2), 1, 8),
-    _a10("Standard_NV36ads_A10_v5", 36, 440, 720, Fraction(1), 1, 16),
-    _a10("Standard_NV36adms_A10_v5", 36, 880, 720, Fraction(1), 1, 32),
-    _a10("Standard_NV72ads_A10_v5", 72, 880, 1400, Fraction(1), 2, 32),
-    # NCads_H100_v5 [_NC_H100]: H100 NVL 94 GB (PCIe), AMD EPYC Genoa; Gen2 only; local NVMe
-    # temp disks; no NVSwitch (NVLink bridge between the pair of the 80-vCPU size).
+    _a10("Standard_NV36ads_A10_v5", 36, 440, 1440, Fraction(1), 1, 16),
+    _a10("Standard_NV36adms_A10_v5", 36, 880, 2880, Fraction(1), 1, 32),
+    _a10("Standard_NV72ads_A10_v5", 72, 880, 2880, Fraction(1), 2, 32),
+    # NCads_H100_v5 [_NC_H100]: H100 NVL 94 GB, AMD EPYC Genoa; "Generation 1 VMs: Not
+    # Supported"; no NVSwitch (the 80-vCPU size's pair is NVLink-bridged). That the temp
+    # storage is NVMe is from NVIDIA's and Azure's H100 material, not from this page's table.
     GpuSize(
         name="Standard_NC40ads_H100_v5",
         series="NCads_H100_v5",
@@ -173,12 +178,12 @@ CATALOG: tuple[GpuSize, ...] = (
         vcpus=40,
         memory_gib=320,
         temp_storage_gib=3576,
-        local_nvme_disks=1,
+        local_nvme=True,
         nvswitch=False,
         infiniband_gbps_per_gpu=0,
         generations=_GEN_2,
         driver_family="datacenter",
-        max_data_disks=12,
+        max_data_disks=8,
         source=_NC_H100,
     ),
     GpuSize(
@@ -192,16 +197,17 @@ CATALOG: tuple[GpuSize, ...] = (
         vcpus=80,
         memory_gib=640,
         temp_storage_gib=7152,
-        local_nvme_disks=2,
+        local_nvme=True,
         nvswitch=False,
         infiniband_gbps_per_gpu=0,
         generations=_GEN_2,
         driver_family="datacenter",
-        max_data_disks=24,
+        max_data_disks=16,
         source=_NC_H100,
     ),
-    # ND_H100_v5 [_ND_H100]: 8x H100 80 GB SXM on NVSwitch (NVLink 4.0), one 400 Gb/s NDR
-    # InfiniBand link per GPU, 8 local NVMe disks; Gen2 only.
+    # ND_H100_v5 [_ND_H100]: 8 H100 (640 GB together), "NVLINK 4.0 connectivity" (the HGX
+    # board's NVSwitch), "its own dedicated ... 400 Gb/s NVIDIA Quantum-2 CX7 InfiniBand
+    # connection" per GPU; "Generation 1 VMs: Not Supported"; 28000 GiB temp storage (NVMe).
     GpuSize(
         name="Standard_ND96isr_H100_v5",
         series="ND_H100_v5",
@@ -213,7 +219,7 @@ CATALOG: tuple[GpuSize, ...] = (
         vcpus=96,
         memory_gib=1900,
         temp_storage_gib=28000,
-        local_nvme_disks=8,
+        local_nvme=True,
         nvswitch=True,
         infiniband_gbps_per_gpu=400,
         generations=_GEN_2,
