@@ -262,3 +262,42 @@ def test_a_bad_azure_spec_stops_the_program_before_any_resource(
     ):
         build_stack("azure-dev", project_root=tmp_path)
     assert mocks.resources == []
+
+
+def test_the_program_logs_the_specs_warnings_located_in_the_stack_file(
+    pulumi_loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pulumi's log is replaced by a recorder (without an engine it only prints)."""
+    logged: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda message, *args, **kwargs: logged.append(message))
+    run_program("azure-dev", pulumi_loop)
+    stack_file = PROJECT_ROOT / "stacks" / "Pulumi.azure-dev.yaml"
+    line = next(
+        number
+        for number, text in enumerate(stack_file.read_text().splitlines(), start=1)
+        if "name: az-dev-a10-frac" in text
+    )
+    assert len(logged) == 2
+    for message in logged:
+        assert message.startswith(f"{stack_file}:{line + 1}: config.gpufleet:hosts[1].azure: ")
+    assert "az-dev-a10-frac: Secure Boot is off" in logged[0]
+    assert "install the GRID driver on Standard_NV6ads_A10_v5" in logged[1]
+
+
+def test_a_zone_redundant_data_disk_gets_no_zone(
+    pulumi_loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    source = (PROJECT_ROOT / "stacks" / "Pulumi.azure-prod.yaml").read_text()
+    changed = source.replace(
+        "        data_disk_gb: 512\n",
+        "        data_disk_gb: 512\n        data_disk_sku: Premium_ZRS\n",
+    )
+    assert changed != source
+    (stacks / "Pulumi.azure-prod.yaml").write_text(changed)
+    mocks, _ = run_program("azure-prod", pulumi_loop, project_root=tmp_path)
+    disk = mocks.named("az-prod-a10-1-data").inputs
+    assert disk["sku"] == {"name": "Premium_ZRS"}
+    assert "zones" not in disk
+    assert vm_of(mocks, "az-prod-a10-1")["zones"] == ["2"]

@@ -139,7 +139,8 @@ class AzureGpuHost(pulumi.ComponentResource):
             encryption=_disk_encryption(environment),
             public_network_access="Disabled",
             network_access_policy="DenyAll",  # no SAS export or import of the disk
-            zones=zones,
+            # A zone-redundant disk spans the zones: Azure refuses a zone on it.
+            zones=None if vm.data_disk_sku.endswith("_ZRS") else zones,
             opts=child,
             **common,
         )
