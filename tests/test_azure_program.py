@@ -1,7 +1,8 @@
 """The Pulumi program (infra/program.py, infra/azure/) on the azure stacks, under mocks.
 
 Real: the program, pulumi-azure-native's resource classes and the Pulumi SDK (registration,
-outputs), the stack files through gpufleet's loader, the cloud-init template through jinja2.
+outputs), the stack files through gpufleet's loader, the cloud-init template through jinja2
+and its output against cloud-init's own JSON Schema.
 Mocked: the Pulumi engine and Azure (`pulumi.runtime.set_mocks`, tests/azure_mocks.py): a
 resource's outputs are its inputs, plus the NIC's private address and a public IP's address.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pulumi
 import pytest
 import yaml
@@ -20,6 +23,7 @@ import yaml
 from tests.azure_mocks import AzureMocks, run_program
 from tests.conftest import PROJECT_ROOT
 
+CLOUD_INIT_SCHEMA = PROJECT_ROOT / "tests/data/cloud-init/schema-cloud-config-v1.json"
 KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDx9Q3nZ1M0o1x9yWc7yQ9f0h0cWc0s3V0tN5m2lq4bF ops@gpufleet"
 )
@@ -301,3 +305,21 @@ def test_a_zone_redundant_data_disk_gets_no_zone(
     assert disk["sku"] == {"name": "Premium_ZRS"}
     assert "zones" not in disk
     assert vm_of(mocks, "az-prod-a10-1")["zones"] == ["2"]
+
+
+@pytest.mark.parametrize("stack", ["azure-prod", "azure-dev"])
+def test_every_hosts_cloud_init_is_valid_for_cloud_inits_own_schema(
+    pulumi_loop: asyncio.AbstractEventLoop, stack: str
+) -> None:
+    """cloud-init's JSON Schema (tests/data/cloud-init, from Debian's cloud-init 22.4), with
+    jsonschema; the same validator refuses a document with a wrong partition table type."""
+    schema = json.loads((CLOUD_INIT_SCHEMA).read_text())
+    validator = jsonschema.Draft4Validator(schema)
+    mocks, _ = run_program(stack, pulumi_loop)
+    for vm in mocks.of_type("compute:VirtualMachine"):
+        document = yaml.safe_load(base64.b64decode(vm.inputs["osProfile"]["customData"]))
+        assert [error.message for error in validator.iter_errors(document)] == []
+        document["disk_setup"]["/dev/disk/azure/scsi1/lun0"]["table_type"] = "dos"
+        assert [e.message for e in validator.iter_errors(document)] == [
+            "'dos' is not one of ['mbr', 'gpt']"
+        ]
