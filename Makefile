@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/loadgen.py
 	$(PY) bench/serving.py
 	$(PY) bench/configure.py
+	$(PY) bench/azure_preview.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

@@ -2,21 +2,33 @@
 
 `infra/__main__.py` calls `build_stack(pulumi.get_stack())`; tests call it under
 `pulumi.runtime.set_mocks`. The spec is read through gpufleet's loader (errors name the file,
-line and field), proxmox stacks run the preflight first (skipped with
-`pulumi config set gpufleet:preflight false`), and each host becomes one component. Outputs per
-host: name, address and GPUs, which `gpufleet configure` and the gates need, and the changes
-waiting for a restart (made when `gpufleet:allow_restart` is true).
+line and field) and the program dispatches on the environment kind:
+
+- proxmox: the preflight first (skipped with `pulumi config set gpufleet:preflight false`), then
+  one component per host. Outputs per host: name, address and GPUs, which `gpufleet configure`
+  and the gates need, and the changes waiting for a restart (made when
+  `gpufleet:allow_restart` is true).
+- azure: the resource group, the network (`infra/azure/network.py`), then one component per
+  host (`infra/azure/gpu_host.py`). Outputs per host: name, private address, size and GPUs
+  (and the public address where the spec asks for one). The spec's warnings (Secure Boot off,
+  GRID drivers) are logged as Pulumi warnings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pulumi
+from pulumi_azure_native import resources
 
-from gpufleet.spec.loading import load_stack_spec
+from gpufleet.spec.azure import azure_warnings
+from gpufleet.spec.loading import LoadedStackSpec, load_stack_spec, stack_config_path
 from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import StackSpec
+from infra.azure.gpu_host import AzureGpuHost, AzureGpuHostArgs
+from infra.azure.network import AzureNetwork, AzureNetworkArgs
+from infra.azure.tags import stack_tags
 from infra.proxmox.client import ProxmoxError
 from infra.proxmox.gpu_host import ProxmoxGpuHost
 from infra.proxmox.preflight import check_stack
@@ -25,18 +37,69 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_NAMESPACE = "gpufleet"
 
 
-def build_stack(stack: str, project_root: Path = PROJECT_ROOT) -> dict[str, ProxmoxGpuHost]:
+GpuHost = ProxmoxGpuHost | AzureGpuHost
+
+
+def build_stack(stack: str, project_root: Path = PROJECT_ROOT) -> dict[str, GpuHost]:
     """Register the stack's resources; return its hosts' components by host name."""
     try:
-        spec = load_stack_spec(project_root / "stacks", stack).spec
+        loaded = load_stack_spec(project_root / "stacks", stack)
     except SpecError as error:
         raise pulumi.RunError("\n".join(str(problem) for problem in error.problems)) from None
-    if spec.environment != "proxmox":
-        raise pulumi.RunError(
-            f"stack {stack!r} is a {spec.environment} stack; this program provisions proxmox "
-            "stacks (azure: issue 6; local and static stacks have nothing to provision)"
+    spec = loaded.spec
+    if spec.environment == "proxmox":
+        return dict(_proxmox_hosts(stack, spec, project_root))
+    if spec.environment == "azure":
+        return dict(_azure_hosts(loaded))
+    raise pulumi.RunError(
+        f"stack {stack!r} is a {spec.environment} stack; this program provisions proxmox and "
+        "azure stacks (local and static stacks have nothing to provision)"
+    )
+
+
+def _azure_hosts(loaded: LoadedStackSpec) -> dict[str, AzureGpuHost]:
+    stack, spec = loaded.name, loaded.spec
+    assert spec.azure is not None  # the spec's own check for azure stacks
+    for path, message in azure_warnings(spec):
+        located = loaded.source.problem(stack_config_path(path), message)
+        pulumi.log.warn(str(located))
+    tags = stack_tags(stack, spec)
+    group = resources.ResourceGroup(
+        spec.azure.resource_group,
+        resource_group_name=spec.azure.resource_group,
+        location=spec.azure.location,
+        tags=tags,
+    )
+    net = AzureNetwork(
+        stack,
+        AzureNetworkArgs(resource_group_name=group.name, environment=spec.azure, tags=tags),
+    )
+    default_subnet = spec.azure.subnets[0].name
+    hosts = {}
+    for host in spec.hosts:
+        assert host.azure is not None
+        component = AzureGpuHost(
+            host.name,
+            AzureGpuHostArgs(
+                stack=stack,
+                host=host,
+                environment=spec.azure,
+                resource_group_name=group.name,
+                subnet_id=net.subnet_ids[host.azure.subnet or default_subnet],
+                tags=tags,
+            ),
         )
-    return _proxmox_hosts(stack, spec, project_root)
+        outputs: dict[str, pulumi.Output[Any]] = {
+            "name": component.name,
+            "private_address": component.private_address,
+            "size": component.size,
+            "gpus": component.gpus,
+        }
+        if component.public_ip is not None:
+            outputs["public_address"] = component.public_address
+        pulumi.export(host.name, outputs)
+        hosts[host.name] = component
+    return hosts
 
 
 def _proxmox_hosts(stack: str, spec: StackSpec, project_root: Path) -> dict[str, ProxmoxGpuHost]:

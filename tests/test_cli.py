@@ -150,8 +150,8 @@ def test_unknown_stack_names_the_known_ones(scratch_project: Path) -> None:
     result = runner.invoke(app, ["generate", "--stack", "nope"])
     assert result.exit_code == 2
     assert (
-        "no stack named 'nope' (known stacks: lab, local, onprem-prod, onprem-staging)"
-        in result.output
+        "no stack named 'nope' (known stacks: azure-dev, azure-prod, lab, local, onprem-prod, "
+        "onprem-staging)" in result.output
     )
 
 

@@ -30,6 +30,25 @@ from validation.gpu_host import (
 runner = CliRunner()
 
 
+def azure_spec(host: str) -> StackSpec:
+    """A valid azure stack with one host and no address yet (Pulumi's outputs give it)."""
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDx9Q3nZ1M0o1x9yWc7yQ9f0h0cWc0s3V0tN5m2lq4bF x"
+    return StackSpec.model_validate(
+        {
+            "environment": "azure",
+            "azure": {
+                "location": "westeurope",
+                "resource_group": "rg-test",
+                "owner": "ml-platform",
+                "ssh_source_cidrs": ["198.51.100.0/24"],
+                "ssh_public_key": key,
+            },
+            "host_config": {"secure_boot": "signed"},
+            "hosts": [{"name": host, "azure": {"size": "Standard_NC4as_T4_v3"}}],
+        }
+    )
+
+
 def write_stack(stacks: Path, name: str, config: dict[str, object]) -> Path:
     stacks.mkdir(parents=True, exist_ok=True)
     path = stacks / f"Pulumi.{name}.yaml"
@@ -170,7 +189,7 @@ def test_vendor_sources_and_no_cuda_by_default(tmp_path: Path) -> None:
 def test_inventory_refuses_unknown_limits_and_hosts_without_address(tmp_path: Path) -> None:
     with pytest.raises(InventoryError, match=r"--limit gpu-z: stack 'lab' has no such host"):
         render_inventory("lab", static_spec(), project_root=tmp_path, limit="gpu-z")
-    azure = StackSpec.model_validate({"environment": "azure", "hosts": [{"name": "az-gpu-1"}]})
+    azure = azure_spec("az-gpu-1")
     with pytest.raises(InventoryError, match=r"az-gpu-1 .* no address yet.*pulumi up -s lab"):
         render_inventory("lab", azure, project_root=tmp_path)
 
@@ -248,7 +267,7 @@ def test_configure_bad_input_exits_2_with_one_line(
     cases = {
         ("--stack", "lab", "--limit", "gpu-z"): "--limit gpu-z: stack 'lab' has no such host",
         ("--stack", "lab"): "become_password_env names GPUFLEET_NOT_SET_HERE, which is not set",
-        ("--stack", "empty"): "stack 'empty' lists no hosts",
+        ("--stack", "empty"): "config: an azure stack needs gpufleet:azure",
         ("--stack", "nope"): "no stack named 'nope'",
     }
     for arguments, expected in cases.items():
@@ -275,11 +294,13 @@ def test_gate_targets_bracket_ipv6_and_refuse_what_cannot_be_checked(tmp_path: P
     spec = static_spec(hosts=[{"name": "v6", "address": "2001:db8::7", "ssh_port": 2222}])
     (target,) = gpu_host_targets("lab", spec, project_root=tmp_path)
     assert target.hostspec == "ssh://root@[2001:db8::7]:2222"
-    azure = StackSpec.model_validate({"environment": "azure", "hosts": [{"name": "az-1"}]})
+    azure = azure_spec("az-1")
     with pytest.raises(InventoryError, match="no address yet"):
         gpu_host_targets("cloud", azure, project_root=tmp_path)
     local = StackSpec.model_validate({"environment": "local"})
     with pytest.raises(InventoryError, match="is a local stack"):
         gpu_host_targets("local", local, project_root=tmp_path)
+    # The spec refuses a hostless azure stack; the inventory refuses one on its own too.
+    empty = StackSpec.model_construct(environment="azure", hosts=[])
     with pytest.raises(InventoryError, match="lists no hosts"):
-        gpu_host_targets("empty", StackSpec(environment="azure"), project_root=tmp_path)
+        gpu_host_targets("empty", empty, project_root=tmp_path)

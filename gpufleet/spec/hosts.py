@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from gpufleet.spec.azure import AzureVm
 from gpufleet.spec.model import SpecModel
 from gpufleet.spec.proxmox import ProxmoxVm
 
@@ -68,6 +69,10 @@ class HostSpec(SpecModel):
     )
     proxmox: ProxmoxVm | None = Field(
         default=None, description="The host's VM on a proxmox stack: node, size, network, GPUs."
+    )
+    azure: AzureVm | None = Field(
+        default=None,
+        description="The host's VM on an azure stack: GPUs or size, image, disks, spot, zone.",
     )
 
     @field_validator("address")

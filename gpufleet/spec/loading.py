@@ -190,6 +190,11 @@ def _in_stack_file(path: FieldPath) -> FieldPath:
     return ("config", f"{CONFIG_NAMESPACE}:{path[0]}", *path[1:])
 
 
+def stack_config_path(path: FieldPath) -> FieldPath:
+    """Where a StackSpec field path is written in the stack file (to locate warnings)."""
+    return _in_stack_file(path)
+
+
 def select_stack_models(
     stack: LoadedStackSpec, specs: list[LoadedModelSpec]
 ) -> list[LoadedModelSpec]:

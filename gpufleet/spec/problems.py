@@ -52,6 +52,18 @@ def _printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
+class FieldValueError(ValueError):
+    """Raised by a validator about one of its fields (or a deeper one) rather than itself.
+
+    pydantic locates a validator's error at the model it runs on; the loader appends `path`, so
+    a model-wide check that blames `hosts[2].azure.gpu` is reported at that line.
+    """
+
+    def __init__(self, path: FieldPath, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class SpecError(Exception):
     """Raised when specs are invalid; `problems` lists every problem found, one line each."""
 

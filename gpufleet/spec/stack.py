@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from gpufleet.spec.azure import AzureEnvironment, check_azure_stack
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 from gpufleet.spec.proxmox import ProxmoxCluster
@@ -111,6 +112,11 @@ class StackSpec(SpecModel):
         description="The docker-compose serving stack each host runs (Triton, MLflow with "
         "Postgres, Prometheus, Grafana); `gpufleet generate --stack` renders it per host.",
     )
+    azure: AzureEnvironment | None = Field(
+        default=None,
+        description="The Azure environment of an azure stack: location, resource group, "
+        "network, SSH sources, admin login.",
+    )
 
     @field_validator("mlflow_tracking_uri")
     @classmethod
@@ -181,6 +187,11 @@ class StackSpec(SpecModel):
                     f"{where}: gpus.count is {host.gpus.count} but proxmox.pci passes "
                     f"{len(host.proxmox.pci)} device(s) through; make them agree"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _azure_hosts(self) -> StackSpec:
+        check_azure_stack(self)
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gpufleet.spec.problems import FieldPath, SpecError, SpecProblem
+from gpufleet.spec.problems import FieldPath, FieldValueError, SpecError, SpecProblem
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -222,6 +222,9 @@ def validation_problems(
     problems = []
     for detail in error.errors(include_url=False):
         loc = tuple(part for part in detail["loc"] if part != "[key]")
+        raised = detail.get("ctx", {}).get("error")
+        if isinstance(raised, FieldValueError):
+            loc = (*loc, *raised.path)
         kind = detail["type"]
         if kind == "extra_forbidden":
             key = str(loc[-1])
