@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/serving.py
 	$(PY) bench/configure.py
 	$(PY) bench/azure_preview.py
+	$(PY) bench/serving_stack.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

@@ -125,7 +125,7 @@ def _serving_stack_vars(stack: str, spec: StackSpec, project_root: Path) -> dict
         "serving_stack_model_repository_src": str(
             resolve_path(spec.model_repository, project_root)
         ),
-        "serving_stack_directory": serving.directory,
+        "serving_stack_directory": spec.serving_directory(),
         "serving_stack_project": f"gpufleet-{stack}",
         "serving_stack_secrets_dir": serving.secrets_dir,
     }

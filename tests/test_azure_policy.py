@@ -95,15 +95,22 @@ def nsg_violations(resources: Resources, spec: StackSpec) -> list[str]:
             for port in SERVING_PORTS:
                 if _covers(rule, port) and _sources(rule) != ["VirtualNetwork"]:
                     found.append(f"{group.name}: rule {rule['name']} opens {port} beyond the VNet")
-        denies_internet = any(
-            r["direction"] == "Inbound"
+        internet_denies = [
+            r
+            for r in rules
+            if r["direction"] == "Inbound"
             and r["access"] == "Deny"
             and _sources(r) in (["Internet"], ["*"])
             and _covers(r, 1)
-            for r in rules
-        )
-        if not denies_internet:
+        ]
+        if not internet_denies:
             found.append(f"{group.name}: no rule denies the internet")
+        # Azure stops at the first matching rule (lowest number): a deny before an allow makes
+        # the allow dead, so SSH from the listed networks would be refused.
+        for deny in internet_denies:
+            shadowed = [r["name"] for r in inbound_allow if r.get("priority", 0) > deny["priority"]]
+            if shadowed:
+                found.append(f"{group.name}: {deny['name']} shadows {', '.join(shadowed)}")
     for subnet in of_type(resources, "network:Subnet"):
         if "networkSecurityGroup" not in subnet.inputs:
             found.append(f"{subnet.name}: subnet without the NSG")
@@ -336,6 +343,13 @@ def test_the_rules_catch_planted_violations(pulumi_loop: asyncio.AbstractEventLo
     ]
     no_deny = _planted(mocks, nsg, lambda i: i["securityRules"].pop())
     assert nsg_violations(no_deny, spec) == ["azure-dev-nsg: no rule denies the internet"]
+
+    def deny_first(inputs: dict[str, Any]) -> None:
+        inputs["securityRules"][-1]["priority"] = 150
+
+    assert nsg_violations(_planted(mocks, nsg, deny_first), spec) == [
+        "azure-dev-nsg: deny-internet-inbound shadows allow-serving-inside-vnet"
+    ]
 
     def public_on_a10(inputs: dict[str, Any]) -> None:
         inputs["ipConfigurations"][0]["publicIPAddress"] = {"id": "/x/az-dev-a10-frac-pip"}

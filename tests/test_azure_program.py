@@ -20,6 +20,8 @@ import pulumi
 import pytest
 import yaml
 
+from gpufleet.spec.loading import load_stack_spec
+from infra.azure.cloud_init import render_cloud_init
 from tests.azure_mocks import AzureMocks, run_program
 from tests.conftest import PROJECT_ROOT
 
@@ -323,3 +325,33 @@ def test_every_hosts_cloud_init_is_valid_for_cloud_inits_own_schema(
         assert [e.message for e in validator.iter_errors(document)] == [
             "'dos' is not one of ['mbr', 'gpt']"
         ]
+
+
+def test_host_caching_is_read_only_below_4_tib_and_off_from_4_tib(
+    pulumi_loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """Azure refuses host caching on data disks of 4 TiB and more."""
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    source = (PROJECT_ROOT / "stacks" / "Pulumi.azure-prod.yaml").read_text()
+    changed = source.replace("        data_disk_gb: 512\n", "        data_disk_gb: 8192\n", 1)
+    assert changed != source
+    (stacks / "Pulumi.azure-prod.yaml").write_text(changed)
+    mocks, _ = run_program("azure-prod", pulumi_loop, project_root=tmp_path)
+    caching = {
+        vm.inputs["vmName"]: vm.inputs["storageProfile"]["dataDisks"][0]["caching"]
+        for vm in mocks.of_type("compute:VirtualMachine")
+    }
+    assert caching["az-prod-a10-1"] == "None"
+    assert set(caching.values()) == {"None", "ReadOnly"}
+
+
+def test_the_serving_stack_of_an_azure_host_lives_on_its_data_disk() -> None:
+    """cloud-init mounts the data disk where the serving_stack role puts stack and models."""
+    spec = load_stack_spec(PROJECT_ROOT / "stacks", "azure-prod").spec
+    document = yaml.safe_load(render_cloud_init(stack="s", host="h", admin_user="gpufleet"))
+    mounts = [mount[1] for mount in document["mounts"]]
+    assert spec.serving_directory().startswith(f"{mounts[0]}/")
+    assert spec.model_copy(update={"environment": "static"}).serving_directory() == (
+        "/opt/gpufleet/serving"
+    )

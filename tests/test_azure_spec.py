@@ -278,6 +278,13 @@ def test_every_spelling_of_anywhere_is_refused_as_ssh_source(tmp_path: Path, sou
         ),
         (["gpufleet:azure", "ssh_public_key"], "AAAA nope", "is not an OpenSSH public key"),
         (["gpufleet:azure", "ssh_source_cidrs"], ["10.0.0.1/8"], "not a network in CIDR notation"),
+        # Two halves of the internet are the internet; public ranges must be /8 or narrower.
+        (
+            ["gpufleet:azure", "ssh_source_cidrs"],
+            ["0.0.0.0/1", "128.0.0.0/1"],
+            "0.0.0.0/1 spans 2,147,483,648 public addresses",
+        ),
+        (["gpufleet:azure", "ssh_source_cidrs"], ["2001:db8::/32"], "is IPv6"),
         (["gpufleet:azure", "admin_user"], "admin", "Azure does not allow 'admin' as admin user"),
         (
             ["gpufleet:azure", "address_space"],

@@ -307,9 +307,9 @@ def test_down_stops_exactly_what_up_started(project: Project) -> None:
 
 def test_up_refuses_a_stack_that_is_not_local(tmp_path: Path) -> None:
     (tmp_path / "stacks").mkdir()
-    (tmp_path / "stacks" / "Pulumi.cloud.yaml").write_text(
-        "config:\n  gpufleet:environment: azure\n"
-    )
+    # A whole azure stack (a bare one is itself refused, for lacking gpufleet:azure).
+    azure_stack = (PROJECT_ROOT / "stacks" / "Pulumi.azure-dev.yaml").read_text()
+    (tmp_path / "stacks" / "Pulumi.cloud.yaml").write_text(azure_stack)
     result = subprocess.run(
         [sys.executable, "-m", "gpufleet", "up", "--stack", "cloud", "--specs", str(SAMPLE_SPECS)],
         cwd=tmp_path,

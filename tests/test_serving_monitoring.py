@@ -25,7 +25,7 @@ import pytest
 import tritonclient.http as httpclient
 import yaml
 
-from generators.serving_stack.grafana import DASHBOARD_QUERIES, render_grafana_files
+from generators.serving_stack.grafana import DASHBOARD_QUERIES, RATE_WINDOW, render_grafana_files
 from generators.serving_stack.graph import build_service_graph
 from generators.serving_stack.prometheus import RULES_FILE, render_prometheus_files
 from gpufleet.spec.serving import AlertThresholds
@@ -148,6 +148,8 @@ def prometheus_scraping(loaded_triton: LocalTritonServer, tmp_path: Path) -> Ite
 
 
 def query(prometheus: str, expr: str) -> list[dict[str, object]]:
+    """Run `expr` as Grafana would: its $__rate_interval is 4 scrape intervals, at least 1m."""
+    expr = expr.replace(RATE_WINDOW, "1m")
     url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
     with urllib.request.urlopen(url, timeout=10) as response:
         body = json.loads(response.read())

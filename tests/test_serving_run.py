@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +25,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,177 +33,48 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 
-from generators.ansible_inventory import inventory_yaml, render_inventory
-from generators.serving_stack.secrets import render_env_files
-from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.stack import LoadGateSettings
-from tests.conftest import PROJECT_ROOT
 from tests.docker_hosts import DockerEngine
+from tests.serving_deploy import (
+    GPUFLEET,
+    HOST,
+    PROJECT,
+    SECRETS,
+    STACK,
+    DeployedStack,
+    prepare_stack,
+)
 from tests.serving_images import ServingImages
-from tests.serving_models import FEATURES, MODEL_NAME, affine_spec, write_affine_model
+from tests.serving_models import FEATURES, MODEL_NAME, write_affine_model
 from validation.load import LoadTarget, run_load_gate
-from validation.loopback import LOOPBACK, pick_free_ports
 
-STACK = "svc"
-HOST = "serving-a"
-PROJECT = f"gpufleet-{STACK}"
-SECRETS = {
-    "GPUFLEET_POSTGRES_PASSWORD": "pg-Run-7f3a/x@y:z",
-    "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Run-91c2",
-    "GPUFLEET_TRITON_ADMIN_KEY": "key-Run-5d8e0b",
-}
 ADMIN_HEADER = "triton-admin-key"
-GPUFLEET = Path(sys.executable).with_name("gpufleet")
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
 
 @dataclass
-class DeployedStack:
-    engine: DockerEngine
-    project: Path  # the gpufleet project: modelconfigs/, stacks/, build/
-    deployed: Path  # the stack directory the role wrote on the "host"
-    ports: dict[str, int]
-    runs: list[str]  # ansible-playbook's output, per run
-
-    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["docker-compose", "--project-name", PROJECT, "--file", "docker-compose.yml", *args],
-            cwd=self.deployed,
-            env={**os.environ, "DOCKER_HOST": self.engine.docker_host},
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=300,
-        )
-
-    def container(self, service: str) -> str:
-        container_id = self.compose("ps", "-q", service).stdout.strip()
-        assert container_id, f"no {service} container"
-        return container_id
-
-    def inspect(self, service: str) -> dict[str, Any]:
-        output = self.engine.docker("inspect", self.container(service)).stdout
-        details = json.loads(output)[0]
-        assert isinstance(details, dict)
-        return details
-
-    def url(self, name: str) -> str:
-        return f"{LOOPBACK}:{self.ports[name]}"
-
-
-def write_project(project: Path, images: ServingImages, deployed: Path) -> dict[str, int]:
-    spec = affine_spec()
-    (project / "modelconfigs").mkdir(parents=True)
-    (project / "modelconfigs" / f"{MODEL_NAME}.yaml").write_text(
-        yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-    )
-    http, grpc, metrics, mlflow, prometheus = pick_free_ports(5)
-    config = {
-        "environment": "static",
-        "models": [MODEL_NAME],
-        "model_repository": f"build/{STACK}/model_repository",
-        "ports": {
-            "triton_http": http,
-            "triton_grpc": grpc,
-            "triton_metrics": metrics,
-            "mlflow": mlflow,
-        },
-        "hosts": [{"name": HOST, "address": LOOPBACK}],
-        "serving": {
-            "images": {
-                "triton": images.tritonserver,
-                "mlflow": images.mlflow,
-                "postgres": images.postgres,
-                "prometheus": images.prometheus,
-            },
-            "publish": ["triton_http", "triton_grpc", "mlflow", "prometheus"],
-            "ports": {"prometheus": prometheus},
-            "monitoring": {"grafana": False, "scrape_interval_s": 2},
-            # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
-            "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
-            "directory": str(deployed),
-        },
-    }
-    (project / "stacks").mkdir()
-    (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
-        yaml.safe_dump({"config": {f"gpufleet:{key}": value for key, value in config.items()}})
-    )
-    return {"http": http, "grpc": grpc, "mlflow": mlflow, "prometheus": prometheus}
-
-
-def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
-    """ansible-playbook with the serving_stack role on this machine; its output."""
-    loaded = load_stack_spec(project / "stacks", STACK)
-    inventory = render_inventory(STACK, loaded.spec, project_root=project)
-    host_vars = inventory["all"]["hosts"][HOST]
-    host_vars.update(
-        ansible_connection="local",
-        ansible_become=False,  # root already; this machine has no sudo
-        ansible_python_interpreter=sys.executable,
-        serving_stack_docker_host=engine.docker_host,
-    )
-    (work / "hosts.yml").write_text(inventory_yaml(inventory))
-    assert loaded.spec.serving is not None
-    env_files = render_env_files(loaded.spec.serving, SECRETS)
-    extravars = work / "secrets.json"
-    extravars.touch(mode=0o600)
-    extravars.write_text(json.dumps({"serving_stack_env_files": env_files}))
-    try:
-        result = subprocess.run(
-            [
-                str(ANSIBLE_PLAYBOOK),
-                *("-i", str(work / "hosts.yml"), "-e", f"@{extravars}"),
-                str(PROJECT_ROOT / "ansible" / "playbooks" / "serving_stack.yml"),
-            ],
-            env={
-                **os.environ,
-                "ANSIBLE_ROLES_PATH": str(PROJECT_ROOT / "ansible" / "roles"),
-                "ANSIBLE_NOCOLOR": "1",
-                "ANSIBLE_LOCAL_TEMP": str(work / "tmp"),
-                "ANSIBLE_RETRY_FILES_ENABLED": "False",
-            },
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=900,
-        )
-    finally:
-        extravars.unlink()
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return output
+class Deployment:
+    stack: DeployedStack
+    runs: list[str]  # ansible-playbook's output of the first and the second converge
 
 
 @pytest.fixture(scope="module")
-def deployed_stack(
+def deployment(
     tmp_path_factory: pytest.TempPathFactory,
     docker_engine: DockerEngine,
     serving_images: ServingImages,
-) -> Iterator[DeployedStack]:
-    root = tmp_path_factory.mktemp("serving-run")
-    project, deployed, work = root / "project", root / "host" / "serving", root / "ansible"
-    work.mkdir()
-    project.mkdir()
-    ports = write_project(project, serving_images, deployed)
-    generate = subprocess.run(
-        [str(GPUFLEET), "generate", "--stack", STACK],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert generate.returncode == 0, generate.stdout + generate.stderr
-    # The registry step's part, done by hand: the model file beside the generated config.
-    write_affine_model(project / "build" / STACK / "model_repository")
-    stack = DeployedStack(docker_engine, project, deployed, ports, [])
+) -> Iterator[Deployment]:
+    stack = prepare_stack(tmp_path_factory.mktemp("serving-run"), docker_engine, serving_images)
     try:
-        stack.runs.append(run_role(project, docker_engine, work))
-        stack.runs.append(run_role(project, docker_engine, work))
-        yield stack
+        runs = [stack.converge(), stack.converge()]
+        yield Deployment(stack, runs)
     finally:
-        if (deployed / "docker-compose.yml").exists():
-            stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
+        stack.down()
+
+
+@pytest.fixture
+def deployed_stack(deployment: Deployment) -> DeployedStack:
+    return deployment.stack
 
 
 def recap(output: str) -> dict[str, int]:
@@ -245,19 +114,81 @@ def prometheus_query(stack: DeployedStack, expr: str) -> list[dict[str, Any]]:
 
 
 def test_the_role_converges_the_stack_and_a_second_run_changes_nothing(
-    deployed_stack: DeployedStack,
+    deployment: Deployment,
 ) -> None:
-    first, second = (recap(output) for output in deployed_stack.runs)
+    deployed_stack = deployment.stack
+    first, second = (recap(output) for output in deployment.runs)
     assert first["failed"] == 0
     assert first["changed"] >= 4  # directories, files, models, env files, compose up
-    assert second["changed"] == 0, deployed_stack.runs[1][-3000:]
+    assert second["changed"] == 0, deployment.runs[1][-3000:]
     assert second["failed"] == 0
-    assert "Triton is ready" in deployed_stack.runs[1]
+    assert "Triton is ready" in deployment.runs[1]
     state = {
         service: deployed_stack.inspect(service)["State"]["Status"]
         for service in ("triton", "postgres", "mlflow", "prometheus")
     }
     assert state == dict.fromkeys(state, "running")
+
+
+def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
+    deployment: Deployment,
+) -> None:
+    """A spec change that only touches mounted files (an alert threshold) and a model left on
+    the host from an earlier spec: the role removes the model, restarts the services that read
+    those files (Triton, Prometheus), and nothing else."""
+    stack = deployment.stack
+    stack_file = stack.project / "stacks" / f"Pulumi.{STACK}.yaml"
+    document = yaml.safe_load(stack_file.read_text())
+    document["config"]["gpufleet:serving"]["monitoring"]["alerts"] = {"queue_time_ms": 250}
+    stack_file.write_text(yaml.safe_dump(document))
+    generate = subprocess.run(
+        [str(GPUFLEET), "generate", "--stack", STACK],
+        cwd=stack.project,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert generate.returncode == 0, generate.stdout + generate.stderr
+    write_affine_model(stack.deployed / "model_repository", name="retired_model")
+    started = {
+        service: stack.inspect(service)["State"]["StartedAt"]
+        for service in ("triton", "prometheus", "postgres", "mlflow")
+    }
+    output = stack.converge()
+    assert recap(output)["failed"] == 0
+    assert not (stack.deployed / "model_repository" / "retired_model").exists()
+    restarted = {
+        service
+        for service, at in started.items()
+        if stack.inspect(service)["State"]["StartedAt"] != at
+    }
+    assert restarted == {"triton", "prometheus"}
+    index = urllib.request.Request(
+        f"http://{stack.url('http')}/v2/repository/index",
+        method="POST",
+        data=b"{}",
+        headers={ADMIN_HEADER: SECRETS["GPUFLEET_TRITON_ADMIN_KEY"]},
+    )
+    with urllib.request.urlopen(index, timeout=10) as answer:
+        assert [model["name"] for model in json.loads(answer.read())] == [MODEL_NAME]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            rules = prometheus_rules(stack)
+        except OSError:
+            rules = {}
+        if "> 250" in rules.get("TritonQueueTimeHigh", ""):
+            break
+        assert time.monotonic() < deadline, f"Prometheus still has {rules}"
+        time.sleep(1)
+
+
+def prometheus_rules(stack: DeployedStack) -> dict[str, str]:
+    """Alert name -> its expression, as the running Prometheus has loaded them."""
+    url = f"http://{stack.url('prometheus')}/api/v1/rules"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        groups = json.loads(answer.read())["data"]["groups"]
+    return {rule["name"]: rule["query"] for group in groups for rule in group["rules"]}
 
 
 def test_triton_answers_over_http_and_grpc_on_the_published_ports(
@@ -278,7 +209,11 @@ def test_triton_answers_over_http_and_grpc_on_the_published_ports(
     assert published == {"8000/tcp": ["127.0.0.1"], "8001/tcp": ["127.0.0.1"], "8002/tcp": []}
     assert triton["Config"]["User"] == "1000:1000"
     assert triton["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
-    assert triton["State"]["Health"]["Status"] == "healthy"
+    # Docker's own health check (every 10 s) agrees with the readiness seen above.
+    deadline = time.monotonic() + 60
+    while deployed_stack.inspect("triton")["State"]["Health"]["Status"] != "healthy":
+        assert time.monotonic() < deadline, "Docker never saw Triton healthy"
+        time.sleep(1)
 
 
 def test_triton_model_repository_api_needs_the_admin_key(deployed_stack: DeployedStack) -> None:
@@ -409,9 +344,8 @@ def readiness_dropped(readiness: list[tuple[float, bool]]) -> bool:
     return False in states[first_ready:] and states[-1]
 
 
-def test_no_secret_in_any_generated_file_deployed_file_or_log(
-    deployed_stack: DeployedStack,
-) -> None:
+def test_no_secret_in_any_generated_file_deployed_file_or_log(deployment: Deployment) -> None:
+    deployed_stack = deployment.stack
     env_files = sorted((deployed_stack.deployed / "secrets").iterdir())
     assert [path.name for path in env_files] == ["mlflow.env", "postgres.env", "triton.env"]
     for path in env_files:
@@ -424,7 +358,7 @@ def test_no_secret_in_any_generated_file_deployed_file_or_log(
     ]
     assert len(searched) > 10
     texts = [path.read_text(errors="replace") for path in searched]
-    texts += deployed_stack.runs
+    texts += deployment.runs
     for service in ("triton", "postgres", "mlflow", "prometheus"):
         logs = deployed_stack.engine.docker("logs", deployed_stack.container(service))
         texts.append(logs.stdout + logs.stderr)

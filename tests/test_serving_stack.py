@@ -25,6 +25,7 @@ from generators.serving_stack.graph import SERVICE_SECRETS, ServiceGraphError, b
 from generators.serving_stack.secrets import MissingSecretError, render_env_files
 from gpufleet.cli import app
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
+from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.serving import ServingSpec
 from gpufleet.spec.stack import StackSpec
 from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS, snapshot
@@ -133,9 +134,9 @@ def test_each_service_gets_only_its_own_secrets_file() -> None:
     assert services["mlflow"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
 
 
-def test_gpu_reservations_are_the_gpus_the_models_instance_groups_use() -> None:
-    """onprem-prod serves resnet50 (kind gpu on GPU 0) and bert_encoder (kind gpu, no GPU list:
-    all of the host's); the lab's 8x H100 host serves every sample spec."""
+def test_gpu_reservations_are_all_the_hosts_gpus_when_a_model_may_use_one() -> None:
+    """onprem-prod serves resnet50 (kind gpu on GPU 0) and bert_encoder (kind gpu, no GPU list);
+    the lab's 8x H100 host serves every sample spec."""
 
     def reserved(stack: str, host: str) -> list[str]:
         triton = compose_of(stack, host)["services"]["triton"]  # type: ignore[index]
@@ -146,6 +147,48 @@ def test_gpu_reservations_are_the_gpus_the_models_instance_groups_use() -> None:
 
     assert reserved("onprem-prod", "gpu-prod-1") == ["0"]
     assert reserved("lab", "lab-h100-1") == [str(gpu) for gpu in range(8)]
+
+
+def two_gpu_host_reservation(instance_groups: list[dict[str, object]]) -> tuple[str, ...]:
+    spec = StackSpec.model_validate(
+        {
+            "environment": "static",
+            "hosts": [{"name": "g", "address": "10.0.0.2", "gpus": {"model": "a10", "count": 2}}],
+            "serving": {},
+        }
+    )
+    model = onnx_model(instance_groups)
+    return build_service_graph("x", spec, spec.hosts[0], [model]).service("triton").gpu_device_ids
+
+
+def onnx_model(instance_groups: list[dict[str, object]]) -> ModelSpec:
+    return ModelSpec.model_validate(
+        {
+            "name": "m",
+            "backend": "onnxruntime",
+            "max_batch_size": 4,
+            "inputs": [{"name": "x", "dtype": "fp32", "shape": [3]}],
+            "outputs": [{"name": "y", "dtype": "fp32", "shape": [3]}],
+            "instance_groups": instance_groups,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("instance_groups", "reserved"),
+    [
+        # The runtime renumbers what it is given from 0: GPU 1 alone would become GPU 0 and
+        # Triton would refuse "gpus: [1]". Every GPU keeps the indices as written.
+        ([{"kind": "gpu", "gpus": [1]}], ("0", "1")),
+        ([{"kind": "auto"}], ("0", "1")),
+        ([], ("0", "1")),  # no groups: Triton places the model as kind auto
+        ([{"kind": "cpu", "count": 2}], ()),
+    ],
+)
+def test_gpu_reservations_follow_what_triton_may_place_on_a_gpu(
+    instance_groups: list[dict[str, object]], reserved: tuple[str, ...]
+) -> None:
+    assert two_gpu_host_reservation(instance_groups) == reserved
 
 
 def test_a_cpu_only_stack_reserves_no_gpu(tmp_path: Path) -> None:
@@ -353,8 +396,7 @@ def test_the_inventory_points_the_role_at_each_hosts_stack(tmp_path: Path) -> No
     assert host["serving_stack_source_dir"] == str(tmp_path / "build/lab/serving/lab-t4-1")
     assert host["serving_stack_ready_urls"] == [
         "http://10.20.0.11:8000/v2/health/ready",
-        "http://10.20.0.11:5000/health",
-        "http://10.20.0.11:3000/api/health",
+        "http://10.20.0.11:3000/api/health",  # MLflow is not published by default
     ]
     no_http = spec.model_copy(update={"serving": ServingSpec(publish=["triton_grpc"])}, deep=True)
     with pytest.raises(InventoryError, match="publish triton_http"):

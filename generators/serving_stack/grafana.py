@@ -20,14 +20,15 @@ from generators.serving_stack.graph import PROMETHEUS_PORT, ServiceGraph
 DATASOURCE_UID = "prometheus"
 DASHBOARD_UID = "gpufleet-triton"
 DASHBOARD_FILE = "dashboards/triton.json"
-_RATE = "1m"
+# Grafana's own variable: at least four scrape intervals, so rate() always has two samples.
+RATE_WINDOW = "$__rate_interval"
 
 # (panel title, unit, [(legend, PromQL)]): the dashboard, as data.
 DASHBOARD_QUERIES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "Throughput (inferences/s)",
         "ops",
-        (("{{model}}", f"sum by (model) (rate(nv_inference_count[{_RATE}]))"),),
+        (("{{model}}", f"sum by (model) (rate(nv_inference_count[{RATE_WINDOW}]))"),),
     ),
     (
         "Request latency p50 / p99 (ms)",
@@ -49,8 +50,8 @@ DASHBOARD_QUERIES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         tuple(
             (
                 f"{{{{model}}}} {part}",
-                f"sum by (model) (rate(nv_inference_{metric}_duration_us[{_RATE}])) / 1000"
-                f" / sum by (model) (rate(nv_inference_request_success[{_RATE}]))",
+                f"sum by (model) (rate(nv_inference_{metric}_duration_us[{RATE_WINDOW}])) / 1000"
+                f" / sum by (model) (rate(nv_inference_request_success[{RATE_WINDOW}]))",
             )
             for part, metric in (
                 ("queue", "queue"),
@@ -63,7 +64,7 @@ DASHBOARD_QUERIES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "Failed requests/s",
         "reqps",
-        (("{{model}}", f"sum by (model) (rate(nv_inference_request_failure[{_RATE}]))"),),
+        (("{{model}}", f"sum by (model) (rate(nv_inference_request_failure[{RATE_WINDOW}]))"),),
     ),
     (
         "GPU utilization",

@@ -5,7 +5,7 @@ models placed on it; `compose.py` renders it to docker-compose, and the Promethe
 renderers read the same graph, so a port or a service name is decided in one place.
 
     graph = build_service_graph("onprem-prod", spec, host, models)
-    graph.service("triton").gpu_device_ids  # ("0",): the GPUs the models' instance groups use
+    graph.service("triton").gpu_device_ids  # ("0",): the host's GPUs, when a model may use one
 """
 
 from __future__ import annotations
@@ -317,11 +317,22 @@ def _host_ip(host: HostSpec) -> str | None:
 
 
 def _gpu_device_ids(host: HostSpec, models: list[ModelSpec]) -> tuple[str, ...]:
-    """The host GPUs the models' `kind: gpu` instance groups use (all when a group names none)."""
+    """Every GPU of the host when a model may run on one, else none.
+
+    All of them, not only those the instance groups name: the container runtime numbers the
+    GPUs it is given from 0, so a group on GPU 1 given only GPU 1 would find no GPU 1. Groups of
+    kind auto or model (and a model with no groups, which Triton treats as auto) take GPUs
+    where there are any.
+    """
     available = host.gpus.count if host.gpus else 0
-    wanted: set[int] = set()
+    may_use_gpu = False
     for model in models:
+        if not model.instance_groups and not model.is_ensemble:
+            may_use_gpu = True
         for index, group in enumerate(model.instance_groups):
+            if group.kind == "cpu":
+                continue
+            may_use_gpu = True
             if group.kind != "gpu":
                 continue
             if available == 0:
@@ -335,5 +346,6 @@ def _gpu_device_ids(host: HostSpec, models: list[ModelSpec]) -> tuple[str, ...]:
                     f"model {model.name} instance_groups[{index}] uses GPU {missing[0]} but "
                     f"host {host.name} has {available} (0-{available - 1}); change gpus"
                 )
-            wanted.update(group.gpus or range(available))
-    return tuple(str(gpu) for gpu in sorted(wanted))
+    if not may_use_gpu:
+        return ()
+    return tuple(str(gpu) for gpu in range(available))

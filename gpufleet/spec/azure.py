@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}[A-Za-z0-9_]$"
 # Sources that mean "anyone": as an SSH source they open the port to the internet.
+# Where cloud-init mounts each VM's data disk (infra/azure/cloud_init.py); the serving stack and
+# its model repository live on it, so they outlive a rebuilt VM.
+DATA_DISK_MOUNT = "/srv/gpufleet"
+# Two /1s are the whole internet too: a public SSH source must be at least this narrow.
+MIN_PUBLIC_SSH_PREFIX = 8
 OPEN_SOURCES = frozenset({"*", "0.0.0.0/0", "::/0", "internet", "any"})
 # Azure refuses these admin user names (and root would defeat disable_root).
 RESERVED_ADMIN_USERS = frozenset(
@@ -55,6 +60,15 @@ def _cidr(value: str) -> str:
         ) from None
     if network.prefixlen == 0:
         raise ValueError(f"{value} is the whole internet; list narrower networks")
+    if network.version == 6:
+        raise ValueError(
+            f"{value} is IPv6; the stack's VNet and NSG are IPv4 only: list IPv4 networks"
+        )
+    if not network.is_private and network.prefixlen < MIN_PUBLIC_SSH_PREFIX:
+        raise ValueError(
+            f"{value} spans {network.num_addresses:,} public addresses, a large part of the "
+            f"internet; list networks of /{MIN_PUBLIC_SSH_PREFIX} or narrower"
+        )
     return value
 
 

@@ -94,7 +94,12 @@ class Monitoring(SpecModel):
 
     prometheus: bool = True
     grafana: bool = True
-    scrape_interval_s: int = Field(default=15, ge=1, le=300)
+    scrape_interval_s: int = Field(
+        default=15,
+        ge=1,
+        le=60,
+        description="At most 60 s: the alert rules' 5-minute rates need several samples.",
+    )
     retention_days: int = Field(default=15, ge=1, le=3650)
     alerts: AlertThresholds = Field(default_factory=AlertThresholds)
 
@@ -147,12 +152,11 @@ class ServingSpec(SpecModel):
 
     images: ServingImages = Field(default_factory=ServingImages)
     publish: list[PublishedService] = Field(
-        default_factory=lambda: list[PublishedService](
-            ["triton_http", "triton_grpc", "mlflow", "grafana"]
-        ),
+        default_factory=lambda: list[PublishedService](["triton_http", "triton_grpc", "grafana"]),
         description="Services reachable from outside the host, on its private address; the "
-        "rest (Postgres always, Triton's metrics, Prometheus) stay on the stack's internal "
-        "network.",
+        "rest (Postgres always, Triton's metrics, Prometheus, MLflow) stay on the stack's "
+        "internal network. MLflow has no authentication: publish it only on a network you "
+        "trust with the registry (or reach it through an SSH tunnel).",
     )
     bind_address: str | None = Field(
         default=None,
@@ -162,10 +166,12 @@ class ServingSpec(SpecModel):
     ports: ServingPorts = Field(default_factory=ServingPorts)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     triton: TritonService = Field(default_factory=TritonService)
-    directory: str = Field(
-        default="/opt/gpufleet/serving",
+    directory: str | None = Field(
+        default=None,
         pattern=r"^/[A-Za-z0-9._/-]+$",
-        description="Where the serving_stack role puts the stack on the host.",
+        description="Where the serving_stack role puts the stack and its model repository on "
+        "the host; default /opt/gpufleet/serving, on azure stacks /srv/gpufleet/serving (the "
+        "data disk).",
     )
     secrets_dir: str = Field(
         default="secrets",

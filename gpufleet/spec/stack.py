@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from gpufleet.spec.azure import AzureEnvironment, check_azure_stack
+from gpufleet.spec.azure import DATA_DISK_MOUNT, AzureEnvironment, check_azure_stack
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 from gpufleet.spec.proxmox import ProxmoxCluster
@@ -20,6 +20,7 @@ from gpufleet.spec.serving import ServingSpec
 
 CONFIG_NAMESPACE = "gpufleet"
 DEFAULT_MODEL_REPOSITORY = "build/model_repository"
+DEFAULT_SERVING_DIRECTORY = "/opt/gpufleet/serving"
 GateName = Literal["host", "correctness", "load"]
 GATE_NAMES: tuple[GateName, ...] = ("host", "correctness", "load")
 EnvironmentKind = Literal["local", "static", "proxmox", "azure"]
@@ -227,6 +228,14 @@ class StackSpec(SpecModel):
                 "put serving in a static, proxmox or azure stack"
             )
         return self
+
+    def serving_directory(self) -> str:
+        """Where the serving stack lives on each host (on Azure: the VM's data disk)."""
+        if self.serving is not None and self.serving.directory:
+            return self.serving.directory
+        if self.environment == "azure":
+            return f"{DATA_DISK_MOUNT}/serving"
+        return DEFAULT_SERVING_DIRECTORY
 
     def resolved_state_dir(self, stack_name: str) -> str:
         return self.state_dir or f"build/{stack_name}"

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import jinja2
 
+from gpufleet.spec.azure import DATA_DISK_MOUNT
+
 TEMPLATE = Path(__file__).with_name("cloud-init.yaml.j2")
 DATA_DISK_LUN = 0
 # Azure's udev rules (walinuxagent, azure-vm-utils) link each data disk by LUN.
 DATA_DISK_DEVICE = f"/dev/disk/azure/scsi1/lun{DATA_DISK_LUN}"
 DATA_DISK_LABEL = "gpufleet-data"
-MOUNT_POINT = "/srv/gpufleet"
+MOUNT_POINT = DATA_DISK_MOUNT
 # Azure refuses custom data above 64 KiB once base64-encoded.
 MAX_CUSTOM_DATA_BYTES = 65536
 

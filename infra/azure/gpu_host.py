@@ -31,6 +31,11 @@ PLATFORM_KEY = "EncryptionAtRestWithPlatformKey"
 CUSTOMER_KEY = "EncryptionAtRestWithCustomerKey"
 
 
+# "Host caching is not supported for disk sizes 4 TiB and larger" (learn.microsoft.com/azure/
+# virtual-machines/premium-storage-performance#disk-caching).
+HOST_CACHING_LIMIT_GB = 4096
+
+
 @dataclass(frozen=True)
 class AzureGpuHostArgs:
     """What one host's VM is made from."""
@@ -175,8 +180,13 @@ class AzureGpuHost(pulumi.ComponentResource):
                     compute.DataDiskArgs(
                         lun=DATA_DISK_LUN,
                         create_option="Attach",
-                        # The model repository is read far more often than written.
-                        caching=compute.CachingTypes.READ_ONLY,
+                        # The model repository is read far more often than written; Azure
+                        # refuses host caching on disks of 4 TiB and more.
+                        caching=(
+                            compute.CachingTypes.READ_ONLY
+                            if vm.data_disk_gb < HOST_CACHING_LIMIT_GB
+                            else compute.CachingTypes.NONE
+                        ),
                         delete_option="Detach",  # the models outlive a rebuilt VM
                         managed_disk=compute.ManagedDiskParametersArgs(id=self.data_disk.id),
                     )
