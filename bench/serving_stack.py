@@ -88,11 +88,11 @@ def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:
         os.kill(pid, signal.SIGKILL)
         _wait_until_ready(stack, started)
         crash = time.monotonic() - started
+        restarts = stack.inspect("triton")["RestartCount"]  # `docker restart` resets it
         started = time.monotonic()
         stack.compose("restart", "triton")  # returns once the container was restarted
         _wait_until_ready(stack, started, outage_first=False)
         restart = time.monotonic() - started
-        restarts = stack.inspect("triton")["RestartCount"]
     finally:
         stack.down()
     seconds = {
