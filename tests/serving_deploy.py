@@ -16,10 +16,12 @@ PYTEST_DONT_REWRITE: this module asserts nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import yaml
 
 from generators.ansible_inventory import inventory_yaml, render_inventory
-from generators.serving_stack.secrets import render_env_files
+from gpufleet.configure.runner import ansible_secrets, unsafe_extravars
 from gpufleet.spec.loading import load_stack_spec
 from tests.docker_hosts import CommandFailed, DockerEngine
 from tests.serving_images import ServingImages
@@ -42,7 +44,9 @@ PROJECT = f"gpufleet-{STACK}"
 SECRETS = {
     "GPUFLEET_POSTGRES_PASSWORD": "pg-Run-7f3a/x@y:z",
     "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Run-91c2",
-    "GPUFLEET_TRITON_ADMIN_KEY": "key-Run-5d8e0b",
+    # Jinja and glob syntax: it must reach Triton as written (extra vars are !unsafe, and
+    # the container's shell expands the variable inside double quotes).
+    "GPUFLEET_TRITON_ADMIN_KEY": "key-{{7*7}}-*-5d8e0b",
 }
 GPUFLEET = Path(sys.executable).with_name("gpufleet")
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
@@ -142,12 +146,13 @@ def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
         serving_stack_docker_host=engine.docker_host,
     )
     (work / "hosts.yml").write_text(inventory_yaml(inventory))
-    if loaded.spec.serving is None:
-        raise ValueError(f"stack {STACK} has no serving block")
-    env_files = render_env_files(loaded.spec.serving, SECRETS)
-    extravars = work / "secrets.json"
+    # The secrets travel as `gpufleet configure` sends them: read from the environment by the
+    # runner, written as extra vars tagged !unsafe (Ansible must not template them).
+    with _environment(SECRETS):
+        secrets = ansible_secrets(loaded.spec)
+    extravars = work / "secrets.yml"
     extravars.touch(mode=0o600)
-    extravars.write_text(json.dumps({"serving_stack_env_files": env_files}))
+    extravars.write_text(unsafe_extravars(secrets))
     try:
         result = subprocess.run(
             [
@@ -173,6 +178,20 @@ def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
     if result.returncode != 0:
         raise CommandFailed(f"ansible-playbook exited {result.returncode}:\n{output[-6000:]}")
     return output
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def prepare_stack(root: Path, engine: DockerEngine, images: ServingImages) -> DeployedStack:

@@ -261,6 +261,11 @@ def test_a_missing_or_multiline_secret_is_refused_by_name() -> None:
             serving,
             {"GPUFLEET_POSTGRES_PASSWORD": "p", "GPUFLEET_TRITON_ADMIN_KEY": "a\nTRITON_X=1"},
         )
+    with pytest.raises(
+        MissingSecretError,
+        match=r"GPUFLEET_POSTGRES_PASSWORD holds ' ' '\$', which Compose v1 and v2 read differently",
+    ):
+        render_env_files(serving, {"GPUFLEET_POSTGRES_PASSWORD": "a $HOME"})
 
 
 # --- Bad input -----------------------------------------------------------------------------

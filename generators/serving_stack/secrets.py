@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from generators.serving_stack.graph import POSTGRES_DB, POSTGRES_PORT, POSTGRES_USER
 from gpufleet.spec.serving import ServingSpec
 
+_COMPOSE_SPECIAL = frozenset("'\"\\$`")
+
 
 class MissingSecretError(ValueError):
     """A secret's environment variable is unset, empty or not one line."""
@@ -52,4 +54,11 @@ def _secret(environ: Mapping[str, str], variable: str, what: str) -> str:
         )
     if "\n" in value or "\r" in value or "\0" in value:
         raise MissingSecretError(f"{variable} holds a line break; {what} must be one line")
+    # Compose v1 takes env-file values as written; v2 strips quotes and expands $VARIABLES.
+    if odd := sorted({char for char in value if char in _COMPOSE_SPECIAL or char.isspace()}):
+        raise MissingSecretError(
+            f"{variable} holds {' '.join(repr(char) for char in odd)}, which Compose v1 and "
+            f"v2 read differently in an env file; choose {what} without quotes, backslashes, "
+            "$, backticks or whitespace"
+        )
     return value

@@ -93,7 +93,7 @@ def configure_hosts(
     import ansible_runner  # type: ignore[import-untyped]  # slow to import; only for this command
 
     inventory = render_inventory(stack, spec, project_root=project_root, limit=limit)
-    secrets = _secrets(spec)
+    secrets = ansible_secrets(spec)
     data_dir = project_root / spec.resolved_state_dir(stack) / "ansible"
     ident = datetime.datetime.now(datetime.UTC).strftime("configure-%Y%m%dT%H%M%S%fZ")
     tracker = EventTracker(say)
@@ -134,7 +134,7 @@ def configure_hosts(
     return result
 
 
-def _secrets(spec: StackSpec) -> dict[str, str | dict[str, str]]:
+def ansible_secrets(spec: StackSpec) -> dict[str, str | dict[str, str]]:
     """Secrets for Ansible, read from the environment variables the spec names."""
     secrets: dict[str, str | dict[str, str]] = {}
     if spec.serving is not None:
@@ -164,7 +164,7 @@ def _search_path() -> str:
     return os.pathsep.join([str(environment_bin), os.environ.get("PATH", os.defpath)])
 
 
-def _unsafe_yaml(secrets: dict[str, str | dict[str, str]]) -> str:
+def unsafe_extravars(secrets: dict[str, str | dict[str, str]]) -> str:
     """YAML with every value tagged !unsafe: Ansible templates extra vars, and a password such
     as `p{{ 7*7 }}w` must reach sudo as written, not as `p49w`."""
 
@@ -216,7 +216,7 @@ def _private_files(
     if secrets:
         descriptor = os.open(env_dir / "extravars", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as file:
-            file.write(_unsafe_yaml(secrets))
+            file.write(unsafe_extravars(secrets))
     try:
         yield
     finally:
