@@ -239,6 +239,10 @@ def build_service_graph(
                     Mount("grafana-data", "/var/lib/grafana"),
                 ),
                 networks=networks("grafana"),
+                # Grafana's image (Alpine) has busybox wget, not python3.
+                healthcheck=HealthCheck(
+                    ("wget", "-q", "-O", "/dev/null", f"http://127.0.0.1:{GRAFANA_PORT}/api/health")
+                ),
                 depends_on_healthy=("prometheus",),
             )
         )
