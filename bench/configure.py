@@ -41,8 +41,8 @@ from gpufleet.spec.stack import StackSpec  # noqa: E402
 from tests.docker_hosts import (  # noqa: E402
     DockerEngine,
     HostPool,
-    OwnDockerd,
     SshKeyPair,
+    engine_for_script,
     import_host_image,
 )
 
@@ -56,24 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as scratch:
         work = Path(scratch)
-        with _engine(args.docker_host, work) as engine:
+        with engine_for_script(args.docker_host, work) as engine:
             results = _measure(engine, work)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["ratios"], indent=2))
     print(f"wrote {args.out}")
-
-
-@contextmanager
-def _engine(docker_host: str | None, work: Path) -> Iterator[DockerEngine]:
-    if docker_host:
-        yield DockerEngine(docker_host)
-        return
-    dockerd = OwnDockerd(Path(tempfile.mkdtemp(prefix="gpufleet-dockerd-")), work / "dockerd.log")
-    dockerd.start()
-    try:
-        yield dockerd.engine
-    finally:
-        dockerd.stop()
 
 
 def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:

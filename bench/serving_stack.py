@@ -32,8 +32,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from tests.docker_hosts import DockerEngine, OwnDockerd, import_host_image  # noqa: E402
+from tests.docker_hosts import DockerEngine, engine_for_script, import_host_image  # noqa: E402
 from tests.serving_deploy import DeployedStack, prepare_stack  # noqa: E402
 from tests.serving_images import ensure_serving_images  # noqa: E402
 
@@ -57,24 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as scratch:
         work = Path(scratch)
-        with _engine(args.docker_host, work) as engine:
+        with engine_for_script(args.docker_host, work) as engine:
             results = _measure(engine, work)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
-
-
-@contextmanager
-def _engine(docker_host: str | None, work: Path) -> Iterator[DockerEngine]:
-    if docker_host:
-        yield DockerEngine(docker_host)
-        return
-    dockerd = OwnDockerd(Path(tempfile.mkdtemp(prefix="gpufleet-dockerd-")), work / "dockerd.log")
-    dockerd.start()
-    try:
-        yield dockerd.engine
-    finally:
-        dockerd.stop()
 
 
 def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:

@@ -245,6 +245,21 @@ class OwnDockerd:
         _remove_tree(self.root)
 
 
+@contextlib.contextmanager
+def engine_for_script(docker_host: str | None, work: Path) -> Iterator[DockerEngine]:
+    """For scripts (the benches): the engine `docker_host` names, else a dockerd of their own
+    (log in `work`), stopped on the way out."""
+    if docker_host:
+        yield DockerEngine(docker_host)
+        return
+    dockerd = OwnDockerd(Path(tempfile.mkdtemp(prefix="gpufleet-dockerd-")), work / "dockerd.log")
+    dockerd.start()
+    try:
+        yield dockerd.engine
+    finally:
+        dockerd.stop()
+
+
 def _mounts_under(directory: Path) -> list[str]:
     prefix = str(directory.resolve())
     mounts = []
