@@ -167,6 +167,17 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     )
     assert generate.returncode == 0, generate.stdout + generate.stderr
     write_affine_model(stack.deployed / "model_repository", name="retired_model")
+    # A rule file an earlier spec generated (listed in the host's manifest), and a manifest
+    # entry pointing outside the stack directory, which must be left alone.
+    manifest = stack.deployed / ".gpufleet-generated.json"
+    old_rules = stack.deployed / "prometheus" / "rules" / "retired.rules.yml"
+    old_rules.write_text("groups: []\n")
+    outside = stack.deployed.parent / "not-generated.txt"
+    outside.write_text("keep me\n")
+    listed = json.loads(manifest.read_text())
+    manifest.write_text(
+        json.dumps([*listed, "prometheus/rules/retired.rules.yml", "../not-generated.txt"])
+    )
     started = {
         service: stack.inspect(service)["State"]["StartedAt"]
         for service in ("triton", "prometheus", "postgres", "mlflow")
@@ -174,6 +185,8 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     output = stack.converge()
     assert recap(output)["failed"] == 0
     assert not (stack.deployed / "model_repository" / "retired_model").exists()
+    assert not old_rules.exists()
+    assert outside.read_text() == "keep me\n"
     restarted = {
         service
         for service, at in started.items()
