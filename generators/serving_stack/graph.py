@@ -93,7 +93,6 @@ class Service:
 class ServiceGraph:
     stack: str
     host: str
-    bind_address: str
     secrets_dir: str
     scrape_interval_s: int
     services: tuple[Service, ...]
@@ -249,7 +248,6 @@ def build_service_graph(
     return ServiceGraph(
         stack=stack,
         host=host.name,
-        bind_address=bind_address,
         secrets_dir=serving.secrets_dir,
         scrape_interval_s=monitoring.scrape_interval_s,
         services=tuple(services),
