@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from generators.serving_stack.graph import ServiceGraphError, bind_address_of
+from generators.serving_stack.graph import ServiceGraphError, bind_address_of, url_host
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.stack import StackSpec
 
@@ -142,7 +142,7 @@ def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) 
         serving_dir = project_root / spec.resolved_state_dir(stack) / "serving" / host.name
         serving = {
             "serving_stack_source_dir": str(serving_dir.resolve()),
-            "serving_stack_ready_urls": _ready_urls(spec, _url_host(address)),
+            "serving_stack_ready_urls": _ready_urls(spec, url_host(address)),
         }
     return {
         "ansible_host": host.address,
@@ -180,10 +180,6 @@ def _ready_urls(spec: StackSpec, host: str) -> list[str]:
         if running and service in serving.publish:
             urls.append(f"http://{host}:{port}{path}")
     return urls
-
-
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def resolve_path(path: str, project_root: Path) -> Path:

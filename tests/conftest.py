@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -52,6 +54,19 @@ def write_spec(directory: Path, name: str, text: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def changed_copy(base: dict[str, Any], path: list[Any], value: Any) -> dict[str, Any]:
+    """A deep copy of `base` with the item at `path` set to `value` (removed when None)."""
+    config = copy.deepcopy(base)
+    target = config
+    for part in path[:-1]:
+        target = target[part]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return config
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ configure`, which loads the stack first) in-process for the exit code. Nothing t
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from gpufleet.spec.azure import azure_warnings
 from gpufleet.spec.azure_sizes import CATALOG, closest_sizes, find_size, smallest_size
 from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.problems import SpecError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, changed_copy
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDx9Q3nZ1M0o1x9yWc7yQ9f0h0cWc0s3V0tN5m2lq4bF ops@x"
 BASE: dict[str, Any] = {
@@ -52,15 +51,7 @@ def load(tmp_path: Path, config: dict[str, Any]) -> Any:
 
 
 def changed(path: list[Any], value: Any) -> dict[str, Any]:
-    config = copy.deepcopy(BASE)
-    target = config
-    for part in path[:-1]:
-        target = target[part]
-    if value is None:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return config
+    return changed_copy(BASE, path, value)
 
 
 def host_vm(value: dict[str, Any]) -> dict[str, Any]:

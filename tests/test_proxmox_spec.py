@@ -6,7 +6,6 @@ Real: stack files on disk through the loader and pydantic. Nothing talks to a cl
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import yaml
 
 from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.problems import SpecError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, changed_copy
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDx9Q3nZ1M0o1x9yWc7yQ9f0h0cWc0s3V0tN5m2lq4bF ops@x"
 BASE: dict[str, Any] = {
@@ -42,15 +41,7 @@ def load(tmp_path: Path, config: dict[str, Any]) -> Any:
 
 
 def changed(path: list[Any], value: Any) -> dict[str, Any]:
-    config = copy.deepcopy(BASE)
-    target = config
-    for part in path[:-1]:
-        target = target[part]
-    if value is None:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return config
+    return changed_copy(BASE, path, value)
 
 
 def test_the_onprem_stacks_load_with_mappings_and_no_secret() -> None:

@@ -103,9 +103,8 @@ def infer_http(url: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(url, method=method, headers=headers or {}, data=b"{}")
-    if method == "GET":
-        request.data = None
+    data = None if method == "GET" else b"{}"
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status)

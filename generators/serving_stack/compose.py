@@ -19,6 +19,7 @@ from generators.serving_stack.graph import (
     HealthCheck,
     Service,
     ServiceGraph,
+    url_host,
 )
 
 
@@ -49,7 +50,8 @@ def _service(graph: ServiceGraph, service: Service) -> dict[str, Any]:
         rendered["env_file"] = [graph.env_file(service)]
     if service.ports:
         rendered["ports"] = [
-            f"{_ip(port.host_ip)}:{port.host_port}:{port.container_port}" for port in service.ports
+            f"{url_host(port.host_ip)}:{port.host_port}:{port.container_port}"
+            for port in service.ports
         ]
     if service.mounts:
         rendered["volumes"] = [
@@ -95,7 +97,3 @@ def _healthcheck(check: HealthCheck) -> dict[str, Any]:
         "retries": check.retries,
         "start_period": f"{check.start_period_s}s",
     }
-
-
-def _ip(address: str) -> str:
-    return f"[{address}]" if ":" in address else address

@@ -181,7 +181,7 @@ def build_service_graph(
             "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(
                 (
                     f"mlflow:{MLFLOW_PORT}",
-                    f"{_url_host(bind_address)}:{spec.ports.mlflow}",
+                    f"{url_host(bind_address)}:{spec.ports.mlflow}",
                     f"localhost:{MLFLOW_PORT}",  # the health check, inside the container
                     f"127.0.0.1:{MLFLOW_PORT}",
                 )
@@ -308,7 +308,8 @@ def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:
         ) from None
 
 
-def _url_host(address: str) -> str:
+def url_host(address: str) -> str:
+    """An address as a URL or compose port needs it: IPv6 in brackets."""
     return f"[{address}]" if ":" in address else address
 
 

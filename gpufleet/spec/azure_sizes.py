@@ -125,6 +125,30 @@ def _t4(name: str, vcpus: int, memory: int, temp: int, gpus: int, data_disks: in
     )
 
 
+def _nc_h100(name: str, vcpus: int, memory: int, temp: int, gpus: int, data_disks: int) -> GpuSize:
+    # NCads_H100_v5: H100 NVL 94 GB each, AMD EPYC Genoa; Gen2 only; no NVSwitch (the 80-vCPU
+    # size's pair is NVLink-bridged); NVMe temp storage. [_NC_H100]
+    return GpuSize(
+        name=name,
+        series="NCads_H100_v5",
+        family="h100",
+        gpu_model="NVIDIA H100 NVL",
+        gpu_count=gpus,
+        gpu_share=Fraction(1),
+        gpu_memory_gib=94 * gpus,
+        vcpus=vcpus,
+        memory_gib=memory,
+        temp_storage_gib=temp,
+        local_nvme=True,
+        nvswitch=False,
+        infiniband_gbps_per_gpu=0,
+        generations=_GEN_2,
+        driver_family="datacenter",
+        max_data_disks=data_disks,
+        source=_NC_H100,
+    )
+
+
 def _a10(
     name: str, vcpus: int, memory: int, temp: int, share: Fraction, gpus: int, data_disks: int
 ) -> GpuSize:
@@ -164,47 +188,11 @@ CATALOG: tuple[GpuSize, ...] = (
     _a10("Standard_NV36ads_A10_v5", 36, 440, 1440, Fraction(1), 1, 16),
     _a10("Standard_NV36adms_A10_v5", 36, 880, 2880, Fraction(1), 1, 32),
     _a10("Standard_NV72ads_A10_v5", 72, 880, 2880, Fraction(1), 2, 32),
-    # NCads_H100_v5 [_NC_H100]: H100 NVL 94 GB, AMD EPYC Genoa; "Generation 1 VMs: Not
-    # Supported"; no NVSwitch (the 80-vCPU size's pair is NVLink-bridged). That the temp
-    # storage is NVMe is from NVIDIA's and Azure's H100 material, not from this page's table.
-    GpuSize(
-        name="Standard_NC40ads_H100_v5",
-        series="NCads_H100_v5",
-        family="h100",
-        gpu_model="NVIDIA H100 NVL",
-        gpu_count=1,
-        gpu_share=Fraction(1),
-        gpu_memory_gib=94,
-        vcpus=40,
-        memory_gib=320,
-        temp_storage_gib=3576,
-        local_nvme=True,
-        nvswitch=False,
-        infiniband_gbps_per_gpu=0,
-        generations=_GEN_2,
-        driver_family="datacenter",
-        max_data_disks=8,
-        source=_NC_H100,
-    ),
-    GpuSize(
-        name="Standard_NC80adis_H100_v5",
-        series="NCads_H100_v5",
-        family="h100",
-        gpu_model="NVIDIA H100 NVL",
-        gpu_count=2,
-        gpu_share=Fraction(1),
-        gpu_memory_gib=188,
-        vcpus=80,
-        memory_gib=640,
-        temp_storage_gib=7152,
-        local_nvme=True,
-        nvswitch=False,
-        infiniband_gbps_per_gpu=0,
-        generations=_GEN_2,
-        driver_family="datacenter",
-        max_data_disks=16,
-        source=_NC_H100,
-    ),
+    # NCads_H100_v5 [_NC_H100]: vCPUs, GiB memory, GiB temp storage, GPUs, data disks;
+    # "Generation 1 VMs: Not Supported". That the temp storage is NVMe is from NVIDIA's and
+    # Azure's H100 material, not from this page's table.
+    _nc_h100("Standard_NC40ads_H100_v5", 40, 320, 3576, 1, 8),
+    _nc_h100("Standard_NC80adis_H100_v5", 80, 640, 7152, 2, 16),
     # ND_H100_v5 [_ND_H100]: 8 H100 (640 GB together), "NVLINK 4.0 connectivity" (the HGX
     # board's NVSwitch), "its own dedicated ... 400 Gb/s NVIDIA Quantum-2 CX7 InfiniBand
     # connection" per GPU; "Generation 1 VMs: Not Supported"; 28000 GiB temp storage (NVMe).
