@@ -11,6 +11,7 @@ stack's `hosts` and `host_config`. Secrets are not part of it (the runner passes
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class InventoryError(ValueError):
 
 
 def render_inventory(
-    stack: str, spec: StackSpec, *, project_root: Path, limit: str | None = None
+    stack: str, spec: StackSpec, *, project_root: Path, limit: str | Sequence[str] | None = None
 ) -> dict[str, Any]:
     """The YAML inventory (as data) for the stack's hosts, or only `limit` when given."""
     hosts = selected_hosts(stack, spec, limit)
@@ -51,8 +52,11 @@ def inventory_yaml(inventory: dict[str, Any]) -> str:
     return header + yaml.safe_dump(inventory, sort_keys=False, default_flow_style=False)
 
 
-def selected_hosts(stack: str, spec: StackSpec, limit: str | None) -> list[HostSpec]:
-    """The stack's hosts, or only `limit`; each with an address, or InventoryError saying why."""
+def selected_hosts(
+    stack: str, spec: StackSpec, limit: str | Sequence[str] | None
+) -> list[HostSpec]:
+    """The stack's hosts, or only those `limit` names; each with an address, or InventoryError
+    saying why."""
     if spec.environment == "local":
         raise InventoryError(
             f"stack {stack!r} is a local stack (this machine) and has no hosts; configure and "
@@ -65,10 +69,14 @@ def selected_hosts(stack: str, spec: StackSpec, limit: str | None) -> list[HostS
         )
     hosts = spec.hosts
     if limit is not None:
-        hosts = [host for host in spec.hosts if host.name == limit]
-        if not hosts:
+        names = [limit] if isinstance(limit, str) else list(limit)
+        hosts = [host for host in spec.hosts if host.name in names]
+        unknown = sorted(set(names) - {host.name for host in hosts})
+        if unknown:
             known = ", ".join(host.name for host in spec.hosts)
-            raise InventoryError(f"--limit {limit}: stack {stack!r} has no such host ({known})")
+            raise InventoryError(
+                f"--limit {', '.join(unknown)}: stack {stack!r} has no such host ({known})"
+            )
     missing = [host.name for host in hosts if host.address is None]
     if missing:
         raise InventoryError(
@@ -128,6 +136,9 @@ def _serving_stack_vars(stack: str, spec: StackSpec, project_root: Path) -> dict
         "serving_stack_directory": spec.serving_directory(),
         "serving_stack_project": f"gpufleet-{stack}",
         "serving_stack_secrets_dir": serving.secrets_dir,
+        "serving_stack_image_archives": [
+            str(resolve_path(archive, project_root)) for archive in serving.image_archives
+        ],
     }
 
 

@@ -33,7 +33,7 @@ from generators.serving_stack.files import (
 )
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
-from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName, StackSpec
+from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
 
 if TYPE_CHECKING:
     from gpufleet.configure.runner import ConfigureResult
@@ -84,6 +84,14 @@ JsonOption = Annotated[
 GateOption = Annotated[
     list[Gate] | None,
     typer.Option("--only", help="Run only this gate (repeatable): host, correctness, load."),
+]
+OutputsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--outputs",
+        help="Proxmox and azure stacks: the JSON of `pulumi stack output --json`, where the "
+        "hosts' addresses come from (default: read through Pulumi, where its CLI is installed).",
+    ),
 ]
 
 
@@ -353,17 +361,23 @@ def up(
     stack: StackOption = "local",
     only: GateOption = None,
     as_json: JsonOption = False,
+    outputs: OutputsOption = None,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
-    """Serve a local stack: MLflow registry -> model repository -> Triton -> validation gates.
+    """Bring a stack to its spec, then gate it.
 
-    Starts what is not running yet, changes only what differs from the specs and the registry,
-    seeds demo models into an empty local registry, then runs the stack's gates. Servers keep
-    running after the command; `gpufleet down --stack NAME` stops them.
+    Local stacks: MLflow registry -> model repository -> Triton on this machine -> gates;
+    servers keep running after the command (`gpufleet down --stack NAME` stops them).
+    Static, proxmox and azure stacks: on every host, configure (Ansible) -> deploy (the model
+    repository from the environment's registry, the serving stack) -> gate (host, correctness,
+    load). A host stops at its first failed step; the others go on. Only what differs from the
+    specs and the registry is changed.
 
-    Exit codes: 0 all gates passed, 1 a gate failed, 2 bad input or could not run.
+    Exit codes: 0 all gates passed, 1 a step or gate failed, 2 bad input or could not run.
     """
+    if _environment_kind(stack, stacks_dir) != "local":
+        _run_on_hosts("up", stack, only, as_json, outputs, specs_dir, stacks_dir)
     local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
         reports = local_stack.up(_gate_names(only))
@@ -375,6 +389,7 @@ def validate(
     stack: StackOption = "local",
     only: GateOption = None,
     as_json: JsonOption = False,
+    outputs: OutputsOption = None,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
@@ -384,41 +399,39 @@ def validate(
     correctness (the registry's golden examples replayed through Triton), load (perf_analyzer's
     method against the specs' service objectives).
     """
-    try:
-        loaded = load_stack_spec(stacks_dir, stack)
-    except SpecError as error:
-        _fail([str(problem) for problem in error.problems])
-    if loaded.spec.environment != "local":
-        _validate_hosts(stack, loaded.spec, _gate_names(only), as_json)
+    if _environment_kind(stack, stacks_dir) != "local":
+        _run_on_hosts("validate", stack, only, as_json, outputs, specs_dir, stacks_dir)
     local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
         reports = local_stack.validate(_gate_names(only))
     _finish_with_gates(reports, local_stack.paths.reports, as_json)
 
 
-def _validate_hosts(
-    stack: str, spec: StackSpec, gates: list[GateName] | None, as_json: bool
-) -> NoReturn:
-    """The host gate over SSH on every host of a static, Proxmox or Azure stack."""
-    from validation.gpu_host import gpu_host_targets, run_gpu_host_gate
-    from validation.report import write_reports
-
-    unsupported = sorted(set(gates or spec.gates) - {"host"})
-    if unsupported:
-        _fail([f"stack {stack!r} has only the host gate for now, not {', '.join(unsupported)}"])
-    from generators.ansible_inventory import InventoryError
-
-    say = _say_to_stderr if as_json else _say
+def _environment_kind(stack: str, stacks_dir: Path) -> str:
     try:
-        targets = gpu_host_targets(stack, spec, project_root=Path.cwd())
-    except InventoryError as error:
-        _fail([str(error)])
-    say(f"checking {', '.join(target.name for target in targets)} over SSH")
-    report = run_gpu_host_gate(targets, stack)
-    reports_dir = Path(spec.resolved_state_dir(stack)) / "reports"
-    with _file_errors_exit():
-        write_reports(report, reports_dir)
-    _finish_with_gates([report], reports_dir, as_json)
+        return load_stack_spec(stacks_dir, stack).spec.environment
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+
+
+def _run_on_hosts(
+    command: str,
+    stack: str,
+    only: list[Gate] | None,
+    as_json: bool,
+    outputs: Path | None,
+    specs_dir: Path,
+    stacks_dir: Path,
+) -> NoReturn:
+    """`up` or `validate` on a static, proxmox or azure stack (gpufleet/lifecycle/)."""
+    from gpufleet.environment_cli import open_environment, run_environment_command
+
+    environment = open_environment(
+        stack, specs_dir=specs_dir, stacks_dir=stacks_dir, outputs_file=outputs, err=err
+    )
+    run_environment_command(
+        command, environment, gates=_gate_names(only), as_json=as_json, out=out, err=err
+    )
 
 
 @app.command()
@@ -467,6 +480,7 @@ def configure(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the per-host summary as JSON.")
     ] = False,
+    outputs: OutputsOption = None,
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
     """Converge the stack's hosts with Ansible: base packages, NVIDIA driver, CUDA (when asked),
@@ -478,11 +492,16 @@ def configure(
     """
     from generators.ansible_inventory import InventoryError
     from gpufleet.configure.runner import ConfigureError, configure_hosts
+    from gpufleet.lifecycle.outputs import OutputsError, resolve_addresses
 
     try:
         spec = load_stack_spec(stacks_dir, stack).spec
+        if spec.environment != "local":
+            spec = resolve_addresses(stack, spec, outputs_file=outputs, project_root=Path.cwd())
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
+    except OutputsError as error:
+        _fail([str(error)])
     say = _say_to_stderr if as_json else _say
     try:
         with _file_errors_exit():

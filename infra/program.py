@@ -8,6 +8,9 @@ line and field) and the program dispatches on the environment kind:
   one component per host. Outputs per host: name, address and GPUs, which `gpufleet configure`
   and the gates need, and the changes waiting for a restart (made when
   `gpufleet:allow_restart` is true).
+- both: after each host's VM, unless `gpufleet:lifecycle` is false, its configuration,
+  deployment and gate (infra/steps/host_lifecycle.py), each fed the addresses the VMs report;
+  a step that fails fails the update.
 - azure: the resource group, the network (`infra/azure/network.py`), then one component per
   host (`infra/azure/gpu_host.py`). Outputs per host: name, private address, size and GPUs
   (and the public address where the spec asks for one). The spec's warnings (Secure Boot off,
@@ -22,6 +25,7 @@ from typing import Any
 import pulumi
 from pulumi_azure_native import resources
 
+from gpufleet.lifecycle.environment import load_environment
 from gpufleet.spec.azure import azure_warnings
 from gpufleet.spec.loading import LoadedStackSpec, load_stack_spec, stack_config_path
 from gpufleet.spec.problems import SpecError
@@ -32,6 +36,7 @@ from infra.azure.tags import stack_tags
 from infra.proxmox.client import ProxmoxError
 from infra.proxmox.gpu_host import ProxmoxGpuHost
 from infra.proxmox.preflight import check_stack
+from infra.steps.host_lifecycle import HostLifecycle, HostLifecycleArgs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_NAMESPACE = "gpufleet"
@@ -47,14 +52,45 @@ def build_stack(stack: str, project_root: Path = PROJECT_ROOT) -> dict[str, GpuH
     except SpecError as error:
         raise pulumi.RunError("\n".join(str(problem) for problem in error.problems)) from None
     spec = loaded.spec
+    hosts: dict[str, GpuHost]
     if spec.environment == "proxmox":
-        return dict(_proxmox_hosts(stack, spec, project_root))
-    if spec.environment == "azure":
-        return dict(_azure_hosts(loaded))
-    raise pulumi.RunError(
-        f"stack {stack!r} is a {spec.environment} stack; this program provisions proxmox and "
-        "azure stacks (local and static stacks have nothing to provision)"
-    )
+        hosts = dict(_proxmox_hosts(stack, spec, project_root))
+    elif spec.environment == "azure":
+        hosts = dict(_azure_hosts(loaded))
+    else:
+        raise pulumi.RunError(
+            f"stack {stack!r} is a {spec.environment} stack; this program provisions proxmox "
+            "and azure stacks (local and static stacks have nothing to provision)"
+        )
+    if pulumi.Config(CONFIG_NAMESPACE).get_bool("lifecycle") is not False:
+        _host_lifecycles(stack, hosts, project_root)
+    return hosts
+
+
+def _host_lifecycles(stack: str, hosts: dict[str, GpuHost], project_root: Path) -> None:
+    """Each host's configuration, deployment and gate, after its VM, fed the VMs' addresses."""
+    try:
+        environment = load_environment(stack, project_root=project_root, addresses={})
+    except SpecError as error:
+        raise pulumi.RunError("\n".join(str(problem) for problem in error.problems)) from None
+    addresses: dict[str, pulumi.Output[str]] = {
+        name: host.address if isinstance(host, ProxmoxGpuHost) else host.private_address
+        for name, host in hosts.items()
+    }
+    for name, host in hosts.items():
+        vm_id = host.vmid if isinstance(host, ProxmoxGpuHost) else host.vm.vm_id
+        HostLifecycle(
+            name,
+            HostLifecycleArgs(
+                stack=stack,
+                environment=environment,
+                host=name,
+                addresses=addresses,
+                vm_id=pulumi.Output.from_input(vm_id).apply(str),
+                project_root=project_root,
+            ),
+            opts=pulumi.ResourceOptions(depends_on=[host]),
+        )
 
 
 def _azure_hosts(loaded: LoadedStackSpec) -> dict[str, AzureGpuHost]:

@@ -29,6 +29,8 @@ class AzureMocks(pulumi.runtime.Mocks):
                 configuration["privateIPAddress"] = f"10.99.{number}.{4 + index}"
         if args.typ == "azure-native:network:PublicIPAddress":
             outputs["ipAddress"] = f"203.0.113.{number}"
+        if "fingerprint" in args.inputs:  # a lifecycle step (infra/steps): a run id per step
+            outputs["run"] = f"run-of-{args.name}"
         outputs.setdefault("name", args.name)
         resource_id = f"/subscriptions/0000/resourceGroups/rg/providers/{args.typ}/{args.name}"
         outputs["id"] = resource_id

@@ -156,35 +156,54 @@ _TRITON_BACKEND_FILES = (
     f"{_TRITON_PACKAGE}/python_backend_stubs/3.11/triton_python_backend_stub",
 )
 _TRITON_REQUIREMENTS = ("nvidia-pytriton==0.7.0", "numpy<2")
+
+
+def _triton_dockerfile(name: str, requirements: tuple[str, ...]) -> str:
+    return (
+        _venv_stage(name, _TRITON_VENV, requirements)
+        + "FROM {base}\n"
+        + f"RUN {_apt('libpython3.11', 'curl')}\n"
+        + f"COPY --from=venv {_TRITON_VENV} {_TRITON_VENV}\n"
+        + "COPY tritonserver /usr/local/bin/tritonserver\n"
+        + "RUN set -eu"
+        + " && install -d /opt/tritonserver/backends/python /opt/tritonserver/bin"
+        + f" && cp {' '.join(_TRITON_BACKEND_FILES)} /opt/tritonserver/backends/python/"
+        + " && chmod 0755 /opt/tritonserver/backends/python/triton_python_backend_stub"
+        + " && ln -s /usr/local/bin/tritonserver /opt/tritonserver/bin/tritonserver"
+        + " && groupadd --gid 1000 triton-server"
+        + " && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash triton-server"
+        # Fail the build, not the first test, when a library the binaries need is missing.
+        + f" && for binary in {_TRITON_PACKAGE}/bin/tritonserver"
+        + " /opt/tritonserver/backends/python/triton_python_backend_stub"
+        + " /opt/tritonserver/backends/python/libtriton_python.so; do"
+        + f' if LD_LIBRARY_PATH={_TRITON_LIBS} ldd "$binary" | grep "not found"; then exit 1; fi;'
+        + " done\n"
+        + "ENV PATH=/opt/tritonserver/bin:$PATH\n"
+        + "USER 1000\n"
+        + "WORKDIR /\n"
+        + "EXPOSE 8000 8001 8002\n"
+        + "ENTRYPOINT []\n"
+        + 'CMD ["/bin/bash"]\n'
+    )
+
+
 TRITON = ImageRecipe(
     name="tritonserver",
     requirements=_TRITON_REQUIREMENTS,
     build_note="pip install nvidia-pytriton, about 1 min",
     files={"tritonserver": _TRITON_WRAPPER},
-    dockerfile=_venv_stage("tritonserver", _TRITON_VENV, _TRITON_REQUIREMENTS)
-    + "FROM {base}\n"
-    + f"RUN {_apt('libpython3.11', 'curl')}\n"
-    + f"COPY --from=venv {_TRITON_VENV} {_TRITON_VENV}\n"
-    + "COPY tritonserver /usr/local/bin/tritonserver\n"
-    + "RUN set -eu"
-    + " && install -d /opt/tritonserver/backends/python /opt/tritonserver/bin"
-    + f" && cp {' '.join(_TRITON_BACKEND_FILES)} /opt/tritonserver/backends/python/"
-    + " && chmod 0755 /opt/tritonserver/backends/python/triton_python_backend_stub"
-    + " && ln -s /usr/local/bin/tritonserver /opt/tritonserver/bin/tritonserver"
-    + " && groupadd --gid 1000 triton-server"
-    + " && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash triton-server"
-    # Fail the build, not the first test, when a library the binaries need is missing.
-    + f" && for binary in {_TRITON_PACKAGE}/bin/tritonserver"
-    + " /opt/tritonserver/backends/python/triton_python_backend_stub"
-    + " /opt/tritonserver/backends/python/libtriton_python.so; do"
-    + f' if LD_LIBRARY_PATH={_TRITON_LIBS} ldd "$binary" | grep "not found"; then exit 1; fi;'
-    + " done\n"
-    + "ENV PATH=/opt/tritonserver/bin:$PATH\n"
-    + "USER 1000\n"
-    + "WORKDIR /\n"
-    + "EXPOSE 8000 8001 8002\n"
-    + "ENTRYPOINT []\n"
-    + 'CMD ["/bin/bash"]\n',
+    dockerfile=_triton_dockerfile("tritonserver", _TRITON_REQUIREMENTS),
+)
+# With torch (the CPU build on this machine's disk) for the python-backend models that the
+# registry's versions are exported to (TorchScript run by torch in model.py), as a site would
+# build its own Triton image for them. Used where a test serves registry models on hosts.
+_TRITON_TORCH_REQUIREMENTS = (*_TRITON_REQUIREMENTS, "torch==2.13.0+cpu")
+TRITON_TORCH = ImageRecipe(
+    name="tritonserver-torch",
+    requirements=_TRITON_TORCH_REQUIREMENTS,
+    build_note="pip install nvidia-pytriton and torch, about 2 min",
+    files={"tritonserver": _TRITON_WRAPPER},
+    dockerfile=_triton_dockerfile("tritonserver-torch", _TRITON_TORCH_REQUIREMENTS),
 )
 
 # --- MLflow ------------------------------------------------------------------------------------

@@ -65,10 +65,11 @@ def static_spec(**config: object) -> StackSpec:
     return StackSpec.model_validate(fields)
 
 
-def test_the_lab_stack_loads_and_only_has_the_host_gate() -> None:
+def test_the_lab_stack_loads_with_every_gate_and_a_host_stack_without_serving_has_one() -> None:
     spec = load_stack_spec(PROJECT_ROOT / "stacks", "lab").spec
     assert [host.name for host in spec.hosts] == ["lab-t4-1", "lab-h100-1"]
-    assert spec.gates == ["host"]
+    assert spec.gates == ["host", "correctness", "load"], "lab serves: its Triton is gated"
+    assert static_spec().gates == ["host"], "no serving stack, no Triton to gate"
     h100 = spec.hosts[1].gpus
     assert h100 is not None
     assert h100.has_nvswitch, "8 H100s sit on NVSwitch"
@@ -99,7 +100,7 @@ def test_the_lab_stack_loads_and_only_has_the_host_gate() -> None:
                 "hosts": [{"name": "a", "address": "10.0.0.1"}],
                 "gates": ["host", "load"],
             },
-            "a static stack has only the host gate for now",
+            "the correctness and load gates check each host's Triton, which runs in the serving",
         ),
         (
             {"environment": "static", "hosts": [{"name": "a", "address": "ssh://10.0.0.1:22"}]},

@@ -32,7 +32,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.resources.append(args)
         outputs = dict(args.inputs)
-        if args.typ.startswith("pulumi-python:dynamic"):
+        if "fingerprint" in args.inputs:  # a lifecycle step (infra/steps): a run id per step
+            outputs["run"] = f"run-of-{args.name}"
+        elif args.typ.startswith("pulumi-python:dynamic"):
             number = len(self.resources)
             outputs.update(
                 vmid=100 + number,
@@ -81,7 +83,7 @@ def test_every_host_becomes_a_gpu_vm_with_the_specs_inputs(
         assert resolve(component.address).startswith("10.20.0.")
         assert resolve(component.name) == name
     components = [r for r in mocks.resources if r.typ == "gpufleet:proxmox:GpuHost"]
-    vms = [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
+    vms = [r for r in mocks.resources if r.name.endswith("-vm")]
     assert len(components) == len(vms) == len(spec.hosts)
     for host in spec.hosts:
         assert host.proxmox is not None
@@ -176,7 +178,7 @@ def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks) -> Non
         ["gpufleet:proxmox_secret"],
     )
     resolve(build_stack("onprem-staging")["gpu-staging-1"].address)
-    (vm,) = [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
+    (vm,) = [r for r in mocks.resources if r.name.endswith("-vm")]
     assert vm.inputs["allow_restart"] is True
 
 

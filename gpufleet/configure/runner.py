@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ from gpufleet.configure.progress import EventTracker, HostOutcome, Say
 from gpufleet.spec.stack import StackSpec
 
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
-SITE_PLAYBOOK = "site.yml"
+SITE_PLAYBOOK = "site.yml"  # everything: host.yml, then the serving stack
+HOST_PLAYBOOK = "host.yml"  # the host configuration alone (the lifecycle's configure step)
+SERVING_PLAYBOOK = "playbooks/serving_stack.yml"  # the lifecycle's deploy step
 KEPT_RUNS = 20
 EXIT_CONVERGED, EXIT_HOST_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
 
@@ -84,30 +86,36 @@ def configure_hosts(
     *,
     project_root: Path,
     say: Say,
-    limit: str | None = None,
+    limit: str | Sequence[str] | None = None,
     check: bool = False,
+    playbook: str = SITE_PLAYBOOK,
 ) -> ConfigureResult:
-    """Run `ansible/site.yml` against the stack's hosts (or only `limit`); never raises for a
-    host that fails: that host's outcome says so. Raises InventoryError for a spec that cannot
-    become an inventory and ConfigureError when Ansible cannot run at all."""
+    """Run `playbook` (default `ansible/site.yml`) against the stack's hosts (or only `limit`);
+    never raises for a host that fails: that host's outcome says so. Raises InventoryError for
+    a spec that cannot become an inventory and ConfigureError when Ansible cannot run at all.
+
+    A run limited to one host gets a data directory (and lock) of its own, so that runs on
+    different hosts of one stack (Pulumi's steps run hosts in parallel) do not wait for each
+    other; runs on the same host, or on the whole stack, are one at a time."""
     import ansible_runner  # type: ignore[import-untyped]  # slow to import; only for this command
 
     inventory = render_inventory(stack, spec, project_root=project_root, limit=limit)
     secrets = ansible_secrets(spec)
-    data_dir = project_root / spec.resolved_state_dir(stack) / "ansible"
-    ident = datetime.datetime.now(datetime.UTC).strftime("configure-%Y%m%dT%H%M%S%fZ")
+    data_dir = ansible_data_dir(stack, spec, project_root, limit)
+    kind = "configure" if playbook != SERVING_PLAYBOOK else "deploy"
+    ident = datetime.datetime.now(datetime.UTC).strftime(f"{kind}-%Y%m%dT%H%M%S%fZ")
     tracker = EventTracker(say)
     artifact_dir = data_dir / "artifacts" / ident
     with _locked(data_dir), _private_files(data_dir, inventory, secrets):
         hosts = ", ".join(inventory["all"]["hosts"])
         mode = " (check mode)" if check else ""
-        say(f"configuring {hosts} with {ANSIBLE_DIR / SITE_PLAYBOOK}{mode}")
+        say(f"running {ANSIBLE_DIR / playbook} on {hosts}{mode}")
         try:
             with _without_environment(*_secret_variables(spec)):
                 runner = ansible_runner.run(
                     private_data_dir=str(data_dir),
                     project_dir=str(ANSIBLE_DIR),
-                    playbook=SITE_PLAYBOOK,
+                    playbook=playbook,
                     ident=ident,
                     cmdline="--check --diff" if check else None,
                     envvars=_ansible_environment(data_dir),
@@ -132,6 +140,15 @@ def configure_hosts(
     result = ConfigureResult(outcomes, artifact_dir, check)
     (artifact_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
+
+
+def ansible_data_dir(
+    stack: str, spec: StackSpec, project_root: Path, limit: str | Sequence[str] | None
+) -> Path:
+    """ansible-runner's private data directory: the stack's, or the one host's under it."""
+    root = project_root / spec.resolved_state_dir(stack) / "ansible"
+    names = [limit] if isinstance(limit, str) else list(limit or [])
+    return root / "hosts" / names[0] if len(names) == 1 else root
 
 
 def ansible_secrets(spec: StackSpec) -> dict[str, str | dict[str, str]]:

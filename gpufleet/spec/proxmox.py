@@ -21,7 +21,7 @@ USER_PATTERN = r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+$"
 PCI_ADDRESS_PATTERN = r"^([0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
 # Keys only the Pulumi program reads (`pulumi config set` writes them into the stack file): the
 # API secret (a Pulumi secret), and switches of the program. They are not part of the StackSpec.
-PULUMI_ONLY_KEYS = ("proxmox_secret", "preflight", "allow_restart")
+PULUMI_ONLY_KEYS = ("proxmox_secret", "preflight", "allow_restart", "lifecycle")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 

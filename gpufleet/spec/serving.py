@@ -183,6 +183,15 @@ class ServingSpec(SpecModel):
     )
 
     secrets_env: ServingSecrets = Field(default_factory=ServingSecrets)
+    image_archives: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._/~-]+[.]tar(?:[.]gz)?$")]] = (
+        Field(
+            default_factory=list,
+            description="For sites without a container registry: `docker save` archives (.tar "
+            "or .tar.gz) on the machine that runs gpufleet, relative to the project root. The "
+            "serving_stack role copies and loads them on a host that lacks one of the stack's "
+            "images; hosts that have every image are left alone.",
+        )
+    )
 
     @field_validator("publish")
     @classmethod

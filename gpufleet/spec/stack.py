@@ -211,12 +211,19 @@ class StackSpec(SpecModel):
                 raise ValueError(
                     f"hosts[{index}] ({host.name}): a static host needs an address (IP or DNS name)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _service_gates_need_serving(self) -> StackSpec:
+        """Correctness and load gates talk to a host's Triton, which the serving stack runs."""
+        if self.environment == "local" or self.serving is not None:
+            return self
         if "gates" not in self.model_fields_set:
             object.__setattr__(self, "gates", ["host"])
         elif set(self.gates) - {"host"}:
             raise ValueError(
-                "a static stack has only the host gate for now (correctness and load run "
-                "against local stacks); use gates: [host]"
+                "the correctness and load gates check each host's Triton, which runs in the "
+                "serving stack; add gpufleet:serving, or use gates: [host]"
             )
         return self
 

@@ -1,0 +1,88 @@
+"""The deploy step: the model repository filled from the environment's registry (with lineage,
+as on the local stack), the `config.pbtxt` files and each host's serving stack generated, then
+the serving_stack role run on the hosts (playbooks/serving_stack.yml).
+
+Files are written only where they changed, so a deploy with nothing new rewrites nothing, copies
+nothing and restarts no container (the role reports changed=0).
+
+    outcomes = deploy(environment, ["gpu-a", "gpu-b"], say=print)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from generators.model_repository import (
+    apply_plan,
+    plan_files,
+    plan_repository,
+    render_repository_files,
+)
+from generators.registry_repository import AssemblyError, assemble_repository, served_versions
+from generators.serving_stack.files import (
+    generated_files_on_disk,
+    render_serving_files,
+    serving_directory,
+)
+from gpufleet.configure.runner import SERVING_PLAYBOOK
+from gpufleet.lifecycle.ansible_step import Say, run_playbook
+from gpufleet.lifecycle.environment import Environment
+from gpufleet.lifecycle.outcome import StepOutcome
+from gpufleet.registry.client import RegistryError
+from gpufleet.spec.problems import SpecError
+
+
+def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[StepOutcome]:
+    """Fill the repository, generate the hosts' files, run the serving_stack role on `hosts`."""
+    started = time.monotonic()
+    if environment.spec.serving is None:
+        reason = (
+            f"stack {environment.name!r} has no gpufleet:serving, so there is nothing to deploy; "
+            "add it (docs/serving-stack.md)"
+        )
+        return [StepOutcome("deploy", host, "error", [reason]) for host in hosts]
+    try:
+        models = fill_repository(environment, say=say)
+        write_serving_files(environment, say=say)
+    except (RegistryError, AssemblyError) as error:
+        return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
+    except SpecError as error:
+        reasons = [str(problem) for problem in error.problems]
+        return [StepOutcome("deploy", host, "error", reasons) for host in hosts]
+    prepared = time.monotonic() - started
+    outcomes = run_playbook(environment, hosts, step="deploy", playbook=SERVING_PLAYBOOK, say=say)
+    for outcome in outcomes:
+        outcome.seconds += prepared
+        outcome.details["models"] = models
+    return outcomes
+
+
+def fill_repository(environment: Environment, *, say: Say) -> dict[str, list[int]]:
+    """Export the registry versions the specs select into the repository, then write the
+    configs; return each model's served versions. Raises RegistryError or AssemblyError."""
+    registry = environment.registry()
+    say(f"  filling {environment.repository} from the registry at {environment.registry_uri()}")
+    assembly = assemble_repository(
+        registry, environment.models, environment.repository, progress=lambda line: say(line)
+    )
+    plan = plan_repository(environment.repository, render_repository_files(environment.models))
+    apply_plan(plan)
+    configs_changed = {name.split("/", 1)[0] for name in plan.created + plan.updated}
+    changed = sorted(set(assembly.changed_models) | configs_changed)
+    say(f"  model files changed for {', '.join(changed) or 'no model'}")
+    served = {
+        item.spec.name: served_versions(environment.repository, item.spec.name)
+        for item in environment.models
+    }
+    return {name: [lineage.version for lineage in versions] for name, versions in served.items()}
+
+
+def write_serving_files(environment: Environment, *, say: Say) -> None:
+    """Each host's serving stack (compose, Prometheus, Grafana) under build/<stack>/serving/."""
+    root = environment.project_root / serving_directory(environment.loaded)
+    files = render_serving_files(environment.loaded, environment.models)
+    plan = plan_files(root, files, generated_files_on_disk(root))
+    apply_plan(plan)
+    written = len(plan.created) + len(plan.updated) + len(plan.stale)
+    say(f"  serving stacks in {root}: {written} file(s) written, {len(plan.unchanged)} unchanged")

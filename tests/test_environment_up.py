@@ -1,0 +1,343 @@
+"""`gpufleet up --stack NAME` on a static stack of two hosts: configure, deploy, gate, for real.
+
+Real: the `gpufleet` CLI as separate processes; two Debian 12 hosts (containers with systemd and
+sshd on a Docker engine the tests start, tests/docker_hosts.py) reached over SSH on their own
+addresses on the engine's bridge, with strict host key checking; Ansible (ansible-runner)
+installing Docker from Debian's archive inside them; the serving_stack role loading the Triton
+image from an archive (the site has no registry) and starting it with docker-compose inside each
+host; an MLflow registry on this machine (a local stack's, seeded with `gpufleet registry
+seed-demo`) that the model repository is filled from; the host gate over SSH, and the
+correctness and load gates over gRPC against each host's Triton.
+Not real: no GPU (the GPU checks report "no GPU present"); the Triton image is the project's
+stand-in (the nvidia-pytriton wheel's tritonserver with torch, tests/serving_images.py), not
+NVIDIA's; Docker's and NVIDIA's package repositories cannot be reached, so the hosts take
+`package_sources: distribution`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpufleet.lifecycle.lock import environment_lock
+from gpufleet.registry.client import ModelRegistry
+from gpufleet.registry.demo import demo_network, register_torch_model
+from gpufleet.spec.loading import load_model_specs
+from tests.docker_hosts import ContainerHost, DockerEngine, HostPool, SshKeyPair, image_cache_dir
+from tests.serving_images import TRITON_TORCH, ensure_image
+from validation.loopback import pick_free_ports
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SITE, REGISTRY = "site", "registry"
+HOSTS = ("serve-a", "serve-b")
+MODEL = "tabular_mlp"
+SECRETS = {
+    "GPUFLEET_POSTGRES_PASSWORD": "pg-Env-1d4f",
+    "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Env-82ac",
+    "GPUFLEET_TRITON_ADMIN_KEY": "key-Env-{{7*7}}-5e21",
+}
+
+
+@dataclass
+class Site:
+    """Two bare hosts, a registry on this machine, and the gpufleet project that serves them."""
+
+    project: Path
+    engine: DockerEngine
+    hosts: dict[str, ContainerHost]
+    addresses: dict[str, str]
+    registry_port: int
+    runs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def gpufleet(self, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gpufleet", *args],
+            cwd=self.project,
+            env={**os.environ, **SECRETS},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def inner_docker(self, host: str, *args: str, check: bool = True) -> str:
+        """The docker CLI inside a host (its own engine, installed by the docker_engine role)."""
+        command = "docker " + " ".join(args)
+        return self.hosts[host].exec(command, check=check, timeout=300).stdout
+
+    def triton_container(self, host: str) -> dict[str, Any]:
+        names = self.inner_docker(host, "ps", "--all", "--format", "'{{.Names}}'").split()
+        (name,) = [name for name in names if "triton" in name]
+        details: dict[str, Any] = json.loads(self.inner_docker(host, "inspect", name))[0]
+        return details
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(f"http://127.0.0.1:{self.registry_port}")
+
+
+def bridge_address(engine: DockerEngine, host: ContainerHost) -> str:
+    """The host's own address on the engine's bridge: what a site's private address is."""
+    template = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+    return engine.docker("inspect", "--format", template, host.name).stdout.strip()
+
+
+def known_hosts_line(host: ContainerHost, address: str) -> str:
+    """The host's keys (recorded for 127.0.0.1:<port>) for its bridge address, port 22."""
+    lines = []
+    for line in host.known_hosts.read_text().splitlines():
+        _, kind, key = line.split()
+        lines.append(f"{address} {kind} {key}\n")
+    return "".join(lines)
+
+
+def write_project(
+    project: Path, addresses: dict[str, str], key: Path, known_hosts: Path, triton_image: str
+) -> int:
+    (project / "modelconfigs").mkdir()
+    spec = yaml.safe_load((PROJECT_ROOT / "modelconfigs" / f"{MODEL}.yaml").read_text())
+    # Objectives a CPU host shared with the rest of the suite meets; the gates still measure.
+    spec["objectives"] = {"p99_latency_ms": 5000, "concurrency": 4, "min_throughput_per_s": 1}
+    (project / "modelconfigs" / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    http, grpc, metrics, mlflow = pick_free_ports(4)
+    stacks = project / "stacks"
+    stacks.mkdir()
+    registry = {
+        "environment": "local",
+        "models": [MODEL],
+        "state_dir": f"build/{REGISTRY}",
+        "model_repository": f"build/{REGISTRY}/model_repository",
+        "ports": {
+            "triton_http": http,
+            "triton_grpc": grpc,
+            "triton_metrics": metrics,
+            "mlflow": mlflow,
+        },
+    }
+    archive = image_cache_dir() / f"{TRITON_TORCH.name}-{triton_image.rsplit(':', 1)[1]}.tar.gz"
+    site = {
+        "environment": "static",
+        "models": [MODEL],
+        "state_dir": f"build/{SITE}",
+        "model_repository": f"build/{SITE}/model_repository",
+        "registry": {"tracking_uri": f"http://127.0.0.1:{mlflow}"},
+        "load_gate": {"window_s": 0.5, "max_windows": 8},
+        "hosts": [
+            {"name": name, "address": address, "ssh_port": 22}
+            for name, address in addresses.items()
+        ],
+        "host_config": {
+            "package_sources": "distribution",
+            "require_gpu": False,
+            "ssh_private_key_file": str(key),
+            "ssh_known_hosts_file": str(known_hosts),
+        },
+        "serving": {
+            "images": {"triton": triton_image},
+            "image_archives": [str(archive)],
+            "publish": ["triton_http", "triton_grpc"],
+            "monitoring": {"prometheus": False, "grafana": False},
+            # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
+            "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
+        },
+    }
+    for name, config in ((REGISTRY, registry), (SITE, site)):
+        document = {"config": {f"gpufleet:{key}": value for key, value in config.items()}}
+        (stacks / f"Pulumi.{name}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    return mlflow
+
+
+@pytest.fixture(scope="module")
+def site(
+    request: pytest.FixtureRequest,
+    docker_engine: DockerEngine,
+    debian_host_image: str,
+    ssh_client_key: SshKeyPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Site]:
+    triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
+    project = tmp_path_factory.mktemp("environment")
+    with HostPool(docker_engine, debian_host_image, ssh_client_key, project, "up") as pool:
+        started = dict(zip(HOSTS, pool.start(len(HOSTS)), strict=True))
+        addresses = {name: bridge_address(docker_engine, host) for name, host in started.items()}
+        known_hosts = project / "known_hosts"
+        known_hosts.write_text(
+            "".join(known_hosts_line(started[name], addresses[name]) for name in HOSTS)
+        )
+        port = write_project(
+            project, addresses, ssh_client_key.private_key, known_hosts, triton_image
+        )
+        site = Site(project, docker_engine, started, addresses, port)
+        seeded = site.gpufleet("registry", "seed-demo", "--stack", REGISTRY)
+        assert seeded.returncode == 0, seeded.stdout + seeded.stderr
+        try:
+            before = time.monotonic()
+            site.runs["first"] = site.gpufleet("up", "--stack", SITE, "--json")
+            site.seconds["first"] = time.monotonic() - before
+            yield site
+        finally:
+            site.gpufleet("down", "--stack", REGISTRY)
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.stdout.strip(), result.stderr[-4000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def steps_of(report: dict[str, Any], host: str) -> dict[str, dict[str, Any]]:
+    return {step["step"]: step for step in report["hosts"][host]["steps"]}
+
+
+def gate_statuses(step: dict[str, Any]) -> dict[str, str]:
+    return {gate["gate"]: gate["status"] for gate in step["details"]["reports"]}
+
+
+def test_first_up_takes_bare_hosts_to_green_gates(site: Site) -> None:
+    result = site.runs["first"]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    report = report_of(result)
+    for host in HOSTS:
+        assert report["hosts"][host]["stopped_at"] == "done"
+        steps = steps_of(report, host)
+        assert steps["configure"]["status"] == "changed", "bare hosts get Docker installed"
+        assert steps["deploy"]["status"] == "changed"
+        assert steps["deploy"]["details"]["models"] == {MODEL: [1]}
+        gates = gate_statuses(steps["gate"])
+        assert gates["host"] == "pass"
+        assert gates["correctness"] == "pass"
+        # The load gate passes, or warns that this busy machine starved its own load generator.
+        assert gates["load"] in ("pass", "warn")
+        # What the host serves is the registry's version, copied with its lineage manifest.
+        lineage = site.hosts[host].exec(
+            f"cat /opt/gpufleet/serving/model_repository/{MODEL}/1/gpufleet-lineage.json"
+        )
+        assert json.loads(lineage.stdout)["registry"]["version"] == 1
+    reports = site.project / "build" / SITE / "reports"
+    assert (reports / "environment.junit.xml").is_file()
+    for host in HOSTS:
+        assert json.loads((reports / host / "correctness.json").read_text())["status"] == "pass"
+    # No secret reached a report, the printed output or the kept Ansible artifacts.
+    texts = [result.stdout, result.stderr]
+    texts += [path.read_text(errors="replace") for path in reports.rglob("*") if path.is_file()]
+    artifacts = site.project / "build" / SITE / "ansible"
+    texts += [p.read_text(errors="replace") for p in artifacts.rglob("*") if p.is_file()]
+    for secret in SECRETS.values():
+        assert not any(secret in text for text in texts)
+
+
+def test_second_up_changes_nothing(site: Site) -> None:
+    before = {host: site.triton_container(host)["State"]["StartedAt"] for host in HOSTS}
+    generated = site.project / "build" / SITE
+    mtimes = {
+        path: path.stat().st_mtime_ns
+        for tree in ("serving", "model_repository")
+        for path in (generated / tree).rglob("*")
+        if path.is_file()
+    }
+    started = time.monotonic()
+    result = site.gpufleet("up", "--stack", SITE, "--json")
+    site.seconds["second"] = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = report_of(result)
+    for host in HOSTS:
+        steps = steps_of(report, host)
+        assert steps["configure"]["status"] == "ok", steps["configure"]["details"]
+        assert steps["deploy"]["status"] == "ok", steps["deploy"]["details"]
+        assert "changed=0" in steps["deploy"]["details"]["ansible"]
+        assert site.triton_container(host)["State"]["StartedAt"] == before[host], "no restart"
+    rewritten = [str(path) for path, mtime in mtimes.items() if path.stat().st_mtime_ns != mtime]
+    assert rewritten == []
+
+
+def test_a_second_up_while_one_runs_is_refused_naming_the_holder(site: Site) -> None:
+    state_dir = site.project / "build" / SITE
+    with environment_lock(state_dir, SITE, "up"):
+        result = site.gpufleet("up", "--stack", SITE)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"stack '{SITE}' is locked by `gpufleet up` (pid {os.getpid()}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_triton_that_is_not_listening_is_could_not_run_not_failed(site: Site) -> None:
+    name = site.triton_container("serve-b")["Name"].lstrip("/")
+    site.inner_docker("serve-b", "stop", "--time", "5", name)
+    try:
+        result = site.gpufleet("validate", "--stack", SITE, "--only", "correctness", "--json")
+    finally:
+        site.inner_docker("serve-b", "start", name)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    report = report_of(result)
+    assert steps_of(report, "serve-a")["gate"]["status"] == "ok"
+    failed = steps_of(report, "serve-b")["gate"]
+    assert failed["status"] == "error"
+    assert any("correctness" in reason for reason in failed["reasons"])
+
+
+def test_registered_wrong_weights_fail_up_naming_host_model_and_version(site: Site) -> None:
+    """A new version whose weights are not the ones its golden examples were made with."""
+    (spec,) = [item.spec for item in load_model_specs(site.project / "modelconfigs")]
+    wrong = register_torch_model(
+        site.registry,
+        spec,
+        demo_network(spec, seed=7),
+        golden_module=demo_network(spec, seed=0),
+    )
+    _wait_for_triton(site)
+    result = site.gpufleet("up", "--stack", SITE, "--json")
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    report = report_of(result)
+    for host in HOSTS:
+        gate_step = steps_of(report, host)["gate"]
+        assert gate_step["status"] == "failed"
+        assert gate_statuses(gate_step)["correctness"] == "fail"
+        assert any(
+            f"{MODEL}" in reason and f"v{wrong.version}" in reason
+            for reason in gate_step["reasons"]
+        ), gate_step["reasons"]
+    text = site.gpufleet("validate", "--stack", SITE, "--only", "correctness")
+    assert text.returncode == 1
+    assert f"serve-a: gate: gate correctness: {MODEL} v{wrong.version}" in text.stdout
+
+
+def test_an_unreachable_host_fails_alone_and_the_summary_says_where(site: Site) -> None:
+    site.hosts["serve-b"].exec("systemctl stop ssh.socket ssh.service", check=False)
+    try:
+        result = site.gpufleet("up", "--stack", SITE, "--json")
+    finally:
+        site.hosts["serve-b"].exec("systemctl start ssh.service", check=False)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = report_of(result)
+    assert report["hosts"]["serve-b"]["stopped_at"] == "configure"
+    unreachable = steps_of(report, "serve-b")["configure"]
+    assert unreachable["status"] == "failed"
+    assert steps_of(report, "serve-a")["deploy"]["status"] in ("ok", "changed")
+    assert "gate" in steps_of(report, "serve-a"), "the reachable host went on to its gates"
+    table = site.gpufleet("validate", "--stack", SITE, "--only", "host")
+    assert "serve-b" in table.stdout
+
+
+def _wait_for_triton(site: Site, timeout_s: float = 120) -> None:
+    """After a restart in an earlier test, each Triton answers readiness before going on."""
+    deadline = time.monotonic() + timeout_s
+    for host in HOSTS:
+        url = f"http://{site.addresses[host]}:8000/v2/health/ready"
+        while True:
+            probe = subprocess.run(
+                ["curl", "-sf", "-o", "/dev/null", url], check=False, capture_output=True
+            )
+            if probe.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"{host}: Triton not ready at {url}"
+            time.sleep(1)
