@@ -10,8 +10,10 @@ nothing and restarts no container (the role reports changed=0).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from generators.model_repository import (
     apply_plan,
@@ -43,8 +45,9 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
         )
         return [StepOutcome("deploy", host, "error", [reason]) for host in hosts]
     try:
-        models = fill_repository(environment, say=say)
-        write_serving_files(environment, say=say)
+        with _preparing(environment):
+            models = fill_repository(environment, say=say)
+            write_serving_files(environment, say=say)
     except (RegistryError, AssemblyError) as error:
         return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
     except SpecError as error:
@@ -56,6 +59,16 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
         outcome.seconds += prepared
         outcome.details["models"] = models
     return outcomes
+
+
+@contextlib.contextmanager
+def _preparing(environment: Environment) -> Iterator[None]:
+    """One deploy at a time fills the repository and writes the generated files: Pulumi runs
+    the hosts' deployments in parallel, and they share both. Waits, never refuses."""
+    environment.state_dir.mkdir(parents=True, exist_ok=True)
+    with (environment.state_dir / "deploy.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def fill_repository(environment: Environment, *, say: Say) -> dict[str, list[int]]:
