@@ -29,12 +29,26 @@ from typing import Any
 import pytest
 import yaml
 
+from gpufleet.lifecycle.environment import load_environment
 from gpufleet.lifecycle.lock import environment_lock
+from gpufleet.lifecycle.outcome import StepFailed
 from gpufleet.registry.client import ModelRegistry
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import load_model_specs
+from infra.proxmox.provider import GpuVmProvider
+from infra.steps.fingerprints import (
+    configuration_fingerprint,
+    deployment_fingerprint,
+    gate_fingerprint,
+)
+from infra.steps.providers import (
+    EnvironmentGateProvider,
+    HostConfigurationProvider,
+    ServingDeploymentProvider,
+)
 from tests.docker_hosts import ContainerHost, DockerEngine, HostPool, SshKeyPair, image_cache_dir
 from tests.serving_images import TRITON_TORCH, ensure_image
+from tests.test_proxmox_provider import FAST, HOST, Agents, make_inputs
 from validation.loopback import pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +73,7 @@ class Site:
     registry_port: int
     runs: dict[str, subprocess.CompletedProcess[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    deployed: dict[str, Any] = field(default_factory=dict)  # a deployment provider's outputs
 
     def gpufleet(self, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -261,6 +276,156 @@ def test_second_up_changes_nothing(site: Site) -> None:
     assert rewritten == []
 
 
+def step_props(site: Site, stack: str, host: str, address: str, vm_id: str) -> dict[str, Any]:
+    """The inputs the program gives a step resource (infra/steps/host_lifecycle.py)."""
+    return {
+        "stack": stack,
+        "host": host,
+        "project_root": str(site.project),
+        "address": address,
+        "addresses": {host: address},
+        "vm_id": vm_id,
+        "after": "",
+    }
+
+
+def run_steps_in_order(
+    site: Site, stack: str, host: str, address: str, vm_id: str
+) -> dict[str, dict[str, Any]]:
+    """Configuration, deployment and gate providers' create, each after the one before, as
+    Pulumi's engine would call them; their outputs by step."""
+    props = step_props(site, stack, host, address, vm_id)
+    environment = load_environment(stack, project_root=site.project, addresses={host: address})
+    outs: dict[str, dict[str, Any]] = {}
+    fingerprints = {
+        "configuration": configuration_fingerprint(environment, host),
+        "deployment": deployment_fingerprint(environment),
+        "gate": gate_fingerprint(environment),
+    }
+    providers = {
+        "configuration": HostConfigurationProvider(),
+        "deployment": ServingDeploymentProvider(),
+        "gate": EnvironmentGateProvider(),
+    }
+    after = ""
+    for step, provider in providers.items():
+        inputs = {**props, "fingerprint": fingerprints[step], "after": after}
+        created = provider.create(dict(inputs))
+        assert created.outs is not None
+        assert created.id == f"{stack}/{host}/{provider.step}"
+        outs[step] = {"inputs": inputs, "outs": created.outs, "id": created.id}
+        after = created.outs["run"]
+    return outs
+
+
+def test_the_step_resources_run_the_same_steps_and_diff_finds_nothing_to_do(site: Site) -> None:
+    """The three dynamic providers of `pulumi up`, called as the engine would, on a host that
+    `gpufleet up` converged: each step runs and succeeds without changing anything, and diff
+    on the same inputs finds no change; a moved address or a changed step before does."""
+    address = site.addresses["serve-a"]
+    steps = run_steps_in_order(site, SITE, "serve-a", address, "container-serve-a")
+    assert steps["configuration"]["outs"]["status"] == "ok"
+    assert steps["deployment"]["outs"]["status"] == "ok"
+    assert steps["deployment"]["outs"]["registry_selection"] == {
+        MODEL: f"models:/{MODEL}@production -> 1"
+    }
+    assert "correctness pass" in steps["gate"]["outs"]["summary"]
+    providers = [
+        HostConfigurationProvider(),
+        ServingDeploymentProvider(),
+        EnvironmentGateProvider(),
+    ]
+    for provider, step in zip(providers, steps.values(), strict=True):
+        inputs, outs = step["inputs"], step["outs"]
+        assert provider.diff(step["id"], outs, dict(inputs)).changes is False, provider.step
+        moved = {**inputs, "address": "192.0.2.99"}
+        assert provider.diff(step["id"], outs, moved).changes is True
+        assert provider.diff(step["id"], outs, {**inputs, "after": "another-run"}).changes is True
+    deployment = steps["deployment"]
+    updated = ServingDeploymentProvider().update(
+        deployment["id"], deployment["outs"], {**deployment["inputs"], "fingerprint": "new"}
+    )
+    assert updated.outs is not None
+    assert updated.outs["status"] == "ok", "nothing on the host differs"
+    assert updated.outs["run"] != deployment["outs"]["run"], "a new run for the gate to follow"
+    ServingDeploymentProvider().delete(deployment["id"], deployment["outs"])
+    _wait_for_triton(site)  # delete undoes nothing: the host still serves
+    site.deployed = deployment
+
+
+@pytest.mark.fakepve(time_scale=0.01)
+def test_proxmox_path_vm_then_configuration_deployment_and_gate(
+    site: Site,
+    fakepve: Any,
+    fakepve_url: str,
+    fakepve_cafile: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Proxmox provider makes the VM in fakepve; its guest agent reports the address of a
+    real host (serve-a's), and the three steps run against that address, in dependency order
+    (the order lives here, as the engine would keep it). The steps serve a second stack on the
+    host: ports and directory of its own."""
+    from tests.test_proxmox_provider import TEMPLATE, TOKEN_ID, TOKEN_SECRET
+
+    fakepve.apitokens[TOKEN_ID] = TOKEN_SECRET
+    fakepve.add_vm(TEMPLATE, "debian-13-cloud", node="pve1", template=True, config=_TEMPLATE)
+    agents = Agents(fakepve)
+    monkeypatch.setattr(fakepve, "_do_start", agents.start)
+    address = site.addresses["serve-a"]
+    network = {"bridge": "vmbr0", "ipv4": f"{address}/16", "gateway": "172.17.0.1"}
+    created = GpuVmProvider(FAST).create(make_inputs(fakepve_url, fakepve_cafile, network=network))
+    assert created.outs is not None
+    assert created.outs["address"] == address, "the agent reports the real host's address"
+    _write_proxmox_stack(site, fakepve_url, fakepve_cafile, network)
+    steps = run_steps_in_order(site, "pve", HOST["name"], address, str(created.outs["vmid"]))
+    assert steps["configuration"]["outs"]["status"] == "ok", "serve-a is configured already"
+    assert steps["deployment"]["outs"]["status"] == "changed", "the second stack is new"
+    assert "correctness pass" in steps["gate"]["outs"]["summary"]
+    listed = site.inner_docker("serve-a", "ps", "--format", "'{{.Names}} {{.Ports}}'")
+    assert "gpufleet-pve" in listed
+    assert f"{address}:18001->8001" in listed
+
+
+_TEMPLATE = {
+    "scsi0": "local-lvm:base-9000-disk-0,size=32G",
+    "scsihw": "virtio-scsi-pci",
+    "ide2": "local-lvm:vm-9000-cloudinit,media=cdrom",
+    "net0": "virtio=BC:24:11:00:90:00,bridge=vmbr0",
+    "boot": "order=scsi0",
+    "ostype": "l26",
+    "agent": "1",
+    "cores": 2,
+    "memory": "2048",
+    "template": 1,
+}
+
+
+def _write_proxmox_stack(site: Site, url: str, cafile: str, network: dict[str, str]) -> None:
+    from tests.test_proxmox_provider import TEMPLATE, TOKEN_ID
+
+    site_config = yaml.safe_load((site.project / "stacks" / f"Pulumi.{SITE}.yaml").read_text())
+    config = site_config["config"]
+    host = {**HOST, "proxmox": {**HOST["proxmox"], "network": network}}
+    config.update(
+        {
+            "gpufleet:environment": "proxmox",
+            "gpufleet:state_dir": "build/pve",
+            "gpufleet:model_repository": "build/pve/model_repository",
+            "gpufleet:ports": {"triton_http": 18000, "triton_grpc": 18001, "triton_metrics": 18002},
+            "gpufleet:proxmox": {
+                "endpoint": url,
+                "ca_bundle": cafile,
+                "token_id": TOKEN_ID,
+                "template_vmid": TEMPLATE,
+                "storage": "local-lvm",
+            },
+            "gpufleet:hosts": [host],
+        }
+    )
+    config["gpufleet:serving"]["directory"] = "/opt/gpufleet/pve"
+    (site.project / "stacks" / "Pulumi.pve.yaml").write_text(yaml.safe_dump(site_config))
+
+
 def test_a_second_up_while_one_runs_is_refused_naming_the_holder(site: Site) -> None:
     state_dir = site.project / "build" / SITE
     with environment_lock(state_dir, SITE, "up"):
@@ -309,6 +474,19 @@ def test_registered_wrong_weights_fail_up_naming_host_model_and_version(site: Si
     text = site.gpufleet("validate", "--stack", SITE, "--only", "correctness")
     assert text.returncode == 1
     assert f"serve-a: gate: gate correctness: {MODEL} v{wrong.version}" in text.stdout
+    # `pulumi up`: the moved alias is a change for the deployment; the gate step raises.
+    deployment = site.deployed
+    assert (
+        ServingDeploymentProvider()
+        .diff(deployment["id"], deployment["outs"], deployment["inputs"])
+        .changes
+    )
+    gate_inputs = {
+        **step_props(site, SITE, "serve-a", site.addresses["serve-a"], "container-serve-a"),
+        "fingerprint": "any",
+    }
+    with pytest.raises(StepFailed, match=rf"serve-a: gate failed: gate correctness: {MODEL} v"):
+        EnvironmentGateProvider().create(gate_inputs)
 
 
 def test_an_unreachable_host_fails_alone_and_the_summary_says_where(site: Site) -> None:
