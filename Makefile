@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/configure.py
 	$(PY) bench/azure_preview.py
 	$(PY) bench/serving_stack.py
+	$(PY) bench/environment_up.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

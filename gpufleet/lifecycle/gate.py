@@ -19,6 +19,7 @@ from generators.serving_stack.graph import ServiceGraphError, bind_address_of, u
 from gpufleet.lifecycle.ansible_step import Say
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.outcome import StepOutcome, StepStatus
+from gpufleet.registry.client import RegistryError
 from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.gpu_host import gpu_host_targets, run_gpu_host_gate
@@ -62,7 +63,8 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
     if service_gates:
         try:
             grpc_url = triton_grpc_url(environment, host)
-        except ServiceGraphError as error:
+            registry = environment.registry()
+        except (ServiceGraphError, RegistryError) as error:
             for name in service_gates:
                 reports.append(GateReport(name, [CheckResult(host, "error", str(error))], label))
                 write_reports(reports[-1], reports_dir)
@@ -72,7 +74,7 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
                 spec=environment.spec,
                 models=[item.spec for item in environment.models],
                 repository=environment.repository,
-                registry=environment.registry(),
+                registry=registry,
                 processes=[],  # on a host the host gate checks containers over SSH instead
                 grpc_url=grpc_url,
                 reports_dir=reports_dir,
