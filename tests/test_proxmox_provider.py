@@ -40,7 +40,13 @@ from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.proxmox import ProxmoxCluster
 from infra.proxmox import vm_config
 from infra.proxmox.gpu_host import ProxmoxGpuHost
-from infra.proxmox.provider import GpuVmError, GpuVmProvider, Timing, VmLockedError
+from infra.proxmox.provider import (
+    OUTPUT_KEYS,
+    GpuVmError,
+    GpuVmProvider,
+    Timing,
+    VmLockedError,
+)
 
 pytestmark = pytest.mark.fakepve(time_scale=0.01)
 
@@ -768,6 +774,61 @@ def test_the_component_wraps_one_dynamic_resource_with_the_secret_kept_secret(
         ).apply(verify)
 
     check()
+
+
+def test_the_same_ca_at_another_path_changes_nothing_and_refresh_needs_no_file(
+    pve: Any,
+    provider: GpuVmProvider,
+    created: tuple[str, dict[str, Any]],
+    fakepve_url: str,
+    fakepve_cafile: str,
+    tmp_path: Path,
+    pulumi_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Two checkouts keep the cluster's CA at different paths: the component registers the
+    same inputs from both, so the provider's diff between them is empty; the state holds the
+    PEM, so read (refresh) works with no CA file anywhere."""
+    vmid, outs = created
+    pem = Path(fakepve_cafile).read_text(encoding="utf-8")
+    registered = []
+    for checkout, relative in (("alice", "certs/pve-root-ca.pem"), ("ci", "tls/cluster.pem")):
+        project = tmp_path / checkout
+        (project / relative).parent.mkdir(parents=True)
+        (project / relative).write_text(pem, encoding="utf-8")
+        registered.append(_registered_inputs(_cluster(fakepve_url, relative), project))
+    alice, ci = registered
+    assert alice == ci
+    diff = provider.diff(vmid, alice | {"secret": TOKEN_SECRET}, ci | {"secret": TOKEN_SECRET})
+    assert diff.changes is False
+    assert alice["ca_certificate"] == pem
+    assert "ca_bundle" not in alice
+    for pem_file in tmp_path.rglob("*.pem"):
+        pem_file.unlink()
+    assert provider.read(vmid, outs).id == vmid
+
+
+def _registered_inputs(cluster: ProxmoxCluster, project: Path) -> dict[str, Any]:
+    """The inputs the component registers for HOST's VM (under Pulumi's mocks), as the
+    provider gets them: no output placeholders, no provider, no secret."""
+    mocks = _Mocks()
+    pulumi.runtime.set_mocks(mocks, project="gpufleet", stack=STACK, preview=False)
+
+    @pulumi.runtime.test  # type: ignore[untyped-decorator]
+    def register() -> pulumi.Output[Any]:
+        host = ProxmoxGpuHost(
+            "gpu-test-1",
+            stack=STACK,
+            host=HostSpec.model_validate(HOST),
+            cluster=cluster,
+            secret=TOKEN_SECRET,
+            project_root=project,
+        )
+        return host.vm.urn
+
+    register()
+    [vm] = [r for r in mocks.registered if r.custom]
+    skip = {"__provider", "secret", *OUTPUT_KEYS}
+    return {key: value for key, value in vm.inputs.items() if key not in skip}
 
 
 def test_config_update_sends_only_changes_and_deletes_what_is_no_longer_wanted(
