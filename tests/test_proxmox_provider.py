@@ -31,6 +31,7 @@ from typing import Any
 
 import dill  # type: ignore[import-untyped]
 import pulumi
+import pulumi.runtime.mocks
 import pytest
 import requests
 import requests.adapters
@@ -292,6 +293,8 @@ def test_every_input_and_every_pve_key_written_is_classified(inputs: dict[str, A
         ({"ssh_keys": [KEY, KEY.replace("ops@", "ci@")]}, "restart"),
         ({"hardware": {**vm_config.HARDWARE, "machine": "pc"}}, "restart"),
         ({"tags": ["gpufleet-x", "gpufleet-host-y"]}, "live"),
+        ({"name": "renamed-in-the-gui"}, "live"),
+        ({"host": "gpu-test-9"}, "replace"),
         ({"endpoint": "https://pve2.example:8006"}, "state"),
         ({"secret": "rotated"}, "state"),
     ],
@@ -404,6 +407,74 @@ def test_diff_node_or_template_replaces_delete_first(
     unchanged = provider.diff(vmid, outs, inputs)
     assert unchanged.changes is False
     assert unchanged.replaces == []
+
+
+def test_a_renamed_host_replaces_its_vm_deleting_first_and_a_renamed_pve_vm_is_drift(
+    pve: Any,
+    provider: GpuVmProvider,
+    agents: Agents,
+    created: tuple[str, dict[str, Any]],
+    inputs: dict[str, Any],
+) -> None:
+    """A host renamed in the stack (`renamed_from`, so the same resource): replace, deleting
+    first. Pulumi then deletes with the old state and creates with the new inputs: one VM,
+    with the GPU, running. A VM renamed in PVE by hand is drift, repaired live."""
+    vmid, outs = created
+    renamed = inputs | {
+        "host": "gpu-test-9",
+        "name": "gpu-test-9",
+        "tags": vm_config.vm_tags(STACK, "gpu-test-9"),
+    }
+    diff = provider.diff(vmid, outs, renamed)
+    assert (diff.changes, diff.replaces, diff.delete_before_replace) == (True, ["host"], True)
+    hand_renamed = outs | {"name": "renamed-in-the-gui", "drift": ["name"]}
+    assert provider.diff(vmid, hand_renamed, inputs).replaces == []
+    before_host_was_an_input = {k: v for k, v in outs.items() if k != "host"}
+    assert provider.diff(vmid, before_host_was_an_input, inputs).replaces == []
+
+    provider.delete(vmid, outs)  # delete_before_replace: the old VM goes first
+    result = provider.create(renamed)
+    [vm] = made_vms(pve)
+    assert (str(vm.vmid), vm.name, vm.status) == (result.id, "gpu-test-9", "running")
+    assert vm.config["hostpci0"] == "mapping=a10-pve1-0,pcie=1"
+    assert vm.config["tags"] == "gpufleet-onprem-test;gpufleet-host-gpu-test-9"
+
+
+def test_renamed_from_aliases_the_component_and_its_vm_to_the_old_names(
+    fakepve_cafile: str, pulumi_loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under Pulumi's mocks: the aliases the engine would get, which make the renamed host's
+    resources the old ones (and so a replace, not a create beside them)."""
+    aliases: dict[str, list[str]] = {}
+    register = pulumi.runtime.mocks.MockMonitor.RegisterResource
+
+    def recording(monitor: Any, request: Any) -> Any:
+        aliases[request.name] = [alias.spec.name for alias in request.aliases]
+        return register(monitor, request)
+
+    monkeypatch.setattr(pulumi.runtime.mocks.MockMonitor, "RegisterResource", recording)
+    pulumi.runtime.set_mocks(_Mocks(), project="gpufleet", stack=STACK, preview=False)
+    renamed = {
+        **HOST,
+        "name": "gpu-test-9",
+        "proxmox": {**HOST["proxmox"], "renamed_from": HOST["name"]},
+    }
+
+    @pulumi.runtime.test  # type: ignore[untyped-decorator]
+    def check() -> pulumi.Output[Any]:
+        host = ProxmoxGpuHost(
+            "gpu-test-9",
+            stack=STACK,
+            host=HostSpec.model_validate(renamed),
+            cluster=_cluster("https://pve.example.internal:8006", fakepve_cafile),
+            secret=TOKEN_SECRET,
+            project_root=Path("/project"),
+        )
+        return host.vm.urn
+
+    check()
+    assert aliases["gpu-test-9"] == ["gpu-test-1"]
+    assert "gpu-test-1-vm" in aliases["gpu-test-9-vm"]
 
 
 def test_update_cores_waits_for_a_restart_unless_allowed(

@@ -135,6 +135,13 @@ class ProxmoxVm(SpecModel):
     ci_user: str = Field(default="gpufleet", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     ssh_keys: list[str] = Field(min_length=1, description="Public keys cloud-init authorizes.")
     pci: list[PciPassthrough] = Field(default_factory=list, max_length=16)
+    renamed_from: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] | None = (
+        Field(
+            default=None,
+            description="The host's name before a rename: its VM is replaced, the old one "
+            "deleted first (its GPUs cannot be in two VMs), instead of a new VM made beside it.",
+        )
+    )
 
     @field_validator("ssh_keys")
     @classmethod

@@ -74,6 +74,13 @@ class ProxmoxGpuHost(pulumi.ComponentResource):
         timing: Timing | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        renamed_from = host.proxmox.renamed_from if host.proxmox else None
+        if renamed_from:
+            # The same resources under the old name: Pulumi diffs instead of creating anew,
+            # and the VM's diff (`host` changed) replaces it, deleting the old one first.
+            opts = pulumi.ResourceOptions.merge(
+                opts, pulumi.ResourceOptions(aliases=[pulumi.Alias(name=renamed_from)])
+            )
         super().__init__("gpufleet:proxmox:GpuHost", name, None, opts)
         inputs: dict[str, Any] = vm_config.vm_inputs(
             stack,
@@ -86,7 +93,11 @@ class ProxmoxGpuHost(pulumi.ComponentResource):
         self.vm = GpuVm(
             f"{name}-vm",
             inputs,
-            pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secret"]),
+            pulumi.ResourceOptions(
+                parent=self,
+                additional_secret_outputs=["secret"],
+                aliases=[pulumi.Alias(name=f"{renamed_from}-vm")] if renamed_from else None,
+            ),
             timing,
         )
         self.name = self.vm.name

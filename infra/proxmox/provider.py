@@ -13,8 +13,9 @@ so nothing is kept between calls.
             (PVE's words) is raised: a failed create leaves nothing behind.
     read    the VM's actual config; inputs that drifted come back with their actual values
             (and are listed in `drift`), so the next diff shows them.
-    diff    `vm_config.classify`: node, template_vmid, storage (or a smaller disk) replace the VM
-            (delete first: the GPUs and the tags cannot be shared); the rest updates it.
+    diff    `vm_config.classify`: node, template_vmid, storage, the host's name (a rename with
+            `renamed_from`) or a smaller disk replace the VM (delete first: the GPUs and the
+            tags cannot be shared); the rest updates it.
     update  POST what differs from the actual config, grow the disk; changes PVE keeps pending
             until the next start are reported in `pending_restart`, or applied by a restart
             when `allow_restart` is true.
@@ -25,6 +26,15 @@ Retries: a VM locked by a backup, snapshot, ... (`VM is locked (backup)`, or a c
 timeout) is retried a bounded number of times, then fails with a clear error; a password
 login's expired ticket is renewed once per call; a VM id that a parallel create took between
 `cluster/nextid` and the clone is replaced by the next free one.
+
+A flaky network: GETs (task polls and guest-agent queries among them) are sent again with
+bounded backoff (session.py, retry.py). A call that changes something and lost its answer may
+have been carried out: once the guest's tasks have ended, each step reads back what PVE has
+and sends only what is still missing (start only a stopped VM, POST only the config keys that
+differ, ...). A clone is looked for by the id it asked for and the host's name, and sent again
+with the same id, so PVE never makes two. When the network keeps failing, the error says it
+was the network (ProxmoxTransientError), and a failed create's cleanup says which VM it left
+on which node.
 
 Adoption goes by the tags, which the first config POST after the clone writes: a create
 killed while its clone task still runs leaves an untagged VM named after the host, which

@@ -30,6 +30,10 @@ How a change reaches the VM (`PVE_KEY_APPLY`, `INPUT_APPLY`):
       sshkeys, ipconfig0, nameserver)             boot (a new instance id)
     node, template_vmid, storage         replace  the GPUs belong to the node; a clone
                                                   cannot change its source: clone anew
+    host (the host's name in the         replace  a renamed host (`renamed_from`) gets a new
+      stack, not the VM's PVE name)               VM, the old one deleted first: the GPUs
+                                                  cannot be in both; an edited PVE name is
+                                                  drift of `name`, repaired live
     disk_gb shrunk                       replace  PVE cannot shrink a disk
     endpoint, ca_certificate,            state    how to reach PVE, not the VM: nothing
       token_id, user, secret,                     to apply, the state just follows
@@ -110,6 +114,7 @@ INPUT_APPLY: Final[dict[str, Apply]] = {
     "network": "restart",
     "disk_gb": "live",
     "node": "replace",
+    "host": "replace",
     "template_vmid": "replace",
     "storage": "replace",
     "endpoint": "state",
@@ -168,6 +173,7 @@ def vm_inputs(
     vm = host.proxmox
     return {
         "stack": stack,
+        "host": host.name,
         "name": host.name,
         "tags": vm_tags(stack, host.name),
         "endpoint": cluster.endpoint,
@@ -531,6 +537,8 @@ def classify(olds: Mapping[str, Any], news: Mapping[str, Any]) -> Changes:
 
 
 def _apply_of(key: str, old: Any, new: Any) -> Apply:
+    if key == "host" and old is None:
+        return "state"  # a state written before `host` was an input: nothing was renamed
     if key == "disk_gb":
         shrunk = isinstance(old, int) and isinstance(new, int) and new < old
         return "replace" if shrunk else "live"
