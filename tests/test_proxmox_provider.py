@@ -14,6 +14,11 @@ checked, the disk keeps its size), resource mappings (`mapping=` is not checked 
 /cluster/mapping/pci), or a guest agent in a clone. The `agents` fixture wraps fakepve's start
 handler so that every started VM's agent answers with the address its cloud-init config gives,
 as a booted cloud image would. PVE seconds run 100x faster (time_scale 0.01).
+
+The flaky network is fakepve's own (`flaky_network`, seeded: connections reset before PVE
+sees the request). Answers lost after PVE acted, and hung requests, are the tests' own
+wrapper around fakepve's request handling (`LostAnswers`): the request runs in the fake as
+usual, then its connection closes instead of answering, or stays silent first.
 """
 
 from __future__ import annotations

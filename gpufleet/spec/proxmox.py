@@ -31,8 +31,9 @@ class ProxmoxCluster(SpecModel):
     endpoint: str = Field(description="https://<host>:8006 of a cluster node or its proxy.")
     ca_bundle: str | None = Field(
         default=None,
-        description="PEM file of the CA that signed the API's certificate; default: the "
-        "system's CAs. TLS is always verified.",
+        description="PEM file of the CA that signed the API's certificate; default: the CA "
+        "bundle requests uses (certifi's), never one the environment names. TLS is always "
+        "verified.",
     )
     token_id: Annotated[str, Field(pattern=TOKEN_ID_PATTERN)] | None = Field(
         default=None, description="API token id, user@realm!name; its secret is a Pulumi secret."
