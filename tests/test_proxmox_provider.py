@@ -1046,8 +1046,8 @@ def test_twenty_creates_and_deletes_over_a_network_that_drops_one_request_in_twe
             continue
         assert result.outs is not None
         made[result.id] = result.outs
-    dropped = sends.sent - len(pve.requests)
-    assert dropped >= 20, f"only {dropped} of {sends.sent} requests were dropped"
+    dropped = sends.sent - len(pve.requests)  # about 17 of 350: one create in two hits one
+    assert dropped >= 8, f"only {dropped} of {sends.sent} requests were dropped"
     assert len(made) >= 19, failed
     assert sorted(vm.vmid for vm in made_vms(pve)) == sorted(int(vmid) for vmid in made)
     assert all(pve.vm(int(vmid)).status == "running" for vmid in made)
