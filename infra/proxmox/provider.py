@@ -317,9 +317,12 @@ class GpuVmProvider(ResourceProvider):
             if source != vm.node:
                 params["target"] = vm.node
             try:
-                return str(pve.send("POST", _vm_path(source, template, "clone"), **params))
-            finally:
-                vm.made_here = True  # or may have: _discard checks before it destroys
+                upid = str(pve.send("POST", _vm_path(source, template, "clone"), **params))
+            except ProxmoxTransientError:
+                vm.made_here = True  # perhaps: _discard looks before it destroys anything
+                raise
+            vm.made_here = True
+            return upid
 
         for attempt in range(_ID_RETRIES):
             try:
@@ -331,7 +334,7 @@ class GpuVmProvider(ResourceProvider):
                 # it was our own POST whose answer was lost.
                 if not _ID_TAKEN.search(error.pve_message) or attempt == _ID_RETRIES - 1:
                     raise
-                if self._is_our_clone(pve, vm, inputs):
+                if vm.made_here and self._is_our_clone(pve, vm, inputs):
                     upid = None
                 else:
                     vm.vmid, vm.made_here = 0, False
