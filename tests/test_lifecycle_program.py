@@ -10,6 +10,8 @@ What the step providers do against real hosts is tested in tests/test_lifecycle_
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -18,10 +20,20 @@ import pytest
 from gpufleet.spec.loading import load_stack_spec
 from tests.azure_mocks import run_program, walk
 from tests.conftest import PROJECT_ROOT
-from tests.test_pulumi_program import SECRET, RecordingMocks, resolve
+from tests.test_pulumi_program import CA_PEM, SECRET, RecordingMocks, resolve
 
 STEP_TYPE = "pulumi-python:dynamic:Resource"
 STEPS = ("configuration", "deployment", "gate")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's stacks and model specs, and the CA bundle the onprem stacks name."""
+    shutil.copytree(PROJECT_ROOT / "stacks", tmp_path / "stacks")
+    shutil.copytree(PROJECT_ROOT / "modelconfigs", tmp_path / "modelconfigs")
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs/pve-root-ca.pem").write_text(CA_PEM)
+    return tmp_path
 
 
 def _settle(loop: asyncio.AbstractEventLoop) -> None:
@@ -42,7 +54,10 @@ def _steps(resources: list[pulumi.runtime.MockResourceArgs], host: str) -> dict[
 
 
 def _proxmox_program(
-    loop: asyncio.AbstractEventLoop, stack: str, config: dict[str, str] | None = None
+    loop: asyncio.AbstractEventLoop,
+    project_root: Path,
+    stack: str,
+    config: dict[str, str] | None = None,
 ) -> tuple[RecordingMocks, dict[str, str]]:
     from infra.program import build_stack
 
@@ -53,7 +68,7 @@ def _proxmox_program(
         ["gpufleet:proxmox_secret"],
     )
     try:
-        hosts = build_stack(stack)
+        hosts = build_stack(stack, project_root)
         addresses = {name: resolve(host.address) for name, host in hosts.items()}
         _settle(loop)
     finally:
@@ -82,9 +97,9 @@ def _assert_chain(
 
 
 def test_onprem_prod_chains_vm_configuration_deployment_and_gate_per_host(
-    pulumi_loop: asyncio.AbstractEventLoop,
+    pulumi_loop: asyncio.AbstractEventLoop, project: Path
 ) -> None:
-    mocks, addresses = _proxmox_program(pulumi_loop, "onprem-prod")
+    mocks, addresses = _proxmox_program(pulumi_loop, project, "onprem-prod")
     assert addresses
     assert all(address.startswith("10.20.0.") for address in addresses.values())
     _assert_chain(mocks.resources, "onprem-prod", addresses)
@@ -104,7 +119,10 @@ def test_azure_prod_chains_vm_configuration_deployment_and_gate_per_host(
 
 @pytest.mark.parametrize("stack", ["onprem-prod", "azure-prod"])
 def test_no_secret_is_a_step_input_or_output(
-    pulumi_loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, stack: str
+    pulumi_loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    project: Path,
+    stack: str,
 ) -> None:
     """The serving stack's secrets, set in the environment as an operator would, and the
     Proxmox token appear in no step's inputs (the mocks' outputs are the inputs)."""
@@ -116,7 +134,7 @@ def test_no_secret_is_a_step_input_or_output(
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     if stack == "onprem-prod":
-        mocks, _ = _proxmox_program(pulumi_loop, stack)
+        mocks, _ = _proxmox_program(pulumi_loop, project, stack)
         resources = mocks.resources
     else:
         azure_mocks, _ = run_program(stack, pulumi_loop)
@@ -130,8 +148,11 @@ def test_no_secret_is_a_step_input_or_output(
         assert "secret" not in resource.inputs
 
 
-def test_lifecycle_false_provisions_the_vms_only(pulumi_loop: asyncio.AbstractEventLoop) -> None:
-    mocks, addresses = _proxmox_program(pulumi_loop, "onprem-prod", {"gpufleet:lifecycle": "false"})
+def test_lifecycle_false_provisions_the_vms_only(
+    pulumi_loop: asyncio.AbstractEventLoop, project: Path
+) -> None:
+    config = {"gpufleet:lifecycle": "false"}
+    mocks, addresses = _proxmox_program(pulumi_loop, project, "onprem-prod", config)
     assert addresses
     assert [r.name for r in mocks.resources if "fingerprint" in r.inputs] == []
     assert [r for r in mocks.resources if r.name.endswith("-vm")]

@@ -614,6 +614,31 @@ def test_without_ca_bundle_the_system_cas_refuse_the_fake(
     assert problem.startswith(f"TLS verification of {fakepve_url} failed (")
 
 
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+@pytest.mark.parametrize("login", ["token", "password"])
+@pytest.mark.parametrize("ca_bundle", ["default CAs", "the stack's CA"])
+def test_a_ca_bundle_in_the_environment_cannot_swap_the_trust_root(
+    cluster: FakePve,
+    fakepve_url: str,
+    fakepve_cafile: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    login: str,
+    ca_bundle: str,
+) -> None:
+    """The environment names the CA that signed the fake's certificate, as an attacker who
+    set it (and serves the fake) would: the connection is still verified against the default
+    CAs, or the stack's own CA, and refused; nothing is sent, the password login included."""
+    monkeypatch.setenv(variable, fakepve_cafile)
+    stack_ca = another_ca(tmp_path) if ca_bundle == "the stack's CA" else None
+    logins: dict[str, Any] = {} if login == "token" else {"token_id": None, "user": "root@pam"}
+    secret = SECRET if login == "token" else "secret"
+    problem = only(preflight(tmp_path, fakepve_url, stack_ca, secret, **logins))
+    assert problem.startswith(f"TLS verification of {fakepve_url} failed (")
+    assert not cluster.requests
+
+
 def test_a_password_login_over_unverified_tls_fails_at_connect(
     cluster: FakePve, fakepve_url: str, tmp_path: Path
 ) -> None:

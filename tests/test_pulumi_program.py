@@ -10,7 +10,9 @@ failing preflight stops the program.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -21,6 +23,7 @@ from gpufleet.spec.loading import load_stack_spec
 from tests.conftest import PROJECT_ROOT
 
 SECRET = "tok-3f9a-not-for-outputs"  # noqa: S105  # a marker to look for
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB-the-clusters-ca\n-----END CERTIFICATE-----\n"
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -63,6 +66,17 @@ def mocks(pulumi_loop: asyncio.AbstractEventLoop) -> Iterator[RecordingMocks]:
     pulumi.runtime.set_all_config({}, [])
 
 
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's stack files and model specs, and the CA bundle they name (a checkout
+    keeps its own)."""
+    shutil.copytree(PROJECT_ROOT / "stacks", tmp_path / "stacks")
+    shutil.copytree(PROJECT_ROOT / "modelconfigs", tmp_path / "modelconfigs")
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs/pve-root-ca.pem").write_text(CA_PEM)
+    return tmp_path
+
+
 def resolve(output: pulumi.Output[Any]) -> Any:
     """The value of an output once every registration has settled (mocks run on this loop);
     raises what produced it raised."""
@@ -72,12 +86,12 @@ def resolve(output: pulumi.Output[Any]) -> Any:
 
 @pytest.mark.parametrize("stack", ["onprem-prod", "onprem-staging"])
 def test_every_host_becomes_a_gpu_vm_with_the_specs_inputs(
-    mocks: RecordingMocks, stack: str
+    mocks: RecordingMocks, stack: str, project: Path
 ) -> None:
     from infra.program import build_stack
 
     spec = load_stack_spec(PROJECT_ROOT / "stacks", stack).spec
-    hosts = build_stack(stack)
+    hosts = build_stack(stack, project)
     assert sorted(hosts) == sorted(host.name for host in spec.hosts)
     for name, component in hosts.items():
         assert resolve(component.address).startswith("10.20.0.")
@@ -95,13 +109,14 @@ def test_every_host_becomes_a_gpu_vm_with_the_specs_inputs(
         assert inputs["memory_mb"] == host.proxmox.memory_mb
         assert inputs["pci"] == [{"mapping": d.mapping} for d in host.proxmox.pci]
         assert inputs["tags"] == [f"gpufleet-{stack}", f"gpufleet-host-{host.name}"]
-        assert inputs["ca_bundle"] == str(PROJECT_ROOT / "certs/pve-root-ca.pem")
+        assert inputs["ca_certificate"] == CA_PEM  # the certificate, not where it lies
+        assert "ca_bundle" not in inputs
 
 
-def test_the_token_secret_stays_secret(mocks: RecordingMocks) -> None:
+def test_the_token_secret_stays_secret(mocks: RecordingMocks, project: Path) -> None:
     from infra.program import build_stack
 
-    hosts = build_stack("onprem-prod")
+    hosts = build_stack("onprem-prod", project)
     vm = hosts["gpu-prod-1"].vm
     assert asyncio.get_event_loop().run_until_complete(vm.secret.is_secret()) is True
     (registered,) = [r for r in mocks.resources if r.name == "gpu-prod-1-vm"]
@@ -114,10 +129,10 @@ def test_the_token_secret_stays_secret(mocks: RecordingMocks) -> None:
             assert SECRET not in repr(resolve(output))
 
 
-def test_outputs_name_address_and_gpus_per_host(mocks: RecordingMocks) -> None:
+def test_outputs_name_address_and_gpus_per_host(mocks: RecordingMocks, project: Path) -> None:
     from infra.program import build_stack
 
-    hosts = build_stack("onprem-prod")
+    hosts = build_stack("onprem-prod", project)
     assert resolve(hosts["gpu-prod-2"].gpus) == ["a10-pve2-0"]
     assert resolve(hosts["gpu-prod-1"].vmid) > 100
 
@@ -143,7 +158,7 @@ def test_a_stack_that_is_not_proxmox_is_refused(mocks: RecordingMocks) -> None:
 
 
 def test_the_program_waits_for_the_preflight_and_stops_when_it_fails(
-    mocks: RecordingMocks, monkeypatch: pytest.MonkeyPatch
+    mocks: RecordingMocks, monkeypatch: pytest.MonkeyPatch, project: Path
 ) -> None:
     """The preflight is on; its answer is replaced by a failure (no PVE here): no VM is made."""
     import infra.program
@@ -159,14 +174,14 @@ def test_the_program_waits_for_the_preflight_and_stops_when_it_fails(
         return ["node pve1 is offline: bring it back or move gpu-prod-1"]
 
     monkeypatch.setattr(infra.program, "check_stack", failing_preflight)
-    hosts = infra.program.build_stack("onprem-prod")
+    hosts = infra.program.build_stack("onprem-prod", project)
     with pytest.raises(pulumi.RunError, match=r"found 1 problem\(s\):\n  - node pve1 is offline"):
         resolve(hosts["gpu-prod-1"].address)
     assert calls == ["onprem-prod"]
     assert not [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]
 
 
-def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks) -> None:
+def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks, project: Path) -> None:
     from infra.program import build_stack
 
     pulumi.runtime.set_all_config(
@@ -177,7 +192,7 @@ def test_allow_restart_comes_from_the_stack_config(mocks: RecordingMocks) -> Non
         },
         ["gpufleet:proxmox_secret"],
     )
-    resolve(build_stack("onprem-staging")["gpu-staging-1"].address)
+    resolve(build_stack("onprem-staging", project)["gpu-staging-1"].address)
     (vm,) = [r for r in mocks.resources if r.name.endswith("-vm")]
     assert vm.inputs["allow_restart"] is True
 
@@ -197,3 +212,17 @@ def test_pulumi_yaml_declares_every_stack_key_and_marks_the_secret() -> None:
     for stack_file in (PROJECT_ROOT / "stacks").glob("Pulumi.*.yaml"):
         for key in yaml.safe_load(stack_file.read_text())["config"]:
             assert key in declared, f"{stack_file.name}: {key} is not declared in Pulumi.yaml"
+
+
+def test_a_missing_ca_bundle_stops_the_program_with_one_line(
+    mocks: RecordingMocks, project: Path
+) -> None:
+    """The component reads the CA bundle the stack names; without it, no VM is registered."""
+    from infra.program import build_stack
+
+    (project / "certs/pve-root-ca.pem").unlink()
+    with pytest.raises(pulumi.RunError) as caught:
+        build_stack("onprem-prod", project)
+    assert str(caught.value).startswith("proxmox.ca_bundle certs/pve-root-ca.pem (")
+    assert "is not a file: save the PEM of the CA" in str(caught.value)
+    assert not [r for r in mocks.resources if r.typ.startswith("pulumi-python:dynamic")]

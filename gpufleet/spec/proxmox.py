@@ -31,8 +31,9 @@ class ProxmoxCluster(SpecModel):
     endpoint: str = Field(description="https://<host>:8006 of a cluster node or its proxy.")
     ca_bundle: str | None = Field(
         default=None,
-        description="PEM file of the CA that signed the API's certificate; default: the "
-        "system's CAs. TLS is always verified.",
+        description="PEM file of the CA that signed the API's certificate; default: the CA "
+        "bundle requests uses (certifi's), never one the environment names. TLS is always "
+        "verified.",
     )
     token_id: Annotated[str, Field(pattern=TOKEN_ID_PATTERN)] | None = Field(
         default=None, description="API token id, user@realm!name; its secret is a Pulumi secret."
@@ -135,6 +136,13 @@ class ProxmoxVm(SpecModel):
     ci_user: str = Field(default="gpufleet", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     ssh_keys: list[str] = Field(min_length=1, description="Public keys cloud-init authorizes.")
     pci: list[PciPassthrough] = Field(default_factory=list, max_length=16)
+    renamed_from: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")] | None = (
+        Field(
+            default=None,
+            description="The host's name before a rename: its VM is replaced, the old one "
+            "deleted first (its GPUs cannot be in two VMs), instead of a new VM made beside it.",
+        )
+    )
 
     @field_validator("ssh_keys")
     @classmethod

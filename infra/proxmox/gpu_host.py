@@ -26,6 +26,7 @@ from pulumi.dynamic import Resource
 from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.proxmox import ProxmoxCluster
 from infra.proxmox import vm_config
+from infra.proxmox.client import ProxmoxError, ca_bundle_path
 from infra.proxmox.provider import OUTPUT_KEYS, GpuVmProvider, Timing
 
 
@@ -73,15 +74,30 @@ class ProxmoxGpuHost(pulumi.ComponentResource):
         timing: Timing | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        renamed_from = host.proxmox.renamed_from if host.proxmox else None
+        if renamed_from:
+            # The same resources under the old name: Pulumi diffs instead of creating anew,
+            # and the VM's diff (`host` changed) replaces it, deleting the old one first.
+            opts = pulumi.ResourceOptions.merge(
+                opts, pulumi.ResourceOptions(aliases=[pulumi.Alias(name=renamed_from)])
+            )
         super().__init__("gpufleet:proxmox:GpuHost", name, None, opts)
         inputs: dict[str, Any] = vm_config.vm_inputs(
-            stack, host, cluster, project_root=project_root, allow_restart=allow_restart
+            stack,
+            host,
+            cluster,
+            ca_certificate=_ca_certificate(cluster, project_root),
+            allow_restart=allow_restart,
         )
         inputs["secret"] = pulumi.Output.secret(secret)
         self.vm = GpuVm(
             f"{name}-vm",
             inputs,
-            pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secret"]),
+            pulumi.ResourceOptions(
+                parent=self,
+                additional_secret_outputs=["secret"],
+                aliases=[pulumi.Alias(name=f"{renamed_from}-vm")] if renamed_from else None,
+            ),
             timing,
         )
         self.name = self.vm.name
@@ -90,3 +106,14 @@ class ProxmoxGpuHost(pulumi.ComponentResource):
         self.vmid = self.vm.vmid
         self.pending_restart = self.vm.pending_restart
         self.register_outputs({"name": self.name, "address": self.address, "gpus": self.gpus})
+
+
+def _ca_certificate(cluster: ProxmoxCluster, project_root: Path) -> str | None:
+    """The PEM text of the stack's CA bundle (None: the default CAs); a missing file stops the
+    program with the preflight's one-line message."""
+    if cluster.ca_bundle is None:
+        return None
+    try:
+        return ca_bundle_path(cluster, project_root).read_text(encoding="utf-8")
+    except (ProxmoxError, OSError, UnicodeDecodeError) as error:
+        raise pulumi.RunError(str(error)) from None

@@ -13,8 +13,9 @@ so nothing is kept between calls.
             (PVE's words) is raised: a failed create leaves nothing behind.
     read    the VM's actual config; inputs that drifted come back with their actual values
             (and are listed in `drift`), so the next diff shows them.
-    diff    `vm_config.classify`: node, template_vmid, storage (or a smaller disk) replace the VM
-            (delete first: the GPUs and the tags cannot be shared); the rest updates it.
+    diff    `vm_config.classify`: node, template_vmid, storage, the host's name (a rename with
+            `renamed_from`) or a smaller disk replace the VM (delete first: the GPUs and the
+            tags cannot be shared); the rest updates it.
     update  POST what differs from the actual config, grow the disk; changes PVE keeps pending
             until the next start are reported in `pending_restart`, or applied by a restart
             when `allow_restart` is true.
@@ -25,6 +26,15 @@ Retries: a VM locked by a backup, snapshot, ... (`VM is locked (backup)`, or a c
 timeout) is retried a bounded number of times, then fails with a clear error; a password
 login's expired ticket is renewed once per call; a VM id that a parallel create took between
 `cluster/nextid` and the clone is replaced by the next free one.
+
+A flaky network: GETs (task polls and guest-agent queries among them) are sent again with
+bounded backoff (session.py, retry.py). A call that changes something and lost its answer may
+have been carried out: once the guest's tasks have ended, each step reads back what PVE has
+and sends only what is still missing (start only a stopped VM, POST only the config keys that
+differ, ...). A clone is looked for by the id it asked for and the host's name, and sent again
+with the same id, so PVE never makes two. When the network keeps failing, the error says it
+was the network (ProxmoxTransientError), and a failed create's cleanup says which VM it left
+on which node.
 
 Adoption goes by the tags, which the first config POST after the clone writes: a create
 killed while its clone task still runs leaves an untagged VM named after the host, which
@@ -38,11 +48,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-import requests
-from proxmoxer import ProxmoxAPI, ResourceException  # type: ignore[import-untyped]
 from pulumi.dynamic import (
     CreateResult,
     DiffResult,
@@ -50,25 +57,22 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
-from pulumi.runtime import rpc
 
 from infra.proxmox import vm_config
 from infra.proxmox.client import (
     ProxmoxApiError,
     ProxmoxError,
     ProxmoxTaskError,
-    api_get,
-    connect,
-    one_line,
-    unreachable,
-    wait_for_task,
+    ProxmoxTransientError,
 )
+from infra.proxmox.session import GpuVmError as GpuVmError
+from infra.proxmox.session import PveSession
+from infra.proxmox.session import Timing as Timing
 
 T = TypeVar("T")
 
 _LOCKED = re.compile(r"VM is locked \(([\w-]+)\)|can't lock file '[^']*' - got timeout")
 _GONE = re.compile(r"Configuration file '[^']*' does not exist|unable to find configuration file")
-_EXPIRED_TICKET = "invalid PVE ticket"
 _ID_TAKEN = re.compile(r"already exists")
 _ID_RETRIES = 5
 # Answers while the guest agent is not up yet: PVE's 500s.
@@ -76,102 +80,8 @@ _AGENT_NOT_READY = 500
 OUTPUT_KEYS = ("vmid", "address", "gpus", "pending_restart", "drift")
 
 
-class GpuVmError(ProxmoxError):
-    """Making, changing or removing the VM failed; str() says what and what PVE answered."""
-
-
 class VmLockedError(GpuVmError):
     """The VM stayed locked (backup, snapshot, ...) through every retry."""
-
-
-@dataclass(frozen=True)
-class Timing:
-    """How long to wait for PVE; the tests shrink it (fakepve runs PVE's seconds faster)."""
-
-    task_timeout_s: float = 1800.0  # a full clone of a large disk takes a while
-    poll_s: float = 1.0
-    shutdown_timeout_s: int = 120  # the guest's ACPI shutdown, before a hard stop
-    agent_timeout_s: float = 600.0  # boot, cloud-init and the guest agent answering
-    lock_retries: int = 20
-    lock_retry_delay_s: float = 15.0  # 20 x 15 s: a backup of a large disk
-
-
-# ------------------------------------------------------------------------- API session
-
-
-class PveSession:
-    """One provider call's API connection: PVE's errors as ProxmoxError, tasks waited for.
-
-    A password login whose ticket expired mid-call logs in again, once; an API token has no
-    ticket. The secret stays in this object and never goes into a message.
-    """
-
-    def __init__(self, inputs: Mapping[str, Any], timing: Timing) -> None:
-        self._cluster = vm_config.cluster_of(inputs)
-        self._secret = _secret_of(inputs)
-        self._relogged = False
-        self.timing = timing
-        self.api = self._connect()
-
-    def _connect(self) -> ProxmoxAPI:
-        # ca_bundle is absolute in the inputs, so the project root does not matter here.
-        return connect(self._cluster, self._secret, project_root=Path.cwd())
-
-    def run(self, action: Callable[[ProxmoxAPI], T]) -> T:
-        try:
-            return action(self.api)
-        except ProxmoxError as error:
-            if self._relogged or self._cluster.uses_token or _EXPIRED_TICKET not in str(error):
-                raise
-        self._relogged = True
-        self.api = self._connect()
-        return action(self.api)
-
-    def get(self, path: str, **params: Any) -> Any:
-        return self.run(lambda api: api_get(api, path, **params))
-
-    def send(self, method: str, path: str, **params: Any) -> Any:
-        return self.run(lambda api: _send(api, method, path, params))
-
-    def task(self, method: str, path: str, node: str, timeout_s: float, **params: Any) -> Any:
-        """Call a method that starts a PVE task and wait for it to end OK (ProxmoxTaskError)."""
-        result = self.send(method, path, **params)
-        if isinstance(result, str) and result.startswith("UPID:"):
-            return self.wait(node, result, timeout_s)
-        return result
-
-    def wait(self, node: str, upid: str, timeout_s: float) -> Any:
-        """The task's status once it ended OK; ProxmoxTaskError otherwise."""
-        poll = self.timing.poll_s
-        return self.run(lambda api: wait_for_task(api, node, upid, timeout_s, poll_s=poll))
-
-
-def _send(api: ProxmoxAPI, method: str, path: str, params: dict[str, Any]) -> Any:
-    """POST/PUT/DELETE through proxmoxer; errors as client.py words them for GETs."""
-    resource = api(path)
-    call = {"POST": resource.post, "PUT": resource.put, "DELETE": resource.delete}[method]
-    try:
-        return call(**params)
-    except ResourceException as error:
-        message = one_line(str(error.content or ""))
-        if isinstance(error.errors, dict) and "errors" not in error.errors:
-            fields = "; ".join(f"{k}: {one_line(str(v))}" for k, v in error.errors.items())
-            message = f"{message} ({fields})" if fields else message
-        raise ProxmoxApiError(method, path, error.status_code, message) from None
-    except requests.RequestException as error:
-        raise unreachable(error) from None
-
-
-def _secret_of(inputs: Mapping[str, Any]) -> str:
-    secret = inputs.get("secret")
-    if rpc.is_rpc_secret(secret):
-        secret = rpc.unwrap_rpc_secret(secret)
-    if not isinstance(secret, str) or not secret:
-        raise GpuVmError(
-            "no Proxmox secret in the resource's inputs: set it with `pulumi config set "
-            "--secret gpufleet:proxmox_secret <token secret or password>`"
-        )
-    return secret
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -242,14 +152,13 @@ class GpuVmProvider(ResourceProvider):
     def _create(self, inputs: dict[str, Any]) -> CreateResult:
         pve = PveSession(inputs, self.timing)
         vm = self._adoptable(pve, inputs)
-        clone: tuple[str, str] | None = None  # (the template's node, the clone task's UPID)
+        source = None  # the template's node, when this create clones
         if vm is None:
             source = self._check_placement(pve, inputs)
             vm = _Vm(0, inputs["node"])
-            clone = (source, self._start_clone(pve, vm, inputs, source))
         try:
-            if clone is not None:
-                pve.wait(*clone, self.timing.task_timeout_s)
+            if source is not None:
+                self._clone(pve, vm, inputs, source)
             self._configure(pve, vm, inputs)
             self._start(pve, vm)
             address = self._wait_for_address(pve, vm, inputs)
@@ -383,13 +292,22 @@ class GpuVmProvider(ResourceProvider):
                 return str(vm["node"])
         raise GpuVmError(f"template VM {template} does not exist (proxmox.template_vmid)")
 
-    def _start_clone(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any], source: str) -> str:
-        """Start a full clone of the template (on node `source`) onto the VM's node and storage,
-        under a fresh VM id; its task's UPID. Sets vm.vmid and vm.made_here once PVE took it."""
-        template = int(inputs["template_vmid"])
+    def _clone(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any], source: str) -> None:
+        """A full clone of the template (on node `source`) onto the VM's node and storage, under
+        a fresh VM id, waited for. Sets vm.vmid, and vm.made_here once PVE may have made it.
 
-        def clone_once() -> str:
-            vm.vmid = int(pve.get("cluster/nextid"))
+        A clone POST whose answer the network lost may have been carried out: before sending it
+        again (with the same id, so that PVE refuses a second copy), look for the VM by that id
+        and the host's name, as adoption looks for a tagged one.
+        """
+        template = int(inputs["template_vmid"])
+        timeout = self.timing.task_timeout_s
+
+        def clone_once() -> str | None:
+            if vm.made_here and self._is_our_clone(pve, vm, inputs):
+                return None  # the lost POST made it; _locked_retry waited for its task
+            if not vm.vmid:
+                vm.vmid = int(pve.get("cluster/nextid"))
             params: dict[str, Any] = {
                 "newid": vm.vmid,
                 "name": inputs["name"],
@@ -398,70 +316,85 @@ class GpuVmProvider(ResourceProvider):
             }
             if source != vm.node:
                 params["target"] = vm.node
-            upid = str(pve.send("POST", _vm_path(source, template, "clone"), **params))
+            try:
+                upid = str(pve.send("POST", _vm_path(source, template, "clone"), **params))
+            except ProxmoxTransientError:
+                vm.made_here = True  # perhaps: _discard looks before it destroys anything
+                raise
             vm.made_here = True
             return upid
 
         for attempt in range(_ID_RETRIES):
             try:
-                return self._locked_retry(template, f"cloning template {template}", clone_once)
+                upid = self._locked_retry(
+                    pve, source, template, f"cloning template {template}", clone_once
+                )
             except ProxmoxApiError as error:
-                # Another create (a parallel `pulumi up` step) took the id nextid gave us.
+                # Another create (a parallel `pulumi up` step) took the id nextid gave us, unless
+                # it was our own POST whose answer was lost.
                 if not _ID_TAKEN.search(error.pve_message) or attempt == _ID_RETRIES - 1:
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+                if vm.made_here and self._is_our_clone(pve, vm, inputs):
+                    upid = None
+                else:
+                    vm.vmid, vm.made_here = 0, False
+                    continue
+            if upid is None:
+                self._settle(pve, source, template)
+            else:
+                pve.wait(source, upid, timeout)
+            return
+
+    def _is_our_clone(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> bool:
+        """VM vm.vmid exists, is no template and carries the host's name: this create's clone."""
+        for found in _vms(pve):
+            if int(found["vmid"]) == vm.vmid:
+                return found.get("name") == inputs["name"] and not found.get("template")
+        return False
 
     def _configure(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> None:
-        """POST the config keys that differ, then grow the boot disk to disk_gb."""
-        current = pve.get(_vm_path(vm.node, vm.vmid, "config"))
-        update = vm_config.config_update(inputs, current)
-        if not update.empty:
-            self._locked_retry(
-                vm.vmid,
-                f"configuring VM {vm.vmid}",
-                lambda: pve.task(
-                    "POST",
-                    _vm_path(vm.node, vm.vmid, "config"),
-                    vm.node,
-                    self.timing.task_timeout_s,
-                    **update.as_params(),
-                ),
-            )
-        self._grow_disk(pve, vm, current, int(inputs["disk_gb"]))
+        """POST the config keys that differ, then grow the boot disk to disk_gb. Each step reads
+        the config first: sent again after a lost answer, it sends only what is still missing."""
+        timeout = self.timing.task_timeout_s
+        path = _vm_path(vm.node, vm.vmid, "config")
 
-    def _grow_disk(self, pve: PveSession, vm: _Vm, config: Mapping[str, Any], disk_gb: int) -> None:
-        disk = vm_config.boot_disk(config)
-        if disk is None:
-            raise GpuVmError(f"VM {vm.vmid} has no boot disk to grow: does the template have one?")
-        size = vm_config.disk_size_gb(str(config[disk]))
-        if size is not None and size >= disk_gb:
-            return
-        self._locked_retry(
-            vm.vmid,
-            f"growing {disk} of VM {vm.vmid} to {disk_gb}G",
-            lambda: pve.task(
-                "PUT",
-                _vm_path(vm.node, vm.vmid, "resize"),
-                vm.node,
-                self.timing.task_timeout_s,
-                disk=disk,
-                size=f"{disk_gb}G",
-            ),
-        )
+        def post_update() -> None:
+            update = vm_config.config_update(inputs, pve.get(path))
+            if not update.empty:
+                pve.task("POST", path, vm.node, timeout, **update.as_params())
+
+        def grow_disk(disk_gb: int = int(inputs["disk_gb"])) -> None:
+            config = pve.get(path)
+            disk = vm_config.boot_disk(config)
+            if disk is None:
+                raise GpuVmError(
+                    f"VM {vm.vmid} has no boot disk to grow: does the template have one?"
+                )
+            size = vm_config.disk_size_gb(str(config[disk]))
+            if size is None or size < disk_gb:
+                resize = _vm_path(vm.node, vm.vmid, "resize")
+                pve.task("PUT", resize, vm.node, timeout, disk=disk, size=f"{disk_gb}G")
+
+        self._locked_retry(pve, vm.node, vm.vmid, f"configuring VM {vm.vmid}", post_update)
+        self._locked_retry(pve, vm.node, vm.vmid, f"growing the disk of VM {vm.vmid}", grow_disk)
 
     def _start(self, pve: PveSession, vm: _Vm) -> None:
-        if self._status(pve, vm) == "running":
-            return
-        self._locked_retry(
-            vm.vmid,
-            f"starting VM {vm.vmid}",
-            lambda: pve.task(
-                "POST",
-                _vm_path(vm.node, vm.vmid, "status/start"),
-                vm.node,
-                self.timing.task_timeout_s,
-            ),
-        )
+        self._power(pve, vm, "start", f"starting VM {vm.vmid}", unless="running")
+
+    def _power(
+        self, pve: PveSession, vm: _Vm, action: str, what: str, *, unless: str, **params: Any
+    ) -> None:
+        """POST status/<action> unless the VM's status is `unless` already (read first, so a
+        call sent again after a lost answer does not start or stop the VM twice)."""
+        # A shutdown ends by its own `timeout`; the task gets a minute more.
+        timeout = float(params["timeout"]) + 60 if "timeout" in params else None
+
+        def change() -> None:
+            if self._status(pve, vm) != unless:
+                path = _vm_path(vm.node, vm.vmid, f"status/{action}")
+                pve.task("POST", path, vm.node, timeout or self.timing.task_timeout_s, **params)
+
+        self._locked_retry(pve, vm.node, vm.vmid, what, change)
 
     # ----------------------------------------------------------------- the guest agent
 
@@ -510,38 +443,18 @@ class GpuVmProvider(ResourceProvider):
 
     def _power_off(self, pve: PveSession, vm: _Vm) -> None:
         """ACPI shutdown with a timeout; a guest still running after it is stopped hard."""
-        if self._status(pve, vm) != "running":
-            return
         timeout = self.timing.shutdown_timeout_s
         with suppress(ProxmoxTaskError):
-            self._locked_retry(
-                vm.vmid,
-                f"shutting down VM {vm.vmid}",
-                lambda: pve.task(
-                    "POST",
-                    _vm_path(vm.node, vm.vmid, "status/shutdown"),
-                    vm.node,
-                    timeout + 60,
-                    timeout=timeout,
-                ),
-            )
-        if self._status(pve, vm) != "running":
-            return
-        self._locked_retry(
-            vm.vmid,
-            f"stopping VM {vm.vmid}",
-            lambda: pve.task(
-                "POST",
-                _vm_path(vm.node, vm.vmid, "status/stop"),
-                vm.node,
-                self.timing.task_timeout_s,
-            ),
-        )
+            what = f"shutting down VM {vm.vmid}"
+            self._power(pve, vm, "shutdown", what, unless="stopped", timeout=timeout)
+        self._power(pve, vm, "stop", f"stopping VM {vm.vmid}", unless="stopped")
 
     def _destroy(self, pve: PveSession, vm: _Vm) -> None:
         """Destroy the VM with its disks and every reference (jobs, HA); gone already is fine."""
         try:
             self._locked_retry(
+                pve,
+                vm.node,
                 vm.vmid,
                 f"destroying VM {vm.vmid}",
                 lambda: pve.task(
@@ -572,30 +485,54 @@ class GpuVmProvider(ResourceProvider):
             self._destroy(pve, vm)
         except ProxmoxError as error:
             return (
-                f"removing the half-made VM {vm.vmid} failed too ({error}): destroy it by hand "
+                f"removing the half-made VM {vm.vmid} failed too ({error}), so VM {vm.vmid} "
+                f"({inputs['name']}) is left on node {vm.node}: destroy it by hand there "
                 f"(`qm stop {vm.vmid}; qm destroy {vm.vmid} --purge`)"
             )
         return f"VM {vm.vmid} was stopped and destroyed"
 
-    def _locked_retry(self, vmid: int, what: str, action: Callable[[], T]) -> T:
-        """Run `action`; while PVE says VM `vmid` is locked, wait and try again (bounded)."""
+    def _locked_retry(
+        self, pve: PveSession, node: str, vmid: int, what: str, action: Callable[[], T]
+    ) -> T:
+        """Run `action`; while PVE says VM `vmid` is locked, wait and try again (bounded).
+
+        An action whose answer the network lost runs again too (Timing.network_tries in all),
+        once the guest's running tasks, the lost call's among them, have ended. Actions read
+        what PVE has before they change it, so running one again does not do a thing twice.
+        """
         timing = self.timing
-        for attempt in _attempts(timing.lock_retries):
+        locked = 0
+        network_delays = timing.backoff.delays()
+        while True:
             try:
                 return action()
+            except ProxmoxTransientError as error:
+                delay = next(network_delays, None)
+                if delay is None:
+                    error.tries = timing.network_tries
+                    raise
+                time.sleep(delay)
+                self._settle(pve, node, vmid)
             except ProxmoxError as error:
                 lock = _locked(error)
                 if lock is None:
                     raise
-                if attempt == timing.lock_retries:
+                if locked == timing.lock_retries:
                     waited = timing.lock_retries * timing.lock_retry_delay_s
                     raise VmLockedError(
-                        f"{what}: the VM stayed locked ({lock}) through {attempt + 1} tries over "
+                        f"{what}: the VM stayed locked ({lock}) through {locked + 1} tries over "
                         f"{waited:g}s ({error}); wait for the {lock} to finish (or, if nothing "
                         f"holds it, `qm unlock {vmid}`) and run again"
                     ) from None
-            time.sleep(timing.lock_retry_delay_s)
-        raise AssertionError("unreachable")  # pragma: no cover
+                locked += 1
+                time.sleep(timing.lock_retry_delay_s)
+
+    def _settle(self, pve: PveSession, node: str, vmid: int) -> None:
+        """Wait, up to the task timeout, until no task runs for guest `vmid` on `node`."""
+        deadline = time.monotonic() + self.timing.task_timeout_s
+        with suppress(ProxmoxApiError):  # a login that may not list tasks: go on regardless
+            while pve.active_tasks(node, vmid) and time.monotonic() < deadline:
+                time.sleep(self.timing.poll_s)
 
     # ----------------------------------------------------------------------- outputs
 
@@ -639,10 +576,6 @@ def _failing(what: str) -> Iterator[None]:
         raise
     except ProxmoxError as error:
         raise GpuVmError(f"{what}: {error}") from error
-
-
-def _attempts(retries: int) -> Iterator[int]:
-    yield from range(retries + 1)
 
 
 def _ipv4_addresses(interfaces: list[dict[str, Any]]) -> Iterator[str]:

@@ -4,7 +4,9 @@ Three things live here, all pure functions the provider and the tests share:
 
 * `vm_inputs`: the dynamic resource's inputs for one host (a JSON-safe dict) from the stack
   name, the `HostSpec` and the `ProxmoxCluster`. The secret is not among them: the component
-  adds it as a Pulumi secret.
+  adds it as a Pulumi secret. The CA is there as its PEM text (`ca_certificate`), not as a
+  path: the same certificate in another checkout changes nothing, and refresh and destroy
+  need no file.
 * `pve_params` / `config_update`: the PVE config parameters those inputs mean (q35 + OVMF
   with an EFI disk, `cpu: host`, no balloon, GPUs as `hostpciN` with `pcie=1`, cloud-init user,
   keys and addressing, `net0`, the guest agent, tags naming the stack and host), and the
@@ -28,9 +30,15 @@ How a change reaches the VM (`PVE_KEY_APPLY`, `INPUT_APPLY`):
       sshkeys, ipconfig0, nameserver)             boot (a new instance id)
     node, template_vmid, storage         replace  the GPUs belong to the node; a clone
                                                   cannot change its source: clone anew
+    host (the host's name in the         replace  a renamed host (`renamed_from`) gets a new
+      stack, not the VM's PVE name)               VM, the old one deleted first: the GPUs
+                                                  cannot be in both; an edited PVE name is
+                                                  drift of `name`, repaired live
     disk_gb shrunk                       replace  PVE cannot shrink a disk
-    endpoint, ca_bundle, token_id,       state    how to reach PVE, not the VM: nothing
-      user, secret, allow_restart                 to apply, the state just follows
+    endpoint, ca_certificate,            state    how to reach PVE, not the VM: nothing
+      token_id, user, secret,                     to apply, the state just follows
+      allow_restart (ca_bundle: a path,
+      in states written before the PEM)
 
 "restart" changes are written to the config at once; PVE keeps them pending until the VM
 starts again. The provider reports them as `pending_restart` (read back from PVE, so PVE has
@@ -106,10 +114,12 @@ INPUT_APPLY: Final[dict[str, Apply]] = {
     "network": "restart",
     "disk_gb": "live",
     "node": "replace",
+    "host": "replace",
     "template_vmid": "replace",
     "storage": "replace",
     "endpoint": "state",
-    "ca_bundle": "state",
+    "ca_certificate": "state",
+    "ca_bundle": "state",  # the CA file's path, in states written before ca_certificate
     "token_id": "state",
     "user": "state",
     "secret": "state",
@@ -150,26 +160,24 @@ def vm_inputs(
     host: HostSpec,
     cluster: ProxmoxCluster,
     *,
-    project_root: Path | str,
+    ca_certificate: str | None,
     allow_restart: bool = False,
 ) -> dict[str, Any]:
     """The dynamic resource's inputs for one host's VM: plain JSON, no secret.
 
-    `ca_bundle` is made absolute against `project_root` (the provider runs in another process
-    and directory); a path join, nothing is read.
+    `ca_certificate` is the PEM text of `cluster.ca_bundle` (the component reads the file),
+    None for the default CAs.
     """
     if host.proxmox is None:
         raise ValueError(f"host {host.name!r} has no proxmox block")
     vm = host.proxmox
-    ca_bundle = None
-    if cluster.ca_bundle is not None:
-        ca_bundle = str(Path(project_root, cluster.ca_bundle))
     return {
         "stack": stack,
+        "host": host.name,
         "name": host.name,
         "tags": vm_tags(stack, host.name),
         "endpoint": cluster.endpoint,
-        "ca_bundle": ca_bundle,
+        "ca_certificate": ca_certificate,
         "token_id": cluster.token_id,
         "user": cluster.user,
         "template_vmid": cluster.template_vmid,
@@ -187,12 +195,17 @@ def vm_inputs(
     }
 
 
-def cluster_of(inputs: Mapping[str, Any]) -> ProxmoxCluster:
-    """The `ProxmoxCluster` the inputs were made from (enough of it to connect)."""
+def cluster_of(inputs: Mapping[str, Any], *, ca_file: Path | None = None) -> ProxmoxCluster:
+    """The `ProxmoxCluster` the inputs were made from (enough of it to connect).
+
+    `ca_file` holds the inputs' `ca_certificate`; without one, a state written before
+    `ca_certificate` existed may still name the file by its absolute path (`ca_bundle`).
+    """
+    ca_bundle = str(ca_file) if ca_file is not None else inputs.get("ca_bundle")
     return ProxmoxCluster.model_validate(
         {
             "endpoint": inputs["endpoint"],
-            "ca_bundle": inputs.get("ca_bundle"),
+            "ca_bundle": ca_bundle,
             "token_id": inputs.get("token_id"),
             "user": inputs.get("user"),
             "template_vmid": inputs["template_vmid"],
@@ -524,6 +537,8 @@ def classify(olds: Mapping[str, Any], news: Mapping[str, Any]) -> Changes:
 
 
 def _apply_of(key: str, old: Any, new: Any) -> Apply:
+    if key == "host" and old is None:
+        return "state"  # a state written before `host` was an input: nothing was renamed
     if key == "disk_gb":
         shrunk = isinstance(old, int) and isinstance(new, int) and new < old
         return "replace" if shrunk else "live"
