@@ -39,11 +39,9 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
     """Fill the repository, generate the hosts' files, run the serving_stack role on `hosts`."""
     started = time.monotonic()
     if environment.spec.serving is None:
-        reason = (
-            f"stack {environment.name!r} has no gpufleet:serving, so there is nothing to deploy; "
-            "add it (docs/serving-stack.md)"
-        )
-        return [StepOutcome("deploy", host, "error", [reason]) for host in hosts]
+        say(f"  stack {environment.name!r} has no gpufleet:serving: nothing to deploy")
+        details = {"note": "no gpufleet:serving: nothing to deploy"}
+        return [StepOutcome("deploy", host, "ok", details=dict(details)) for host in hosts]
     try:
         with _preparing(environment):
             models = fill_repository(environment, say=say)

@@ -102,6 +102,8 @@ def load_environment(
         spec = resolve_addresses(
             stack, loaded.spec, outputs_file=outputs_file, project_root=project_root
         )
-    specs = load_model_specs(specs_dir or project_root / "modelconfigs")
-    models = select_stack_models(loaded, specs)
+    models: list[LoadedModelSpec] = []
+    if spec.serving is not None:  # hosts without a serving stack serve no model
+        specs = load_model_specs(specs_dir or project_root / "modelconfigs")
+        models = select_stack_models(loaded, specs)
     return Environment(dataclasses.replace(loaded, spec=spec), models, project_root)
