@@ -1,7 +1,8 @@
 """The local MLflow server, the registry client and the demo models, against a real registry.
 
 Real: `mlflow server` 3.17 (sqlite, proxied artifacts, 127.0.0.1, one per test session), the
-MLflow client over HTTP, torch models logged with mlflow.pytorch and downloaded again.
+MLflow client over HTTP, torch models logged weights only (gpufleet.registry.artifact) and
+downloaded again.
 Nothing is mocked; the "dead server" is a loopback port nobody listens on.
 """
 
@@ -12,12 +13,13 @@ import socket
 import time
 from pathlib import Path
 
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from mlflow.models import infer_signature
 
 from gpufleet.local.mlflow_server import LocalMlflowServer, MlflowServerError
+from gpufleet.registry.artifact import load_model_dir, read_mlmodel, write_model_dir
 from gpufleet.registry.client import ModelRegistry, RegistryError, RegistryVersion
 from gpufleet.registry.demo import (
     GOLDEN_EXAMPLE_COUNT,
@@ -29,7 +31,7 @@ from gpufleet.registry.demo import (
     seed_demo,
 )
 from gpufleet.spec.model import ModelSpec
-from tests.mlflow_fixtures import mlp_spec, unique_model_name
+from tests.mlflow_fixtures import mlp_spec, register_directory, unique_model_name
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,16 @@ def test_download_gives_the_model_mlflow_logged(
     artifact = registry.download(version, tmp_path / "download")
     assert (artifact / "MLmodel").is_file()
     assert (artifact / "extra_files" / "golden_examples.json").is_file()
-    loaded = mlflow.pytorch.load_model(str(artifact))
+    assert read_mlmodel(artifact)["flavors"] == {
+        "gpufleet": {
+            "format": "gpufleet.weights/v1",
+            "architecture": "mlp",
+            "weights": "data/model.safetensors",
+        }
+    }
+    files = sorted(path.relative_to(artifact).as_posix() for path in artifact.rglob("*.*"))
+    assert files == ["data/model.safetensors", "extra_files/golden_examples.json"]
+    loaded = load_model_dir(artifact)
     example = registry.golden_examples(version)[0]
     with torch.no_grad():
         result = loaded(torch.from_numpy(example.inputs["features"])).numpy()
@@ -217,22 +228,14 @@ def test_golden_examples_may_come_from_another_module(
 
 
 def test_a_version_without_golden_examples_says_so(
-    registry: ModelRegistry, model_name: str
+    registry: ModelRegistry, model_name: str, tmp_path: Path
 ) -> None:
     spec = mlp_spec(model_name)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    try:
-        with mlflow.start_run() as run:
-            logged = mlflow.pytorch.log_model(
-                demo_network(spec),
-                name="model",
-                input_example=np.zeros((2, 16), np.float32),
-                pip_requirements=["torch"],
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
-    version = registry.register(model_name, logged.model_uri, run.info.run_id, logged.model_id)
+    network = demo_network(spec)
+    inputs = np.zeros((2, 16), np.float32)
+    signature = infer_signature(inputs, network(torch.from_numpy(inputs)).detach().numpy())
+    write_model_dir(tmp_path / "model", network, signature)
+    version = register_directory(registry, model_name, tmp_path / "model")
     with pytest.raises(RegistryError) as error:
         registry.golden_examples(version)
     assert str(error.value) == (
