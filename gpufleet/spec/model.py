@@ -31,7 +31,18 @@ from pydantic import (
 # Names Triton accepts for a model and that are safe as a directory name.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MLFLOW_MODEL_URI_PATTERN = r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)"
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _is_sha256(value: str) -> str:
+    if not re.fullmatch(SHA256_PATTERN, value):
+        raise ValueError("write a sha256 as 64 lowercase hex digits")
+    return value
+
+
+Sha256 = Annotated[
+    str, AfterValidator(_is_sha256), WithJsonSchema({"type": "string", "pattern": SHA256_PATTERN})
+]
 
 Backend = Literal[
     "onnxruntime",
