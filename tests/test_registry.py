@@ -3,7 +3,8 @@
 Real: `mlflow server` 3.17 (sqlite, proxied artifacts, 127.0.0.1, one per test session), the
 MLflow client over HTTP, torch models logged weights only (gpufleet.registry.artifact) and
 downloaded again.
-Nothing is mocked; the "dead server" is a loopback port nobody listens on.
+A second server runs MLflow's basic-auth app. Nothing is mocked; the "dead server" is a
+loopback port nobody listens on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import pytest
 import torch
 from mlflow.models import infer_signature
 
+from gpufleet.local.credentials import (
+    CREDENTIALS_FILE,
+    PASSWORD_VARIABLE,
+    USERNAME_VARIABLE,
+    BasicCredentials,
+    CredentialsError,
+    stack_credentials,
+)
 from gpufleet.local.mlflow_server import LocalMlflowServer, MlflowServerError
 from gpufleet.registry.artifact import load_model_dir, read_mlmodel, write_model_dir
 from gpufleet.registry.client import ModelRegistry, RegistryError, RegistryVersion
@@ -32,6 +41,7 @@ from gpufleet.registry.demo import (
 )
 from gpufleet.spec.model import ModelSpec
 from tests.mlflow_fixtures import mlp_spec, register_directory, unique_model_name
+from validation.loopback import http_request
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +346,56 @@ def test_the_demo_builder_refuses_what_it_cannot_build(change: dict[str, object]
         f"spec 'unbuildable': the demo builder cannot build a model for it: {why}; "
         "register a model of your own instead"
     )
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+def test_credentials_come_from_the_environment_or_are_generated_once_at_0600(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(USERNAME_VARIABLE, raising=False)
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    generated = stack_credentials(tmp_path)
+    path = tmp_path / CREDENTIALS_FILE
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert stack_credentials(tmp_path) == generated  # kept, not generated again
+    assert generated.password not in repr(generated)
+
+    monkeypatch.setenv(USERNAME_VARIABLE, "operator")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "from-the-environment")
+    assert stack_credentials(tmp_path) == BasicCredentials("operator", "from-the-environment")
+
+    monkeypatch.delenv(PASSWORD_VARIABLE)
+    with pytest.raises(CredentialsError, match="MLFLOW_TRACKING_USERNAME is set but "):
+        stack_credentials(tmp_path)
+    monkeypatch.delenv(USERNAME_VARIABLE)
+    path.chmod(0o644)
+    with pytest.raises(CredentialsError) as error:
+        stack_credentials(tmp_path)
+    assert str(error.value).startswith(f"{path}: readable by others (mode 644); `chmod 600 ")
+
+
+def test_an_authenticated_server_answers_401_without_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = BasicCredentials("gpufleet", "a-password-long-enough-for-mlflow")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "not-for-the-server")  # the server must not get it
+    with LocalMlflowServer(tmp_path / "store", credentials=credentials) as server:
+        status, _ = http_request("GET", f"{server.url}/api/2.0/mlflow/registered-models/search", 10)
+        assert status == 401
+        assert http_request("GET", f"{server.url}/health", 10)[0] == 200  # probes need none
+        monkeypatch.setenv(USERNAME_VARIABLE, "gpufleet")
+        monkeypatch.setenv(PASSWORD_VARIABLE, "a-wrong-password-of-length")
+        with pytest.raises(RegistryError, match=r"refused the request .+ \(UNAUTHENTICATED\)"):
+            ModelRegistry(server.url).has_registered_model("anything")
+        monkeypatch.setenv(PASSWORD_VARIABLE, credentials.password)
+        assert ModelRegistry(server.url).has_registered_model("anything") is False
+        assert server.pid is not None
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes()
+    assert credentials.password.encode() not in cmdline
+    assert b"MLFLOW_TRACKING_PASSWORD" not in environ
+    for path in (tmp_path / "store").rglob("*"):
+        if path.is_file():
+            assert credentials.password.encode() not in path.read_bytes(), path
