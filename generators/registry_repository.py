@@ -366,8 +366,8 @@ class _Assembler:
                 f"{version.run_id}, the registry's; replacing it"
             )
             repair = False
-        elif item.spec.source_sha256.get(version.version, present.artifact_sha256) != (
-            present.artifact_sha256
+        elif version.version in item.spec.source_sha256 and (
+            item.spec.source_sha256[version.version] != present.artifact_sha256
         ):
             self.say(f"  {label}: source_sha256 pins another artifact; checking the registry's")
             repair = False

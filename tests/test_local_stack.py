@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from gpufleet.local.credentials import CREDENTIALS_FILE, PASSWORD_VARIABLE, USERNAME_VARIABLE
-from gpufleet.local.run_state import RunState
+from gpufleet.local.mlflow_server import LocalMlflowServer, requires_authentication
+from gpufleet.local.run_state import RunState, ServerRecord
 from gpufleet.registry.client import ModelRegistry, RegistryError
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import load_model_spec_file
@@ -415,3 +416,44 @@ def test_demo_models_go_only_into_a_stacks_own_registry(tmp_path: Path) -> None:
     result = _gpufleet_in(tmp_path, "registry", "seed-demo")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "seeded into a stack's own local registry only" in result.stderr
+
+
+def test_an_mlflow_left_running_without_authentication_is_restarted_with_it(
+    tmp_path: Path,
+) -> None:
+    """What an older gpufleet left running: the stack's MLflow, recorded, but open to anyone."""
+    state_dir = _idle_stack(tmp_path)
+    (tmp_path / "modelconfigs").mkdir()
+    (tmp_path / "modelconfigs" / "tabular_mlp.yaml").write_text(
+        (SAMPLE_SPECS / "tabular_mlp.yaml").read_text()
+    )
+    (port,) = pick_free_ports(1)
+    stack_file = tmp_path / "stacks" / f"Pulumi.{STACK}.yaml"
+    stack_file.write_text(stack_file.read_text() + f"  gpufleet:ports: {{mlflow: {port}}}\n")
+    open_server = LocalMlflowServer(state_dir / "mlflow", port, stop_with_parent=False)
+    open_server.start()
+    try:
+        assert open_server.pid is not None
+        state = RunState(stack=STACK)
+        state.servers["mlflow"] = ServerRecord.of_process(
+            "mlflow", open_server.pid, ports={"http": port}, log_path=str(open_server.log_path)
+        )
+        state.save(state_dir / "run-state.json")
+        assert not requires_authentication(open_server.url)
+
+        command = [sys.executable, "-m", "gpufleet", "registry", "seed-demo", "--stack", STACK]
+        command += ["--specs", str(tmp_path / "modelconfigs")]
+        command += ["--stacks-dir", str(tmp_path / "stacks")]
+        result = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not refuse requests without credentials" in result.stdout + result.stderr
+        assert not open_server.running  # stopped: the record was its own
+        restarted = RunState.load(state_dir / "run-state.json")
+        assert restarted is not None
+        assert restarted.servers["mlflow"].pid != open_server.pid
+        assert requires_authentication(open_server.url)
+    finally:
+        _gpufleet_in(tmp_path, "down")
+        open_server.stop()
