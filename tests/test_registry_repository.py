@@ -552,3 +552,21 @@ def test_an_alias_moved_to_a_version_the_spec_does_not_pin_is_refused(
         f"review that version and add `3: {found}` (its artifact's sha256 now) to source_sha256"
     )
     assert version_dirs(tmp_path) == ["2"]  # what was served stays; nothing of 3 was written
+
+
+def test_a_served_version_is_checked_again_when_its_pin_changes(
+    counting: CountingRegistry, three_versions: list[RegistryVersion], tmp_path: Path
+) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        found = tree_sha256(counting.download(three_versions[1], Path(scratch)))
+    assemble(counting, tmp_path, spec_for(three_versions, counting, 2, source_sha256={2: found}))
+    before = stats(tmp_path / "repository")
+    counting.downloads.clear()
+
+    repinned = spec_for(three_versions, counting, 2, source_sha256={2: "1" * 64})
+    with pytest.raises(
+        AssemblyError, match=f"the artifact's sha256 is {found}, source_sha256 pins"
+    ):
+        assemble(counting, tmp_path, repinned)
+    assert counting.downloads == [2]  # the pin, not the local manifest, decided
+    assert stats(tmp_path / "repository") == before  # the served version stays as it was
