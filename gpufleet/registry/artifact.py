@@ -9,9 +9,9 @@ in the artifact is unpickled, imported, compiled or evaluated: MLmodel is read w
 Why not MLflow's own pytorch flavor: its `pickle` format is `torch.save` of the whole module
 (cloudpickle: code runs on load), and its `pt2` format is a `torch.export` archive, whose loader
 unpickles sample inputs and any tensor subclass, and passes the graph's symbolic shape strings to
-`sympy.sympify`, which evaluates them as Python. TorchScript archives run their own
-`__setstate__` code on load, and that code may call any registered operator (`aten::from_file`
-maps a file writable). An MLmodel that names a pickle module, code paths or cloudpickle is refused
+`sympy.sympify`, which evaluates them as Python (tests/test_registry_repository.py shows both).
+TorchScript archives run their own `__setstate__` code on load, code that may call any operator
+torch registers. An MLmodel that names a pickle module, code paths or cloudpickle is refused
 with that reason; anything else without the gpufleet flavor is refused too.
 
     write_model_dir(Path("scratch/model"), module, signature)   # what register_torch_model logs
