@@ -7,6 +7,9 @@ downloaded, exported for the spec's backend (generators.model_export) and rename
 sha256, the spec and the git commit). A version whose manifest and files still match is left
 alone: a second run downloads and rewrites nothing. Files that no longer match their manifest
 are exported again ("repaired"). Version directories without a manifest are never touched.
+Registry artifacts are weights only (gpufleet.registry.artifact): nothing in them runs here. A
+spec's `source_sha256` pins each served version's artifact; a version it does not pin, or whose
+artifact differs, is refused before anything of it is loaded or written.
 
     result = assemble_repository(registry, specs, Path("build/local/model_repository"))
     problems = verify_repository(Path("build/local/model_repository"), ["tabular_mlp"])
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow.pytorch
 import torch
 
 from generators.model_export import (
@@ -39,6 +41,7 @@ from generators.model_export import (
     export_model,
 )
 from generators.model_repository import spec_display_name
+from gpufleet.registry.artifact import ArtifactError, load_model_dir
 from gpufleet.registry.client import (
     ModelRegistry,
     RegistryVersion,
@@ -333,6 +336,7 @@ class _Assembler:
             f"  {spec.name}: {source} is version {result.resolved.version}; serving "
             f"version(s) {', '.join(str(version.version) for version in wanted)}"
         )
+        self._refuse_unpinned(item, wanted)
         model_dir = self.repository / spec.name
         _remove_leftovers(model_dir)
         for version in wanted:
@@ -361,6 +365,11 @@ class _Assembler:
                 f"  {label}: exported from run {present.registry_version.run_id}, not from "
                 f"{version.run_id}, the registry's; replacing it"
             )
+            repair = False
+        elif version.version in item.spec.source_sha256 and (
+            item.spec.source_sha256[version.version] != present.artifact_sha256
+        ):
+            self.say(f"  {label}: source_sha256 pins another artifact; checking the registry's")
             repair = False
         elif present.export_spec != export_spec(item.spec):
             self.say(
@@ -423,6 +432,14 @@ class _Assembler:
         with tempfile.TemporaryDirectory(prefix="gpufleet-download-") as scratch:
             artifact = self.registry.download(version, Path(scratch))
             artifact_sha256 = tree_sha256(artifact)
+            pinned = spec.source_sha256.get(version.version)
+            if pinned is not None and pinned != artifact_sha256:
+                raise AssemblyError(
+                    f"{spec_display_name(item.path)}: {version.uri} at "
+                    f"{self.registry.display_uri}: the artifact's sha256 is {artifact_sha256}, "
+                    f"source_sha256 pins {pinned}: these are not the files that were reviewed; "
+                    "find out who changed them, or review them and pin the new sha256"
+                )
             recorded = version.tags.get(TAG_ARTIFACT_SHA256)
             if recorded is not None and recorded != artifact_sha256:
                 raise AssemblyError(
@@ -455,20 +472,31 @@ class _Assembler:
                 _move_into_place(staging, model_dir / str(version.version))
         return lineage
 
+    def _refuse_unpinned(self, item: LoadedModelSpec, wanted: list[RegistryVersion]) -> None:
+        """A spec that pins artifacts serves pinned versions only (an alias move is no bypass)."""
+        pins = item.spec.source_sha256
+        unpinned = [version for version in wanted if version.version not in pins]
+        if not pins or not unpinned:
+            return
+        version = unpinned[0]
+        with tempfile.TemporaryDirectory(prefix="gpufleet-download-") as scratch:
+            found = tree_sha256(self.registry.download(version, Path(scratch)))
+        raise AssemblyError(
+            f"{spec_display_name(item.path)}: the spec serves {version.uri} at "
+            f"{self.registry.display_uri}, which source_sha256 does not pin (it pins version(s) "
+            f"{', '.join(map(str, sorted(pins)))}); review that version and add "
+            f"`{version.version}: {found}` (its artifact's sha256 now) to source_sha256"
+        )
+
     def _load(self, artifact: Path, version: RegistryVersion) -> torch.nn.Module:
+        """The version's model, built by gpufleet from its weights; nothing in it runs."""
         try:
-            module = mlflow.pytorch.load_model(str(artifact))
-        except Exception as error:  # any artifact can be registered; loading fails many ways
+            return load_model_dir(artifact)
+        except ArtifactError as error:
             raise AssemblyError(
-                f"{version.uri} at {self.registry.display_uri} is not a PyTorch model MLflow "
-                f"can load ({type(error).__name__}: {_first_line(str(error))}); gpufleet "
-                "exports torch models only"
+                f"{version.uri} at {self.registry.display_uri} is refused: {error}; log models "
+                "weights only (gpufleet.registry.demo.register_torch_model, docs/local-stack.md)"
             ) from None
-        if not isinstance(module, torch.nn.Module):
-            raise AssemblyError(
-                f"{version.uri}: MLflow loaded a {type(module).__name__}, not a torch module"
-            )
-        return module
 
 
 def wanted_versions(
@@ -561,10 +589,6 @@ def _prune(model_dir: Path, wanted: set[int]) -> list[int]:
             shutil.rmtree(version_dir)
             pruned.append(number)
     return pruned
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "no message"
 
 
 def _remove_leftovers(model_dir: Path) -> None:

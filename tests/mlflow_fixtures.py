@@ -18,11 +18,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import mlflow
 import pytest
 
 from gpufleet.local.mlflow_server import LocalMlflowServer
-from gpufleet.registry.client import ModelRegistry
+from gpufleet.registry.client import ModelRegistry, RegistryVersion
 from gpufleet.spec.model import ModelSpec
 
 
@@ -45,6 +47,19 @@ def registry(mlflow_server: LocalMlflowServer) -> ModelRegistry:
 def model_name(request: pytest.FixtureRequest) -> str:
     """A registered model name no other test uses."""
     return unique_model_name(request.node.name)
+
+
+def register_directory(registry: ModelRegistry, name: str, directory: Path) -> RegistryVersion:
+    """`directory` logged as a run's `model` artifact and registered as a new version of `name`:
+    any files at all, as an attacker with write access to the registry could register."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(directory), artifact_path="model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return registry.register(name, f"{run.info.artifact_uri}/model", run.info.run_id)
 
 
 def unique_model_name(hint: str) -> str:

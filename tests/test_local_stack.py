@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.local.run_state import RunState
-from gpufleet.registry.client import ModelRegistry
+from gpufleet.local.credentials import CREDENTIALS_FILE, PASSWORD_VARIABLE, USERNAME_VARIABLE
+from gpufleet.local.mlflow_server import LocalMlflowServer, requires_authentication
+from gpufleet.local.run_state import RunState, ServerRecord
+from gpufleet.registry.client import ModelRegistry, RegistryError
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import load_model_spec_file
 from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS
-from validation.loopback import pick_free_ports
+from validation.loopback import http_request, pick_free_ports
 
 STACK = "it"
 
@@ -62,6 +64,13 @@ class Project:
         return subprocess.run(
             command, cwd=self.root, capture_output=True, text=True, timeout=timeout_s, check=False
         )
+
+    def registry(self, monkeypatch: pytest.MonkeyPatch) -> ModelRegistry:
+        """A client of the stack's MLflow, with the credentials `up` generated for it."""
+        credentials = json.loads((self.state_dir / CREDENTIALS_FILE).read_text())
+        monkeypatch.setenv(USERNAME_VARIABLE, credentials["username"])
+        monkeypatch.setenv(PASSWORD_VARIABLE, credentials["password"])
+        return ModelRegistry(f"http://127.0.0.1:{self.mlflow_port}")
 
     def state(self) -> RunState:
         state = RunState.load(self.state_dir / "run-state.json")
@@ -167,8 +176,10 @@ def test_a_tampered_model_file_fails_the_host_gate_until_up_repairs_it(project: 
     assert "reloaded tabular_mlp" in repaired.stdout
 
 
-def test_a_version_with_other_weights_fails_the_correctness_gate(project: Project) -> None:
-    registry = ModelRegistry(f"http://127.0.0.1:{project.mlflow_port}")
+def test_a_version_with_other_weights_fails_the_correctness_gate(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = project.registry(monkeypatch)
     spec = load_model_spec_file(project.specs / "tabular_mlp.yaml").spec
     served = demo_network(spec, seed=0)
     # New weights, but the golden examples of the weights the version replaced: what a server
@@ -193,14 +204,14 @@ def test_a_version_with_other_weights_fails_the_correctness_gate(project: Projec
 def test_a_registry_artifact_changed_after_export_is_refused(project: Project) -> None:
     version_dir = project.repository / "tabular_mlp" / "1"
     lineage = json.loads((version_dir / "gpufleet-lineage.json").read_text())
-    model_id = lineage["registry"]["source"].removeprefix("models:/")  # MLflow's m-<id>
-    [requirements] = [
+    run_id = lineage["registry"]["run_id"]
+    [mlmodel] = [
         path
-        for path in (project.state_dir / "mlflow" / "artifacts").rglob("requirements.txt")
-        if model_id in path.parts and path.parent.name == "artifacts"  # the model's own files
+        for path in (project.state_dir / "mlflow" / "artifacts").rglob("MLmodel")
+        if run_id in path.parts  # the version's own model directory
     ]
-    original = requirements.read_bytes()
-    requirements.write_bytes(original + b"# edited in the artifact store\n")
+    original = mlmodel.read_bytes()
+    mlmodel.write_bytes(original + b"# edited in the artifact store\n")
     shutil.rmtree(version_dir)  # so that up must download the version again
     try:
         result = project.gpufleet("up", "--only", "host")
@@ -208,13 +219,52 @@ def test_a_registry_artifact_changed_after_export_is_refused(project: Project) -
         assert f"differs from the {lineage['artifact_sha256']} recorded" in result.stderr
         assert not version_dir.exists(), "nothing may be exported from a changed artifact"
     finally:
-        requirements.write_bytes(original)
+        mlmodel.write_bytes(original)
     restored = project.gpufleet("up", "--only", "host")
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert (
         json.loads((version_dir / "gpufleet-lineage.json").read_text())["artifact_sha256"]
         == (lineage["artifact_sha256"])
     )
+
+
+def test_the_stacks_registry_refuses_requests_without_its_credentials(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert project.first_up is not None
+    assert project.first_up.returncode == 0
+    credentials_file = project.state_dir / CREDENTIALS_FILE
+    assert oct(credentials_file.stat().st_mode & 0o777) == "0o600"
+    password = json.loads(credentials_file.read_text())["password"]
+    assert len(password) >= 32
+    url = f"http://127.0.0.1:{project.mlflow_port}"
+    status, _body = http_request("GET", f"{url}/api/2.0/mlflow/registered-models/search", 10)
+    assert status == 401
+    monkeypatch.delenv(USERNAME_VARIABLE, raising=False)
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    with pytest.raises(RegistryError) as error:
+        ModelRegistry(url).has_registered_model("tabular_mlp")
+    assert str(error.value) == (
+        f"the MLflow tracking server at {url} refused the request for registered model "
+        "'tabular_mlp' (UNAUTHENTICATED); set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to a user of that server with access (a local stack keeps its "
+        "own in <state_dir>/mlflow-credentials.json)"
+    )
+    assert project.registry(monkeypatch).has_registered_model("tabular_mlp")
+    # The password is in the credentials file and the server's environment, nowhere else.
+    mlflow_pid = project.state().servers["mlflow"].pid
+    cmdline = Path(f"/proc/{mlflow_pid}/cmdline").read_bytes().decode(errors="replace")
+    assert "--app-name\0basic-auth" in cmdline
+    elsewhere = [path for path in project.root.rglob("*") if path.is_file()]
+    leaked = [
+        path
+        for path in elsewhere
+        if path != credentials_file and password.encode() in path.read_bytes()
+    ]
+    assert leaked == []
+    assert password not in cmdline + project.first_up.stdout + project.first_up.stderr
+    triton_pid = project.state().servers["triton"].pid
+    assert b"MLFLOW_TRACKING_PASSWORD" not in Path(f"/proc/{triton_pid}/environ").read_bytes()
 
 
 def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
@@ -366,3 +416,44 @@ def test_demo_models_go_only_into_a_stacks_own_registry(tmp_path: Path) -> None:
     result = _gpufleet_in(tmp_path, "registry", "seed-demo")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "seeded into a stack's own local registry only" in result.stderr
+
+
+def test_an_mlflow_left_running_without_authentication_is_restarted_with_it(
+    tmp_path: Path,
+) -> None:
+    """What an older gpufleet left running: the stack's MLflow, recorded, but open to anyone."""
+    state_dir = _idle_stack(tmp_path)
+    (tmp_path / "modelconfigs").mkdir()
+    (tmp_path / "modelconfigs" / "tabular_mlp.yaml").write_text(
+        (SAMPLE_SPECS / "tabular_mlp.yaml").read_text()
+    )
+    (port,) = pick_free_ports(1)
+    stack_file = tmp_path / "stacks" / f"Pulumi.{STACK}.yaml"
+    stack_file.write_text(stack_file.read_text() + f"  gpufleet:ports: {{mlflow: {port}}}\n")
+    open_server = LocalMlflowServer(state_dir / "mlflow", port, stop_with_parent=False)
+    open_server.start()
+    try:
+        assert open_server.pid is not None
+        state = RunState(stack=STACK)
+        state.servers["mlflow"] = ServerRecord.of_process(
+            "mlflow", open_server.pid, ports={"http": port}, log_path=str(open_server.log_path)
+        )
+        state.save(state_dir / "run-state.json")
+        assert not requires_authentication(open_server.url)
+
+        command = [sys.executable, "-m", "gpufleet", "registry", "seed-demo", "--stack", STACK]
+        command += ["--specs", str(tmp_path / "modelconfigs")]
+        command += ["--stacks-dir", str(tmp_path / "stacks")]
+        result = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not refuse requests without credentials" in result.stdout + result.stderr
+        assert not open_server.running  # stopped: the record was its own
+        restarted = RunState.load(state_dir / "run-state.json")
+        assert restarted is not None
+        assert restarted.servers["mlflow"].pid != open_server.pid
+        assert requires_authentication(open_server.url)
+    finally:
+        _gpufleet_in(tmp_path, "down")
+        open_server.stop()

@@ -412,3 +412,24 @@ def test_ensemble_problems_are_reported_beside_another_file_s_problems(tmp_path:
         for line in found
     )
     assert not any("second.yaml" in line for line in found), found
+
+
+def test_source_sha256_pins_registry_versions_with_located_problems(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    pinned = VALID + f"source: models:/m@production\nsource_sha256:\n  3: {digest}\n"
+    assert load_model_spec_file(write_spec(tmp_path / "ok", "m", pinned)).spec.source_sha256 == {
+        3: digest
+    }
+    bad = VALID + "source_sha256:\n  0: ABC\n"
+    path = write_spec(tmp_path / "bad", "m", bad)
+    assert problems_of(path) == [
+        f"{path}:16: source_sha256[0]: Input should be greater than or equal to 1 (got 0); "
+        "raise it",
+        f"{path}:16: source_sha256[0]: write a sha256 as 64 lowercase hex digits (got 'ABC')",
+    ]
+    unsourced = VALID + f"source_sha256:\n  3: {digest}\n"
+    assert problems_of(write_spec(tmp_path / "unsourced", "m", unsourced)) == [
+        f"{tmp_path / 'unsourced' / 'm.yaml'}:15: source_sha256: pins the artifacts of "
+        "registry versions, but source is not a models:/ URI; drop source_sha256 or set source "
+        "to models:/<name>@<alias>"
+    ]

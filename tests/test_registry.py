@@ -1,8 +1,10 @@
 """The local MLflow server, the registry client and the demo models, against a real registry.
 
 Real: `mlflow server` 3.17 (sqlite, proxied artifacts, 127.0.0.1, one per test session), the
-MLflow client over HTTP, torch models logged with mlflow.pytorch and downloaded again.
-Nothing is mocked; the "dead server" is a loopback port nobody listens on.
+MLflow client over HTTP, torch models logged weights only (gpufleet.registry.artifact) and
+downloaded again.
+A second server runs MLflow's basic-auth app. Nothing is mocked; the "dead server" is a
+loopback port nobody listens on.
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ import socket
 import time
 from pathlib import Path
 
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from mlflow.models import infer_signature
 
+from gpufleet.local.credentials import (
+    CREDENTIALS_FILE,
+    PASSWORD_VARIABLE,
+    USERNAME_VARIABLE,
+    BasicCredentials,
+    CredentialsError,
+    stack_credentials,
+)
 from gpufleet.local.mlflow_server import LocalMlflowServer, MlflowServerError
+from gpufleet.registry.artifact import load_model_dir, read_mlmodel, write_model_dir
 from gpufleet.registry.client import ModelRegistry, RegistryError, RegistryVersion
 from gpufleet.registry.demo import (
     GOLDEN_EXAMPLE_COUNT,
@@ -29,7 +40,8 @@ from gpufleet.registry.demo import (
     seed_demo,
 )
 from gpufleet.spec.model import ModelSpec
-from tests.mlflow_fixtures import mlp_spec, unique_model_name
+from tests.mlflow_fixtures import mlp_spec, register_directory, unique_model_name
+from validation.loopback import http_request
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +208,16 @@ def test_download_gives_the_model_mlflow_logged(
     artifact = registry.download(version, tmp_path / "download")
     assert (artifact / "MLmodel").is_file()
     assert (artifact / "extra_files" / "golden_examples.json").is_file()
-    loaded = mlflow.pytorch.load_model(str(artifact))
+    assert read_mlmodel(artifact)["flavors"] == {
+        "gpufleet": {
+            "format": "gpufleet.weights/v1",
+            "architecture": "mlp",
+            "weights": "data/model.safetensors",
+        }
+    }
+    files = sorted(path.relative_to(artifact).as_posix() for path in artifact.rglob("*.*"))
+    assert files == ["data/model.safetensors", "extra_files/golden_examples.json"]
+    loaded = load_model_dir(artifact)
     example = registry.golden_examples(version)[0]
     with torch.no_grad():
         result = loaded(torch.from_numpy(example.inputs["features"])).numpy()
@@ -217,22 +238,14 @@ def test_golden_examples_may_come_from_another_module(
 
 
 def test_a_version_without_golden_examples_says_so(
-    registry: ModelRegistry, model_name: str
+    registry: ModelRegistry, model_name: str, tmp_path: Path
 ) -> None:
     spec = mlp_spec(model_name)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    try:
-        with mlflow.start_run() as run:
-            logged = mlflow.pytorch.log_model(
-                demo_network(spec),
-                name="model",
-                input_example=np.zeros((2, 16), np.float32),
-                pip_requirements=["torch"],
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
-    version = registry.register(model_name, logged.model_uri, run.info.run_id, logged.model_id)
+    network = demo_network(spec)
+    inputs = np.zeros((2, 16), np.float32)
+    signature = infer_signature(inputs, network(torch.from_numpy(inputs)).detach().numpy())
+    write_model_dir(tmp_path / "model", network, signature)
+    version = register_directory(registry, model_name, tmp_path / "model")
     with pytest.raises(RegistryError) as error:
         registry.golden_examples(version)
     assert str(error.value) == (
@@ -333,3 +346,56 @@ def test_the_demo_builder_refuses_what_it_cannot_build(change: dict[str, object]
         f"spec 'unbuildable': the demo builder cannot build a model for it: {why}; "
         "register a model of your own instead"
     )
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+def test_credentials_come_from_the_environment_or_are_generated_once_at_0600(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(USERNAME_VARIABLE, raising=False)
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    generated = stack_credentials(tmp_path)
+    path = tmp_path / CREDENTIALS_FILE
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert stack_credentials(tmp_path) == generated  # kept, not generated again
+    assert generated.password not in repr(generated)
+
+    monkeypatch.setenv(USERNAME_VARIABLE, "operator")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "from-the-environment")
+    assert stack_credentials(tmp_path) == BasicCredentials("operator", "from-the-environment")
+
+    monkeypatch.delenv(PASSWORD_VARIABLE)
+    with pytest.raises(CredentialsError, match="MLFLOW_TRACKING_USERNAME is set but "):
+        stack_credentials(tmp_path)
+    monkeypatch.delenv(USERNAME_VARIABLE)
+    path.chmod(0o644)
+    with pytest.raises(CredentialsError) as error:
+        stack_credentials(tmp_path)
+    assert str(error.value).startswith(f"{path}: readable by others (mode 644); `chmod 600 ")
+
+
+def test_an_authenticated_server_answers_401_without_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = BasicCredentials("gpufleet", "a-password-long-enough-for-mlflow")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "not-for-the-server")  # the server must not get it
+    with LocalMlflowServer(tmp_path / "store", credentials=credentials) as server:
+        status, _ = http_request("GET", f"{server.url}/api/2.0/mlflow/registered-models/search", 10)
+        assert status == 401
+        assert http_request("GET", f"{server.url}/health", 10)[0] == 200  # probes need none
+        monkeypatch.setenv(USERNAME_VARIABLE, "gpufleet")
+        monkeypatch.setenv(PASSWORD_VARIABLE, "a-wrong-password-of-length")
+        with pytest.raises(RegistryError, match=r"refused the request .+ \(UNAUTHENTICATED\)"):
+            ModelRegistry(server.url).has_registered_model("anything")
+        monkeypatch.setenv(PASSWORD_VARIABLE, credentials.password)
+        assert ModelRegistry(server.url).has_registered_model("anything") is False
+        assert server.pid is not None
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes()
+    assert credentials.password.encode() not in cmdline
+    assert b"MLFLOW_TRACKING_PASSWORD" not in environ
+    for path in (tmp_path / "store").rglob("*"):
+        if path.is_file():
+            assert credentials.password.encode() not in path.read_bytes(), path

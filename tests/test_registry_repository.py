@@ -1,22 +1,32 @@
 """Filling a model repository from the registry: version policies, lineage, idempotence, repair.
 
 Real: the MLflow server of tests/mlflow_fixtures.py (sqlite, 127.0.0.1) with torch models
-registered through mlflow.pytorch, downloads over HTTP, mlflow.pytorch.load_model, the torch
-exporters, git for the lineage's commit. Nothing is mocked: `CountingRegistry` is the real
-client, counting the downloads it makes.
+registered weights only (gpufleet.registry.artifact), downloads over HTTP, the torch exporters,
+git for the lineage's commit; artifacts armed to run code on load (a cloudpickled module, a
+torch.export archive, code paths, a pickle posing as weights), each shown to run its code when
+loaded the way its format loads. Nothing is mocked: `CountingRegistry` is the real client,
+counting the downloads it makes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import runpy
 import subprocess
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
+import mlflow.pytorch
+import numpy as np
 import pytest
+import torch
 import yaml
+from mlflow.models import infer_signature
 
 from generators.registry_repository import (
     LINEAGE_FILE,
@@ -29,12 +39,13 @@ from generators.registry_repository import (
     tree_sha256,
     verify_repository,
 )
+from gpufleet.registry.artifact import write_model_dir
 from gpufleet.registry.client import ModelRegistry, RegistryVersion
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import LoadedModelSpec, load_model_spec_file
 from gpufleet.spec.model import ModelSpec
 from tests.conftest import write_spec
-from tests.mlflow_fixtures import mlp_spec, unique_model_name
+from tests.mlflow_fixtures import mlp_spec, register_directory, unique_model_name
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -340,3 +351,222 @@ def test_a_failed_export_leaves_nothing_behind(
     )
     assert os.listdir(tmp_path / "repository" / "mlp") == []  # no version, no staging directory
     assert set(Path(tempfile.gettempdir()).glob("gpufleet-download-*")) == downloads_before
+
+
+# -- an untrusted registry cannot run code here --------------------------------------------------
+
+
+class _Armed(torch.nn.Module):
+    """A module whose pickle creates `marker` when unpickled: what an attacker registers."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+        self.linear = torch.nn.Linear(16, 4)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def _pickled_pytorch_flavor(directory: Path, marker: Path) -> Path:
+    """MLflow's pytorch flavor, pickle format: `torch.save` of the whole module (cloudpickle)."""
+    mlflow.pytorch.save_model(
+        _Armed(marker), str(directory), serialization_format="pickle", pip_requirements=["torch"]
+    )
+    return directory / "data" / "model.pth"
+
+
+def _pt2_with_an_evaluated_shape(directory: Path, marker: Path) -> Path:
+    """MLflow's pytorch flavor, pt2 format (torch.export, no pickle in the graph) whose symbolic
+    batch size is a Python expression: torch.export.load hands it to sympy.sympify, an eval."""
+    network = demo_network(mlp_spec("pt2"))
+    example = np.zeros((4, 16), np.float32)
+    signature = infer_signature(example, network(torch.from_numpy(example)).detach().numpy())
+    mlflow.pytorch.save_model(
+        network, str(directory), serialization_format="pt2", input_example=example,
+        signature=signature, pip_requirements=["torch"],
+    )  # fmt: skip
+    # Only the pytorch flavor, as an attacker would leave it (MLflow adds a pyfunc one).
+    mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
+    del mlmodel["flavors"]["python_function"]
+    (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    archive = directory / "data" / "model.pt2"
+    with zipfile.ZipFile(archive) as original:
+        members = [(info, original.read(info)) for info in original.infolist()]
+    with zipfile.ZipFile(archive, "w") as rewritten:
+        for info, data in members:
+            if info.filename.endswith("models/model.json"):
+                text = data.decode()
+                symbol = re.search(r'"expr_str": "([^"]+)"', text)
+                assert symbol is not None
+                touch = f"__import__('pathlib').Path('{marker}').touch()"
+                payload = f"{symbol[1]} + 0*({touch} or 0)"
+                data = text.replace(symbol[0], f'"expr_str": "{payload}"', 1).encode()
+            rewritten.writestr(info, data)
+    return archive
+
+
+def _code_paths_beside_the_weights(directory: Path, marker: Path) -> Path:
+    """A gpufleet artifact whose MLmodel also ships a python_function flavor with code."""
+    spec = mlp_spec("code")
+    network = demo_network(spec)
+    example = np.zeros((2, 16), np.float32)
+    signature = infer_signature(example, network(torch.from_numpy(example)).detach().numpy())
+    write_model_dir(directory, network, signature)
+    (directory / "code").mkdir()
+    loader = directory / "code" / "armed_loader.py"
+    loader.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    mlmodel = yaml.safe_load((directory / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"] = {"loader_module": "armed_loader", "code": "code"}
+    (directory / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    return loader
+
+
+def _pickle_as_the_weights(directory: Path, marker: Path) -> Path:
+    """The gpufleet flavor, but its weights file is a pickle."""
+    spec = mlp_spec("weights")
+    network = demo_network(spec)
+    example = np.zeros((2, 16), np.float32)
+    signature = infer_signature(example, network(torch.from_numpy(example)).detach().numpy())
+    write_model_dir(directory, network, signature)
+    weights = directory / "data" / "model.safetensors"
+    torch.save(_Armed(marker), weights)
+    return weights
+
+
+ARMED_ARTIFACTS = {
+    "pickled module": (
+        _pickled_pytorch_flavor,
+        "its python_function flavor names pickle module 'mlflow.pytorch.pickle_module', and "
+        "gpufleet never runs code from a registry",
+    ),
+    "torch.export archive": (
+        _pt2_with_an_evaluated_shape,
+        "it is MLflow's pytorch flavor (a pickled module, or a torch.export archive whose loader "
+        "unpickles and evaluates what the file says), and gpufleet never runs code from a "
+        "registry",
+    ),
+    "code paths": (
+        _code_paths_beside_the_weights,
+        "its python_function flavor ships code paths (code: 'code'), and gpufleet never runs "
+        "code from a registry",
+    ),
+    "pickle as weights": (
+        _pickle_as_the_weights,
+        "its weights file data/model.safetensors is not safetensors: ",
+    ),
+}
+
+
+def _arm(load: Callable[[Path], object], armed: Path, marker: Path) -> None:
+    """Show the artifact is armed: loading it the way its format loads creates the marker."""
+    if armed.suffix == ".py":
+        runpy.run_path(str(armed))
+    elif armed.suffix == ".pt2":
+        load(armed)
+    else:
+        torch.load(
+            io.BytesIO(armed.read_bytes()), weights_only=False
+        )  # a pickle, whatever its name
+    assert marker.exists(), "the test's artifact should run code when loaded"
+
+
+@pytest.mark.parametrize("case", ARMED_ARTIFACTS)
+def test_an_artifact_that_would_run_code_on_load_is_refused_and_nothing_runs(
+    registry: ModelRegistry, model_name: str, tmp_path: Path, case: str
+) -> None:
+    build, reason = ARMED_ARTIFACTS[case]
+    marker = tmp_path / "marker"
+    armed = build(tmp_path / "artifact", marker)
+    version = register_directory(registry, model_name, tmp_path / "artifact")
+    spec = mlp_spec(model_name, alias=None)  # models:/<name>/1
+
+    with pytest.raises(AssemblyError) as error:
+        assemble(registry, tmp_path / "project", spec)
+    message = str(error.value)
+    assert message.startswith(
+        f"models:/{model_name}/{version.version} at {registry.display_uri} is refused: {reason}"
+    ), message
+    assert message.endswith(
+        "; log models weights only (gpufleet.registry.demo.register_torch_model, "
+        "docs/local-stack.md)"
+    )
+    assert "\n" not in message
+    assert not marker.exists(), "code from the registry ran"
+    assert version_dirs(tmp_path / "project", model_name) == []
+
+    _arm(torch.export.load, armed, marker)  # the same file, loaded as its format loads it
+
+
+# -- pinned artifacts ----------------------------------------------------------------------------
+
+
+def test_a_pinned_artifact_that_matches_is_served(
+    registry: ModelRegistry, three_versions: list[RegistryVersion], tmp_path: Path
+) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        found = tree_sha256(registry.download(three_versions[1], Path(scratch)))
+    spec = spec_for(three_versions, registry, 2, source_sha256={2: found})
+    result = assemble(registry, tmp_path, spec)
+    assert result["mlp"].exported == [2]
+    assert Lineage.read(tmp_path / "repository" / "mlp" / "2").artifact_sha256 == found
+
+
+def test_a_pin_mismatch_is_refused_before_anything_is_loaded_or_written(
+    registry: ModelRegistry, three_versions: list[RegistryVersion], tmp_path: Path
+) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        found = tree_sha256(registry.download(three_versions[1], Path(scratch)))
+    expected = "0" * 64
+    spec = spec_for(three_versions, registry, 2, source_sha256={2: expected})
+    with pytest.raises(AssemblyError) as error:
+        assemble(registry, tmp_path, spec)
+    assert str(error.value) == (
+        f"modelconfigs/mlp.yaml: models:/{three_versions[0].name}/2 at {registry.display_uri}: "
+        f"the artifact's sha256 is {found}, source_sha256 pins {expected}: these are not the "
+        "files that were reviewed; find out who changed them, or review them and pin the new "
+        "sha256"
+    )
+    assert os.listdir(tmp_path / "repository" / "mlp") == []
+
+
+def test_an_alias_moved_to_a_version_the_spec_does_not_pin_is_refused(
+    registry: ModelRegistry, three_versions: list[RegistryVersion], tmp_path: Path
+) -> None:
+    """The attack the old tag check missed: register a new version, move the alias to it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        pinned = tree_sha256(registry.download(three_versions[1], Path(scratch)))
+        found = tree_sha256(registry.download(three_versions[2], Path(scratch) / "3"))
+    spec = spec_for(three_versions, registry, 2, source_sha256={2: pinned})
+    assert assemble(registry, tmp_path, spec)["mlp"].kept == [2]
+
+    moved = spec_for(three_versions, registry, 3, source_sha256={2: pinned})
+    with pytest.raises(AssemblyError) as error:
+        assemble(registry, tmp_path, moved)
+    assert str(error.value) == (
+        f"modelconfigs/mlp.yaml: the spec serves models:/{three_versions[0].name}/3 at "
+        f"{registry.display_uri}, which source_sha256 does not pin (it pins version(s) 2); "
+        f"review that version and add `3: {found}` (its artifact's sha256 now) to source_sha256"
+    )
+    assert version_dirs(tmp_path) == ["2"]  # what was served stays; nothing of 3 was written
+
+
+def test_a_served_version_is_checked_again_when_its_pin_changes(
+    counting: CountingRegistry, three_versions: list[RegistryVersion], tmp_path: Path
+) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        found = tree_sha256(counting.download(three_versions[1], Path(scratch)))
+    assemble(counting, tmp_path, spec_for(three_versions, counting, 2, source_sha256={2: found}))
+    before = stats(tmp_path / "repository")
+    counting.downloads.clear()
+
+    repinned = spec_for(three_versions, counting, 2, source_sha256={2: "1" * 64})
+    with pytest.raises(
+        AssemblyError, match=f"the artifact's sha256 is {found}, source_sha256 pins"
+    ):
+        assemble(counting, tmp_path, repinned)
+    assert counting.downloads == [2]  # the pin, not the local manifest, decided
+    assert stats(tmp_path / "repository") == before  # the served version stays as it was

@@ -5,7 +5,14 @@ the server stores for its clients, and the server's log. The server runs in a pr
 its own, so whoever knows its pid can stop it and everything it spawned, also from another
 process (`gpufleet down` after `gpufleet up`).
 
-    server = LocalMlflowServer(Path("build/local/mlflow"), port=15000, stop_with_parent=False)
+Given credentials, it runs MLflow's basic-auth app: every request but /health needs them (401
+without), and the user is the admin of `<store>/basic_auth.db`, created on the first start. The
+password reaches the server through its environment only (MLFLOW_AUTH_ADMIN_PASSWORD), never a
+command line or a file of ours; `basic_auth.ini` holds no secret.
+
+    server = LocalMlflowServer(
+        Path("build/local/mlflow"), port=15000, stop_with_parent=False, credentials=credentials
+    )
     server.start()            # raises MlflowServerError quoting the server's log
     print(server.url, server.pid)
     server.stop()
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from gpufleet.local.credentials import PASSWORD_VARIABLE, USERNAME_VARIABLE, BasicCredentials
 from validation.loopback import (
     LOOPBACK,
     die_with_parent,
@@ -35,6 +44,10 @@ INSTALL_HINT = "pip install 'gpufleet[local]'"
 LOG_FILE = "mlflow-server.log"
 DATABASE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
+AUTH_CONFIG_FILE = "basic_auth.ini"
+AUTH_DATABASE_FILE = "basic_auth.db"
+# A request every client makes; without credentials the basic-auth app answers it 401.
+PROTECTED_PATH = "/api/2.0/mlflow/registered-models/search"
 
 _POLL_INTERVAL_S = 0.25
 _PROBE_TIMEOUT_S = 2.0
@@ -56,7 +69,8 @@ class MlflowServerError(RuntimeError):
 
 
 class LocalMlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts in `store_dir`.
+    """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifacts in `store_dir`;
+    with `credentials`, MLflow's basic-auth app with that user as its admin.
 
     With `stop_with_parent` (the default) the kernel stops the server when the process that
     started it dies; pass False for a server meant to outlive it (then stop it by pid with
@@ -69,9 +83,11 @@ class LocalMlflowServer:
         port: int | None = None,
         *,
         stop_with_parent: bool = True,
-        startup_timeout_s: float = 90,
+        startup_timeout_s: float = 180,  # the basic-auth app takes a minute on a busy machine
+        credentials: BasicCredentials | None = None,
     ) -> None:
         self.store_dir = Path(store_dir).resolve()
+        self.credentials = credentials
         self.stop_with_parent = stop_with_parent
         self.startup_timeout_s = startup_timeout_s
         self._requested_port = port
@@ -164,6 +180,9 @@ class LocalMlflowServer:
     def _refuse_busy_port(self) -> None:
         """Fail now on a port something listens on: its /health could answer in our place."""
         with socket.socket() as probe:
+            # As uvicorn binds: connections of a server just stopped (TIME_WAIT) do not count,
+            # a listener does (Linux refuses the bind then, SO_REUSEADDR or not).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((LOOPBACK, self.port))
             except OSError as error:
@@ -188,6 +207,12 @@ class LocalMlflowServer:
             "--artifacts-destination", str(self.store_dir / ARTIFACTS_DIR),
             "--workers", "1",
         ]  # fmt: skip
+        environment = {**os.environ, **_SERVER_ENVIRONMENT}
+        for client_only in (USERNAME_VARIABLE, PASSWORD_VARIABLE):  # the server needs neither
+            environment.pop(client_only, None)
+        if self.credentials is not None:
+            command += ["--app-name", "basic-auth"]
+            environment.update(self._auth_environment(self.credentials))
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 command,
@@ -195,13 +220,32 @@ class LocalMlflowServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.store_dir,
-                env={**os.environ, **_SERVER_ENVIRONMENT},
+                env=environment,
                 # Own process group: stop() (or another process, by pid) signals it and its
                 # uvicorn child, and nothing else.
                 process_group=0,
                 preexec_fn=die_with_parent if self.stop_with_parent else None,
             )
         self._pid = self._process.pid
+
+    def _auth_environment(self, credentials: BasicCredentials) -> dict[str, str]:
+        """The basic-auth app's settings: the config file (no secret in it), the admin's
+        password and the CSRF key of its login forms (environment only)."""
+        config = self.store_dir / AUTH_CONFIG_FILE
+        config.write_text(
+            "[mlflow]\n"
+            # Only the admin exists; any user added later gets no permission until granted one.
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.store_dir / AUTH_DATABASE_FILE}\n"
+            f"admin_username = {credentials.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            encoding="utf-8",
+        )
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials.password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+        }
 
     def _wait_until_healthy(self) -> None:
         assert self._process is not None
@@ -236,3 +280,12 @@ class LocalMlflowServer:
             f"the MLflow server on {self.url} {what} (log: {self.log_path}); its last lines:\n"
             f"{quoted}"
         )
+
+
+def requires_authentication(url: str, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether the MLflow server at `url` answers a registry request without credentials 401
+    (False also when it does not answer)."""
+    try:
+        return http_request("GET", f"{url}{PROTECTED_PATH}", timeout_s)[0] == 401
+    except (OSError, http.client.HTTPException):
+        return False

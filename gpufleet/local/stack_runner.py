@@ -27,7 +27,15 @@ from typing import Any
 
 from generators.model_repository import apply_plan, plan_repository, render_repository_files
 from generators.registry_repository import assemble_repository
-from gpufleet.local.mlflow_server import LocalMlflowServer
+from gpufleet.local.credentials import (
+    BasicCredentials,
+    CredentialsError,
+    from_environment,
+    kept_from_children,
+    stack_credentials,
+    use_for_mlflow_client,
+)
+from gpufleet.local.mlflow_server import LocalMlflowServer, requires_authentication
 from gpufleet.local.run_state import STATE_FILE, RunState, ServerRecord
 from gpufleet.registry.client import ModelRegistry, RegistryVersion, registered_model_name
 from gpufleet.registry.demo import seed_demo
@@ -101,7 +109,7 @@ class LocalStack:
             state = self._load_state()
             try:
                 with self._step("registry"):
-                    registry = ModelRegistry(self._ensure_mlflow(state))
+                    registry = self._registry(self._ensure_mlflow(state))
                 with self._step("demo models"):
                     self._seed_missing_models(registry)
                 with self._step("model repository"):
@@ -133,7 +141,7 @@ class LocalStack:
             spec=self.stack.spec,
             models=[item.spec for item in self.specs],
             repository=self.repository,
-            registry=registry or ModelRegistry(self._tracking_uri(state)),
+            registry=registry or self._registry(self._tracking_uri(state)),
             processes=[
                 ExpectedProcess(name, record.pid, EXECUTABLES[name], sorted(record.ports.values()))
                 for name, record in sorted(state.servers.items())
@@ -155,7 +163,7 @@ class LocalStack:
         with self._locked():
             state = self._load_state()
             try:
-                registry = ModelRegistry(self._ensure_mlflow(state))
+                registry = self._registry(self._ensure_mlflow(state))
                 return seed_demo(registry, [item.spec for item in self._registry_sourced()])
             except BaseException:
                 self._stop_started(state)
@@ -184,11 +192,23 @@ class LocalStack:
             self.say(f"  using the MLflow tracking server at {spec.mlflow_tracking_uri}")
             return spec.mlflow_tracking_uri
         record = self._running_on(state, MLFLOW, {"http": spec.ports.mlflow})
+        if record is not None and not requires_authentication(spec.tracking_uri()):
+            self.say(
+                f"  MLflow (pid {record.pid}) does not refuse requests without credentials (an "
+                "older gpufleet started it?); restarting it with authentication"
+            )
+            record.stop()
+            del state.servers[MLFLOW]
+            state.save(self.paths.state_file)
+            record = None
         if record is not None:
             self.say(f"  MLflow already running at {spec.tracking_uri()} (pid {record.pid})")
             return spec.tracking_uri()
         server = LocalMlflowServer(
-            self.paths.mlflow_store, spec.ports.mlflow, stop_with_parent=False
+            self.paths.mlflow_store,
+            spec.ports.mlflow,
+            stop_with_parent=False,
+            credentials=self._credentials(),
         )
         server.start()
         assert server.pid is not None
@@ -262,7 +282,8 @@ class LocalStack:
             load_models=names,
             stop_with_parent=False,
         )
-        server.start()  # raises TritonStartError quoting Triton's log; stops what it started
+        with kept_from_children():  # Triton needs no registry credentials
+            server.start()  # raises TritonStartError quoting Triton's log; stops what it started
         assert server.pid is not None
         self._record(
             state,
@@ -298,6 +319,23 @@ class LocalStack:
             self.say(f"  reloaded {name} in Triton (pid {record.pid})")
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _credentials(self) -> BasicCredentials:
+        try:
+            return stack_credentials(self.paths.root)
+        except CredentialsError as error:
+            raise StackRunError(str(error)) from None
+
+    def _registry(self, tracking_uri: str) -> ModelRegistry:
+        """The registry client; for the stack's own MLflow, with the stack's credentials."""
+        if self.stack.spec.mlflow_tracking_uri is None:
+            use_for_mlflow_client(self._credentials())
+        else:
+            try:
+                from_environment()  # only checks: the operator's environment holds them
+            except CredentialsError as error:
+                raise StackRunError(str(error)) from None
+        return ModelRegistry(tracking_uri)
 
     def _registry_sourced(self) -> list[LoadedModelSpec]:
         return [item for item in self.specs if _registered_name(item)]

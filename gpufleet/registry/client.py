@@ -3,7 +3,9 @@
 `ModelRegistry` wraps `mlflow.MlflowClient` for one tracking server and turns MLflow's errors
 into `RegistryError`s of one line: what is missing, at which server, and what to do. It makes
 a dead server fail within seconds (few retries, short timeouts) and keeps MLflow quiet (no INFO
-logs, no "View run at" lines, no progress bars, no telemetry).
+logs, no "View run at" lines, no progress bars, no telemetry). Against a server with basic auth
+it sends MLflow's standard MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from the
+environment; a refusal (401, 403) says so in one line.
 
     registry = ModelRegistry("http://127.0.0.1:15000")
     version = registry.resolve("models:/tabular_mlp@production")   # RegistryVersion
@@ -33,7 +35,8 @@ from mlflow.telemetry.utils import is_telemetry_disabled
 
 from gpufleet.registry.golden import GOLDEN_EXAMPLES_FILE, GoldenExample, read_golden_examples
 
-# `mlflow.pytorch.log_model(extra_files=[...])` keeps extra files in this folder of the model.
+# Where a logged model keeps its golden examples (the folder MLflow's log_model(extra_files=)
+# uses too).
 GOLDEN_EXAMPLES_ARTIFACT = f"extra_files/{GOLDEN_EXAMPLES_FILE}"
 MODEL_URI = re.compile(
     r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[1-9][0-9]*))"
@@ -272,10 +275,21 @@ class ModelRegistry:
                 f"({_connection_reason(message)}) for {what}; start it (`gpufleet up` starts a "
                 "local stack's server) or fix the stack's mlflow_tracking_uri"
             )
+        if error.error_code in _AUTHENTICATION_FAILED:
+            return (
+                f"the MLflow tracking server at {self.display_uri} refused the request for "
+                f"{what} ({error.error_code}); set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to a user of that server with access (a local stack "
+                "keeps its own in <state_dir>/mlflow-credentials.json)"
+            )
         return f"{what} at {self.display_uri}: MLflow answered {error.error_code}: {message}"
 
 
 _NOT_FOUND = ErrorCode.Name(ErrorCode.RESOURCE_DOES_NOT_EXIST)
+_AUTHENTICATION_FAILED = {
+    ErrorCode.Name(ErrorCode.UNAUTHENTICATED),
+    ErrorCode.Name(ErrorCode.PERMISSION_DENIED),
+}
 
 
 def _registry_version(found: ModelVersion) -> RegistryVersion:

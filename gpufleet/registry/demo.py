@@ -1,9 +1,10 @@
 """Demo models for a registry that has none: small seeded torch MLPs, one per spec, logged with
 their golden examples, registered, and pointed at by the spec's alias.
 
-Same seed, same weights, same golden outputs. The building block `register_torch_model` logs any
-torch module; its golden examples may come from another module (a test's "version whose weights
-differ from its golden examples").
+Same seed, same weights, same golden outputs. The building block `register_torch_model` logs a
+torch module of an architecture gpufleet defines, weights only (gpufleet/registry/artifact.py:
+no pickle, no code); its golden examples may come from another module (a test's "version whose
+weights differ from its golden examples").
 
     versions = seed_demo(ModelRegistry("http://127.0.0.1:15000"), [spec])  # one per spec
 """
@@ -18,21 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import numpy.typing as npt
 import torch
 from mlflow.models import infer_signature
 
-from gpufleet.registry.client import MODEL_URI, ModelRegistry, RegistryError, RegistryVersion
+from gpufleet.registry.artifact import ArtifactError, architecture_of, write_model_dir
+from gpufleet.registry.client import (
+    GOLDEN_EXAMPLES_ARTIFACT,
+    MODEL_URI,
+    ModelRegistry,
+    RegistryError,
+    RegistryVersion,
+)
 from gpufleet.registry.golden import GoldenExample, write_golden_examples
 from gpufleet.spec.model import ModelSpec
 
 DEMO_EXPERIMENT = "gpufleet-demo"
 GOLDEN_EXAMPLE_COUNT = 8
 HIDDEN_SIZE = 32
-# Given explicitly: inferring them imports and inspects the model's packages for seconds.
-PIP_REQUIREMENTS = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__}"]
 
 Request = dict[str, npt.NDArray[Any]]  # input name -> tensor
 
@@ -107,11 +112,16 @@ def register_torch_model(
     """Log `module` with golden examples computed by `golden_module` (default: `module`),
     register it under the spec's registered model, tag it, and point the spec's alias at it.
 
-    The spec must be one the demo builder can build (one fp32 input, one fp32 output).
+    The spec must be one the demo builder can build (one fp32 input, one fp32 output), and the
+    module of an architecture gpufleet defines (gpufleet.registry.artifact.ARCHITECTURES).
     """
     match = MODEL_URI.fullmatch(spec.source or "")
     if match is None:
         raise DemoModelError(f"spec {spec.name!r}: source {spec.source!r} is not a models:/ URI")
+    try:
+        architecture_of(module)
+    except ArtifactError as error:
+        raise DemoModelError(f"spec {spec.name!r}: {error}") from None
     inputs = golden_inputs(spec, seed=seed)
     examples = golden_examples(golden_module or module, spec, inputs)
     tensors = [request[spec.inputs[0].name] for request in inputs]
@@ -127,17 +137,14 @@ def register_torch_model(
             experiment_id=_experiment_id(registry), run_name=f"{spec.name}-demo"
         ) as run,
     ):
-        golden_file = Path(scratch) / "golden_examples.json"
+        model_dir = Path(scratch) / "model"
+        write_model_dir(model_dir, module, infer_signature(batch, outputs))
+        golden_file = model_dir / GOLDEN_EXAMPLES_ARTIFACT
+        golden_file.parent.mkdir()
         write_golden_examples(golden_file, examples)
-        logged = mlflow.pytorch.log_model(
-            module,
-            name="model",
-            signature=infer_signature(batch, outputs),
-            input_example=batch,
-            pip_requirements=PIP_REQUIREMENTS,
-            extra_files=[str(golden_file)],
-        )
-    version = registry.register(match["name"], logged.model_uri, run.info.run_id, logged.model_id)
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        model_uri = f"{run.info.artifact_uri}/model"
+    version = registry.register(match["name"], model_uri, run.info.run_id)
     if tags:
         registry.set_tags(version, tags)
         version = dataclasses.replace(version, tags={**version.tags, **tags})

@@ -31,6 +31,18 @@ from pydantic import (
 # Names Triton accepts for a model and that are safe as a directory name.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MLFLOW_MODEL_URI_PATTERN = r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _is_sha256(value: str) -> str:
+    if not re.fullmatch(SHA256_PATTERN, value):
+        raise ValueError("write a sha256 as 64 lowercase hex digits")
+    return value
+
+
+Sha256 = Annotated[
+    str, AfterValidator(_is_sha256), WithJsonSchema({"type": "string", "pattern": SHA256_PATTERN})
+]
 
 Backend = Literal[
     "onnxruntime",
@@ -362,6 +374,13 @@ class ModelSpec(SpecModel):
         default=None,
         description="Where the model comes from: an MLflow URI (models:/name@alias, "
         "models:/name/3) or a path.",
+    )
+    source_sha256: dict[Annotated[int, Field(ge=1)], Sha256] = Field(
+        default_factory=dict,
+        description="Registry version -> sha256 of its artifact (as in the lineage manifest's "
+        "artifact_sha256). When set, every version the spec serves must be listed and match, "
+        "or `gpufleet up` refuses it before loading anything.",
+        json_schema_extra={"propertyNames": {"pattern": "^[1-9][0-9]*$"}},
     )
     max_batch_size: NonNegativeInt = Field(default=0, description="0 disables batching.")
     inputs: list[InputSpec] = Field(default_factory=list)

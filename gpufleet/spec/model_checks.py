@@ -30,6 +30,7 @@ def check_model_spec(spec: ModelSpec) -> list[SpecProblem]:
     """Every cross-field problem of one spec, in field order."""
     checks = (
         _backend,
+        _source_pins,
         _tensors,
         _batching,
         _instance_groups,
@@ -100,6 +101,15 @@ def _backend(spec: ModelSpec) -> Iterator[SpecProblem]:
                 f"platform {spec.platform!r} belongs to backend {expected!r}, "
                 f"not {spec.backend!r}; drop platform or make them agree",
             )
+
+
+def _source_pins(spec: ModelSpec) -> Iterator[SpecProblem]:
+    if spec.source_sha256 and not (spec.source or "").startswith("models:/"):
+        yield SpecProblem(
+            ("source_sha256",),
+            "pins the artifacts of registry versions, but source is not a models:/ URI; "
+            "drop source_sha256 or set source to models:/<name>@<alias>",
+        )
 
 
 def _reshape_problem(shape: Sequence[int], reshape: Sequence[int]) -> str | None:
