@@ -46,6 +46,9 @@ SECRETS = {
     "GPUFLEET_POSTGRES_PASSWORD": "pg-Env-1d4f",
     "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Env-82ac",
     "GPUFLEET_TRITON_ADMIN_KEY": "key-Env-{{7*7}}-5e21",
+    # The registry's login: its admin when seed-demo starts it, the site's client afterwards.
+    "MLFLOW_TRACKING_USERNAME": "gpufleet-test",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-Env-2b7c",
 }
 
 

@@ -357,8 +357,12 @@ def test_a_triton_killed_during_the_load_gate_fails_it_with_the_outage_counted(
     assert steps_of(report, "serve-b")["gate"]["status"] == "ok", "unsettled load only warns"
 
 
-def test_registered_wrong_weights_fail_up_naming_host_model_and_version(site: Site) -> None:
+def test_registered_wrong_weights_fail_up_naming_host_model_and_version(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new version whose weights are not the ones its golden examples were made with."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, SECRETS[name])
     (spec,) = [item.spec for item in load_model_specs(site.project / "modelconfigs")]
     wrong = register_torch_model(
         site.registry,
