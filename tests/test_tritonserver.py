@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from validation.loopback import http_request
 from validation.tritonserver import (
+    ADMIN_KEY_HEADER,
     INSTALL_HINT,
     SHARED_MEMORY_DIR,
     LocalTritonServer,
@@ -197,6 +199,53 @@ def test_model_control_errors_quote_triton(
     server.unload_model("add_one")
     states = {m["name"]: m["state"] for m in server.repository_index()}
     assert states == {"add_one": "UNAVAILABLE", "broken": "UNAVAILABLE"}
+
+
+def command_lines_holding(secret: str) -> list[str]:
+    """`/proc/<pid>/cmdline` of every process on this machine that holds `secret`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that exited meanwhile
+            if secret.encode() in cmdline.read_bytes():
+                found.append(f"{cmdline}: {cmdline.read_bytes()!r}")
+    return found
+
+
+def test_loading_a_model_needs_the_admin_key_which_no_command_line_holds(
+    triton_server_factory: TritonServerFactory, tmp_path: Path
+) -> None:
+    """Any local user can reach Triton's loopback ports: without the per-server key the
+    repository and shared-memory APIs refuse (a model's python code runs as the operator);
+    with it they work. The key is in no process's command line, nor in Triton's log."""
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    server = triton_server_factory(repository, load_models=[])
+    base = f"http://{server.http_url}/v2"
+    load = ("POST", f"{base}/repository/models/add_one/load")
+    unload = ("POST", f"{base}/repository/models/add_one/unload")
+    shared_memory = ("GET", f"{base}/systemsharedmemory/status")
+    wrong = {ADMIN_KEY_HEADER: server.admin_key[:-1]}
+
+    for method, url in (load, unload, shared_memory, ("POST", f"{base}/repository/index")):
+        assert http_request(method, url, 10)[0] == 403, url
+        assert http_request(method, url, 10, wrong)[0] == 403, url
+    assert server.repository_index()[0].get("state") != "READY"
+
+    right = {ADMIN_KEY_HEADER: server.admin_key}
+    assert http_request(*load, 60, right)[0] == 200
+    assert server.model_config("add_one")["name"] == "add_one"
+    assert http_request(*shared_memory, 10, right)[0] == 200
+    # Inference, health and statistics stay open (the load gate reads statistics).
+    assert http_request("GET", f"{base}/models/add_one/stats", 10)[0] == 200
+    assert http_request("GET", f"{base}/health/ready", 10)[0] == 200
+    assert http_request(*unload, 60, right)[0] == 200
+
+    assert len(server.admin_key) >= 32
+    assert LocalTritonServer(repository, tmp_path / "other").admin_key != server.admin_key
+    assert command_lines_holding(server.admin_key) == []
+    cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+    assert f"--http-restricted-api=model-repository,shared-memory:{ADMIN_KEY_HEADER}=${{" in cmdline
+    assert server.admin_key not in server.log_text()
 
 
 @pytest.mark.parametrize("which", ["http_port", "grpc_port", "metrics_port"])
