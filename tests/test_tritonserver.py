@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from tests.conftest import PROJECT_ROOT
 from validation.loopback import http_request
 from validation.tritonserver import (
     ADMIN_KEY_HEADER,
@@ -334,3 +336,49 @@ def test_stop_removes_the_shared_memory_of_a_killed_server(tmp_path: Path) -> No
     finally:
         server.stop()
     assert not list(SHARED_MEMORY_DIR.glob(f"{server.shm_prefix}*"))
+
+
+def test_secret_args_follow_a_wrapper_script_and_refuse_a_missing_variable(
+    tmp_path: Path,
+) -> None:
+    """secret_args.py as the serving stack runs it: through a shell wrapper that execs the
+    program (as the stand-in Triton image does), the program's main() gets the secret and its
+    command line keeps the template; a missing variable starts nothing (exit 2)."""
+    program = tmp_path / "bin" / "show-args"
+    program.parent.mkdir()
+    shutil.copy(sys.executable, program)  # a copy named like the program the wrapper execs
+    wrapper = tmp_path / "wrapper" / "show-args"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'exec {program} -c "import sys; print(sys.argv[1:]); '
+        f"print(open('/proc/self/cmdline', 'rb').read())\" \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    launcher = PROJECT_ROOT / "generators" / "serving_stack" / "secret_args.py"
+    environment = {**os.environ, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    run = subprocess.run(
+        [sys.executable, str(launcher), "show-args", "--key=${THE_KEY}", "plain"],
+        env={**environment, "THE_KEY": "s3cret value"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    argv, cmdline = run.stdout.splitlines()
+    assert argv == "['--key=s3cret value', 'plain']"
+    assert "--key=${THE_KEY}" in cmdline
+    assert "s3cret" not in cmdline
+
+    missing = subprocess.run(
+        [sys.executable, str(launcher), "show-args", "--key=${THE_KEY}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "THE_KEY is not set" in missing.stderr
+    assert missing.stdout == ""  # the program never ran
