@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,8 +46,9 @@ SECRETS = {
     "GPUFLEET_POSTGRES_PASSWORD": "pg-Run-7f3a/x@y:z",
     "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Run-91c2",
     # Jinja and glob syntax: it must reach Triton as written (extra vars are !unsafe, and
-    # the container's shell expands the variable inside double quotes).
-    "GPUFLEET_TRITON_ADMIN_KEY": "key-{{7*7}}-*-5d8e0b",
+    # secret_args.py expands it without a shell). Unique per run: searching every process's
+    # command line must not find another run's stack.
+    "GPUFLEET_TRITON_ADMIN_KEY": f"key-{{{{7*7}}}}-*-{secrets.token_hex(6)}",
 }
 GPUFLEET = Path(sys.executable).with_name("gpufleet")
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")

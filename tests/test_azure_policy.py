@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import ipaddress
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,42 +77,121 @@ def _covers(rule: dict[str, Any], port: int) -> bool:
     return False
 
 
+# Azure's default inbound rules, under every NSG's own ("Default security rules" in Azure's
+# network security group docs). They cannot be removed, only overridden by a lower number.
+AZURE_DEFAULT_INBOUND = [
+    {
+        "name": "AllowVnetInBound",
+        "priority": 65000,
+        "access": "Allow",
+        "sourceAddressPrefix": "VirtualNetwork",  # also peered VNets and VPN-connected ranges
+    },
+    {"name": "AllowAzureLoadBalancerInBound", "priority": 65001, "access": "Allow",
+     "sourceAddressPrefix": "AzureLoadBalancer"},
+    {"name": "DenyAllInBound", "priority": 65500, "access": "Deny", "sourceAddressPrefix": "*"},
+]  # fmt: skip
+for _default in AZURE_DEFAULT_INBOUND:
+    _default.update(direction="Inbound", protocol="*", destinationPortRange="*")
+OTHER_PORTS = [1, 80, 443, 2375, 6379, 10250]  # a sample of what nothing should reach
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a connection comes from: its address and the service tags Azure counts it in."""
+
+    what: str
+    address: ipaddress.IPv4Address | None
+    tags: frozenset[str]
+
+
+def probe_sources(spec: StackSpec) -> list[Source]:
+    """One source of each kind the policy must tell apart."""
+    assert spec.azure is not None
+    listed = [
+        ipaddress.IPv4Network(p) for p in [*spec.azure.address_space, *spec.azure.ssh_source_cidrs]
+    ]
+    outside = [
+        ipaddress.IPv4Address(a)
+        for a in ("172.16.99.9", "172.31.7.7", "192.168.77.7", "203.0.113.7", "192.0.2.7")
+        if not any(ipaddress.IPv4Address(a) in network for network in listed)
+    ]
+    private = [a for a in outside if _reached_through_vnet(a)]
+    public = [a for a in outside if not _reached_through_vnet(a)]
+    vnet, internet = frozenset({"VirtualNetwork"}), frozenset({"Internet"})
+    sources = [
+        Source("the internet", public[0], internet),
+        Source("a peered or VPN-connected network", private[0], vnet),
+        Source("Azure's load balancer", None, frozenset({"AzureLoadBalancer"})),
+    ]
+    for space in spec.azure.address_space:
+        sources.append(Source(f"address space {space}", ipaddress.IPv4Network(space)[4], vnet))
+    for cidr in map(ipaddress.IPv4Network, spec.azure.ssh_source_cidrs):
+        tags = vnet if _reached_through_vnet(cidr[0]) else internet
+        sources.append(Source(f"ssh source {cidr}", cidr[-2], tags))
+    return sources
+
+
+def _reached_through_vnet(address: ipaddress.IPv4Address) -> bool:
+    """RFC 1918 ranges reach a VNet only through peering or a VPN, so Azure counts them in the
+    VirtualNetwork tag; anything else comes from the internet."""
+    private = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+    return any(address in ipaddress.IPv4Network(network) for network in private)
+
+
+def _matches(rule: dict[str, Any], source: Source) -> bool:
+    for prefix in _sources(rule):
+        if prefix == "*" or prefix in source.tags:
+            return True
+        numeric = prefix[0].isdigit() and source.address is not None
+        if numeric and source.address in ipaddress.ip_network(prefix, strict=False):
+            return True
+    return False
+
+
+def deciding_rule(rules: list[dict[str, Any]], source: Source, port: int) -> dict[str, Any]:
+    """The rule Azure applies to a TCP connection from `source` to `port`: the matching one with
+    the lowest priority number, among the NSG's rules and Azure's defaults."""
+    inbound = [r for r in [*rules, *AZURE_DEFAULT_INBOUND] if r["direction"] == "Inbound"]
+    inbound.sort(key=lambda r: r["priority"])
+    return next(
+        r
+        for r in inbound
+        if r.get("protocol", "*") in ("*", "Tcp") and _matches(r, source) and _covers(r, port)
+    )
+
+
 def nsg_violations(resources: Resources, spec: StackSpec) -> list[str]:
-    """No inbound Allow from anywhere; SSH only from the listed CIDRs; serving ports only from
-    the VNet; the internet denied explicitly."""
+    """Azure's defaults included: SSH only from the listed CIDRs, serving ports only from the
+    stack's address space, nothing else from anywhere; no rule allows an open source."""
     assert spec.azure is not None
     found = []
     groups = of_type(resources, "network:NetworkSecurityGroup")
     if not groups:
         found.append("no network security group")
+    ssh_cidrs = [ipaddress.IPv4Network(c) for c in spec.azure.ssh_source_cidrs]
+    spaces = [ipaddress.IPv4Network(s) for s in spec.azure.address_space]
     for group in groups:
         rules = group.inputs.get("securityRules", [])
-        inbound_allow = [r for r in rules if r["direction"] == "Inbound" and r["access"] == "Allow"]
-        for rule in inbound_allow:
+        for rule in rules:
             opened = [s for s in _sources(rule) if s.lower() in OPEN_SOURCES]
-            if opened:
+            if rule["direction"] == "Inbound" and rule["access"] == "Allow" and opened:
                 found.append(f"{group.name}: rule {rule['name']} allows {opened[0]}")
-            if _covers(rule, 22) and set(_sources(rule)) - set(spec.azure.ssh_source_cidrs):
-                found.append(f"{group.name}: rule {rule['name']} allows SSH from {_sources(rule)}")
-            for port in SERVING_PORTS:
-                if _covers(rule, port) and _sources(rule) != ["VirtualNetwork"]:
-                    found.append(f"{group.name}: rule {rule['name']} opens {port} beyond the VNet")
-        internet_denies = [
-            r
-            for r in rules
-            if r["direction"] == "Inbound"
-            and r["access"] == "Deny"
-            and _sources(r) in (["Internet"], ["*"])
-            and _covers(r, 1)
-        ]
-        if not internet_denies:
-            found.append(f"{group.name}: no rule denies the internet")
-        # Azure stops at the first matching rule (lowest number): a deny before an allow makes
-        # the allow dead, so SSH from the listed networks would be refused.
-        for deny in internet_denies:
-            shadowed = [r["name"] for r in inbound_allow if r.get("priority", 0) > deny["priority"]]
-            if shadowed:
-                found.append(f"{group.name}: {deny['name']} shadows {', '.join(shadowed)}")
+        for source in probe_sources(spec):
+            address = source.address
+            for port in [22, *SERVING_PORTS, *OTHER_PORTS]:
+                if port == 22:
+                    wanted = address is not None and any(address in c for c in ssh_cidrs)
+                else:
+                    inside = address is not None and any(address in s for s in spaces)
+                    wanted = port in SERVING_PORTS and inside
+                rule = deciding_rule(rules, source, port)
+                allowed = rule["access"] == "Allow"
+                if allowed and not wanted:
+                    found.append(f"{group.name}: {source.what} reaches {port} ({rule['name']})")
+                elif wanted and not allowed:
+                    found.append(
+                        f"{group.name}: {source.what} cannot reach {port} ({rule['name']})"
+                    )
     for subnet in of_type(resources, "network:Subnet"):
         if "networkSecurityGroup" not in subnet.inputs:
             found.append(f"{subnet.name}: subnet without the NSG")
@@ -321,9 +402,10 @@ def _open_triton(inputs: dict[str, Any]) -> None:
     inputs["securityRules"].append(
         {
             "name": "triton",
+            "priority": 300,
             "direction": "Inbound",
             "access": "Allow",
-            "sourceAddressPrefix": "10.0.0.0/8",
+            "sourceAddressPrefix": "172.16.0.0/12",  # a peered VNet's range
             "destinationPortRange": "8000",
         }
     )
@@ -335,20 +417,37 @@ def test_the_rules_catch_planted_violations(pulumi_loop: asyncio.AbstractEventLo
     nsg = "network:NetworkSecurityGroup"
     assert nsg_violations(_planted(mocks, nsg, _open_ssh), spec) == [
         "azure-dev-nsg: rule allow-ssh-from-listed-networks allows 0.0.0.0/0",
-        "azure-dev-nsg: rule allow-ssh-from-listed-networks allows SSH from "
-        "['198.51.100.0/24', '0.0.0.0/0']",
+        "azure-dev-nsg: the internet reaches 22 (allow-ssh-from-listed-networks)",
+        "azure-dev-nsg: a peered or VPN-connected network reaches 22 "
+        "(allow-ssh-from-listed-networks)",
+        "azure-dev-nsg: address space 10.41.0.0/16 reaches 22 (allow-ssh-from-listed-networks)",
     ]
     assert nsg_violations(_planted(mocks, nsg, _open_triton), spec) == [
-        "azure-dev-nsg: rule triton opens 8000 beyond the VNet"
+        "azure-dev-nsg: a peered or VPN-connected network reaches 8000 (triton)"
     ]
+    # Without the final deny, Azure's own defaults decide what is left.
     no_deny = _planted(mocks, nsg, lambda i: i["securityRules"].pop())
-    assert nsg_violations(no_deny, spec) == ["azure-dev-nsg: no rule denies the internet"]
+    assert nsg_violations(no_deny, spec) == [
+        *(
+            f"azure-dev-nsg: a peered or VPN-connected network reaches {port} (AllowVnetInBound)"
+            for port in [22, *SERVING_PORTS, *OTHER_PORTS]
+        ),
+        *(
+            f"azure-dev-nsg: Azure's load balancer reaches {port} (AllowAzureLoadBalancerInBound)"
+            for port in [22, *SERVING_PORTS, *OTHER_PORTS]
+        ),
+        *(
+            f"azure-dev-nsg: address space 10.41.0.0/16 reaches {port} (AllowVnetInBound)"
+            for port in [22, *OTHER_PORTS]
+        ),
+    ]
 
     def deny_first(inputs: dict[str, Any]) -> None:
         inputs["securityRules"][-1]["priority"] = 150
 
     assert nsg_violations(_planted(mocks, nsg, deny_first), spec) == [
-        "azure-dev-nsg: deny-internet-inbound shadows allow-serving-inside-vnet"
+        f"azure-dev-nsg: address space 10.41.0.0/16 cannot reach {port} (deny-all-inbound)"
+        for port in SERVING_PORTS
     ]
 
     def public_on_a10(inputs: dict[str, Any]) -> None:
@@ -382,6 +481,41 @@ def test_the_rules_catch_planted_violations(pulumi_loop: asyncio.AbstractEventLo
         "az-dev-t4-1-vm: Secure Boot False on Standard_NC40ads_H100_v5 (datacenter)",
         "az-dev-t4-1-vm: Secure Boot off without a warning",
     ]
+
+
+# The rules before AllowVnetInBound was taken into account: serving ports open to the
+# VirtualNetwork tag and only Internet denied.
+OLD_RULES = [
+    {"name": "allow-ssh-from-listed-networks", "priority": 100, "access": "Allow",
+     "protocol": "Tcp", "sourceAddressPrefixes": ["198.51.100.0/24"], "destinationPortRange": "22"},
+    {"name": "allow-serving-inside-vnet", "priority": 200, "access": "Allow", "protocol": "Tcp",
+     "sourceAddressPrefix": "VirtualNetwork",
+     "destinationPortRanges": ["8000-8002", "5000", "3000", "9090"]},
+    {"name": "deny-internet-inbound", "priority": 4096, "access": "Deny", "protocol": "*",
+     "sourceAddressPrefix": "Internet", "destinationPortRange": "*"},
+]  # fmt: skip
+
+
+def test_the_policy_catches_the_old_rules_that_left_azures_vnet_default_in_force(
+    pulumi_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """SSH and every port open to peered and VPN-connected networks through AllowVnetInBound,
+    though each explicit rule looked right."""
+    spec = load_stack_spec(PROJECT_ROOT / "stacks", "azure-dev").spec
+    mocks, _ = run_program("azure-dev", pulumi_loop)
+
+    def old_rules(inputs: dict[str, Any]) -> None:
+        inputs["securityRules"] = [{**rule, "direction": "Inbound"} for rule in OLD_RULES]
+
+    found = nsg_violations(_planted(mocks, "network:NetworkSecurityGroup", old_rules), spec)
+    peered = "azure-dev-nsg: a peered or VPN-connected network reaches"
+    assert f"{peered} 22 (AllowVnetInBound)" in found
+    assert f"{peered} 8000 (allow-serving-inside-vnet)" in found
+    assert f"{peered} 6379 (AllowVnetInBound)" in found
+    assert (
+        "azure-dev-nsg: Azure's load balancer reaches 22 (AllowAzureLoadBalancerInBound)" in found
+    )
+    assert not any("the internet reaches" in line for line in found)  # what the old tests saw
 
 
 def test_stack_files_are_found_by_environment_not_by_name(tmp_path: Path) -> None:

@@ -160,6 +160,34 @@ def test_second_up_is_fast_and_changes_nothing(project: Project) -> None:
     assert second_up_s < project.first_up_s / 2, (second_up_s, project.first_up_s)
 
 
+def test_only_the_runs_admin_key_loads_a_model_and_no_command_line_holds_it(
+    project: Project,
+) -> None:
+    """Another local user can reach Triton's loopback port but not load a model (its python
+    code would run as the operator): the key up generated is in a 0600 file, and in no
+    command line, log or output."""
+    key_file = project.state_dir / "triton-admin-key"
+    key = key_file.read_text()
+    assert len(key) >= 32
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    triton = project.state().servers["triton"]
+    load = f"http://127.0.0.1:{triton.ports['http']}/v2/repository/models/tabular_mlp/load"
+
+    assert http_request("POST", load, 60)[0] == 403
+    assert http_request("POST", load, 60, {"triton-admin-key": "guess"})[0] == 403
+    assert http_request("POST", load, 60, {"triton-admin-key": key})[0] == 200
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert key.encode() not in cmdline.read_bytes(), cmdline
+        except OSError:
+            continue  # a process that exited meanwhile
+    assert project.first_up is not None
+    assert key not in project.first_up.stdout + project.first_up.stderr
+    assert triton.log_path is not None
+    assert key not in Path(triton.log_path).read_text(errors="replace")
+
+
 def test_a_tampered_model_file_fails_the_host_gate_until_up_repairs_it(project: Project) -> None:
     model_file = project.repository / "tabular_mlp" / "1" / "model.py"
     original = model_file.read_bytes()
@@ -349,6 +377,7 @@ def test_down_stops_exactly_what_up_started(project: Project) -> None:
         assert bystander.poll() is None, "down must not touch processes it did not start"
         bystander.kill()
     assert not (project.state_dir / "run-state.json").exists()
+    assert not (project.state_dir / "triton-admin-key").exists()
     again = project.gpufleet("down")
     assert again.returncode == 0
     assert "nothing of stack 'it' is running" in again.stdout

@@ -14,6 +14,7 @@ can be installed here: tests/test_serving_monitoring.py checks its dashboard que
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from tritonclient.utils import InferenceServerException
 
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.stack import LoadGateSettings
@@ -245,15 +248,62 @@ def test_triton_answers_over_http_and_grpc_on_the_published_ports(
         time.sleep(1)
 
 
-def test_triton_model_repository_api_needs_the_admin_key(deployed_stack: DeployedStack) -> None:
-    index = f"http://{deployed_stack.url('http')}/v2/repository/index"
-    assert http_status(index, "POST") == 403
+def test_triton_admin_apis_need_the_admin_key(deployed_stack: DeployedStack) -> None:
+    """The repository, shared-memory, statistics, trace and logging APIs, over HTTP and gRPC."""
+    base = f"http://{deployed_stack.url('http')}/v2"
+    restricted = [
+        ("POST", f"{base}/repository/index"),
+        ("GET", f"{base}/systemsharedmemory/status"),
+        ("GET", f"{base}/models/stats"),
+        ("GET", f"{base}/trace/setting"),
+        ("GET", f"{base}/logging"),
+    ]
     wrong = {ADMIN_HEADER: "not-the-key"}
-    assert http_status(index, "POST", wrong) == 403
     right = {ADMIN_HEADER: SECRETS["GPUFLEET_TRITON_ADMIN_KEY"]}
-    assert http_status(index, "POST", right) == 200
-    # Inference and health stay open.
-    assert http_status(f"http://{deployed_stack.url('http')}/v2/health/ready") == 200
+    for method, url in restricted:
+        assert http_status(url, method) == 403, url
+        assert http_status(url, method, wrong) == 403, url
+        assert http_status(url, method, right) == 200, url
+    # Inference, metadata and health stay open.
+    assert http_status(f"{base}/health/ready") == 200
+    assert http_status(f"{base}/models/{MODEL_NAME}") == 200
+    client = grpcclient.InferenceServerClient(deployed_stack.url("grpc"))
+    with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+        client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="restricted, expecting header"):
+        client.get_inference_statistics(MODEL_NAME)
+    # Triton 2.51 expects the gRPC header under a prefix of its own.
+    grpc_right = {f"triton-grpc-protocol-{ADMIN_HEADER}": right[ADMIN_HEADER]}
+    assert client.get_model_repository_index(headers=grpc_right).models[0].name == MODEL_NAME
+    assert client.get_inference_statistics(MODEL_NAME, headers=grpc_right).model_stats
+
+
+def test_no_process_on_the_host_has_the_admin_key_on_its_command_line(
+    deployed_stack: DeployedStack,
+) -> None:
+    """`ps` on the host shows every container's processes: Triton's shows the template only."""
+    key = SECRETS["GPUFLEET_TRITON_ADMIN_KEY"].encode()
+    command_lines = {}
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that exited meanwhile
+            command_lines[path.parent.name] = path.read_bytes()
+    assert [pid for pid, line in command_lines.items() if key in line] == []
+    container = deployed_stack.inspect("triton")["State"]["Pid"]
+    launcher = command_lines[str(container)].split(b"\0")
+    assert launcher[:3] == [b"python3", b"/gpufleet/secret_args.py", b"tritonserver"]
+    triton = command_lines[str(triton_pid(container))].split(b"\0")
+    assert triton[0].endswith(b"/tritonserver")
+    apis = b"model-repository,shared-memory,statistics,trace,logging"
+    template = b"triton-admin-key=${TRITON_ADMIN_KEY}"
+    assert b"--http-restricted-api=" + apis + b":" + template in triton
+    assert b"--grpc-restricted-protocol=" + apis + b":" + template in triton
+
+
+def triton_pid(container_pid: int) -> int:
+    """tritonserver: the child of the container's main process (secret_args.py)."""
+    children = Path(f"/proc/{container_pid}/task/{container_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
 
 
 def test_mlflow_keeps_its_runs_in_postgres(deployed_stack: DeployedStack) -> None:
@@ -315,9 +365,10 @@ def test_prometheus_scrapes_triton_and_sees_the_load(deployed_stack: DeployedSta
 def test_a_killed_triton_is_restarted_and_the_load_gate_counts_the_failures(
     deployed_stack: DeployedStack,
 ) -> None:
-    """SIGKILL to Triton's main process (a crash, not `docker stop`) during a load test."""
+    """SIGKILL to tritonserver (a crash, not `docker stop`) during a load test; the container's
+    main process, secret_args.py, exits as it did."""
     before = deployed_stack.inspect("triton")
-    pid = before["State"]["Pid"]
+    pid = triton_pid(before["State"]["Pid"])
     assert pid > 0
     readiness: list[tuple[float, bool]] = []
     stop_polling = threading.Event()
@@ -359,7 +410,7 @@ def test_a_killed_triton_is_restarted_and_the_load_gate_counts_the_failures(
     assert f"{check.measurements['errors']} of" in check.message
     after = deployed_stack.inspect("triton")
     assert after["RestartCount"] == before["RestartCount"] + 1
-    assert after["State"]["Pid"] != pid
+    assert after["State"]["Pid"] != before["State"]["Pid"]
     batch = np.full((1, FEATURES), 3, dtype=np.float32)
     assert np.array_equal(infer_http(deployed_stack.url("http"), batch), 2 * batch + 1)
 

@@ -102,18 +102,21 @@ def test_triton_runs_as_non_root_with_explicit_model_control_and_restricted_apis
     triton = compose_of("onprem-prod", "gpu-prod-1")["services"]["triton"]  # type: ignore[index]
     assert triton["user"] == "1000:1000"
     assert triton["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
-    shell, flag, script = triton["command"]
-    assert (shell, flag) == ("sh", "-c")
+    python, launcher, program, *arguments = triton["command"]
+    # secret_args.py hands Triton the key: no shell, and `${TRITON_ADMIN_KEY}` stays a
+    # template on the command line (compose turns `$$` into `$`).
+    assert (python, launcher, program) == ("python3", "/gpufleet/secret_args.py", "tritonserver")
+    apis = "model-repository,shared-memory,statistics,trace,logging"
     for expected in (
         "--model-control-mode=explicit",
-        "'--load-model=*'",
+        "--load-model=*",
         "--model-repository=/models",
         "--metrics-config=summary_latencies=true",
-        '--http-restricted-api=model-repository,shared-memory:triton-admin-key="$${TRITON_ADMIN_KEY',
-        '--grpc-restricted-protocol=model-repository,shared-memory:triton-admin-key="$${TRITON',
+        f"--http-restricted-api={apis}:triton-admin-key=$${{TRITON_ADMIN_KEY}}",
+        f"--grpc-restricted-protocol={apis}:triton-admin-key=$${{TRITON_ADMIN_KEY}}",
     ):
-        assert expected in script
-    assert triton["volumes"] == ["./model_repository:/models:ro"]
+        assert expected in arguments
+    assert triton["volumes"] == ["./model_repository:/models:ro", "./triton:/gpufleet:ro"]
     assert triton["env_file"] == ["./secrets/triton.env"]
     assert triton["restart"] == "unless-stopped"
     assert triton["healthcheck"]["test"][-1] == "http://127.0.0.1:8000/v2/health/ready"

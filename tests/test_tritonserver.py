@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from tests.conftest import PROJECT_ROOT
+from validation.loopback import http_request
 from validation.tritonserver import (
+    ADMIN_KEY_HEADER,
     INSTALL_HINT,
     SHARED_MEMORY_DIR,
     LocalTritonServer,
@@ -199,6 +203,53 @@ def test_model_control_errors_quote_triton(
     assert states == {"add_one": "UNAVAILABLE", "broken": "UNAVAILABLE"}
 
 
+def command_lines_holding(secret: str) -> list[str]:
+    """`/proc/<pid>/cmdline` of every process on this machine that holds `secret`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that exited meanwhile
+            if secret.encode() in cmdline.read_bytes():
+                found.append(f"{cmdline}: {cmdline.read_bytes()!r}")
+    return found
+
+
+def test_loading_a_model_needs_the_admin_key_which_no_command_line_holds(
+    triton_server_factory: TritonServerFactory, tmp_path: Path
+) -> None:
+    """Any local user can reach Triton's loopback ports: without the per-server key the
+    repository and shared-memory APIs refuse (a model's python code runs as the operator);
+    with it they work. The key is in no process's command line, nor in Triton's log."""
+    repository = tmp_path / "models"
+    write_python_model(repository, "add_one", ADD_ONE)
+    server = triton_server_factory(repository, load_models=[])
+    base = f"http://{server.http_url}/v2"
+    load = ("POST", f"{base}/repository/models/add_one/load")
+    unload = ("POST", f"{base}/repository/models/add_one/unload")
+    shared_memory = ("GET", f"{base}/systemsharedmemory/status")
+    wrong = {ADMIN_KEY_HEADER: server.admin_key[:-1]}
+
+    for method, url in (load, unload, shared_memory, ("POST", f"{base}/repository/index")):
+        assert http_request(method, url, 10)[0] == 403, url
+        assert http_request(method, url, 10, wrong)[0] == 403, url
+    assert server.repository_index()[0].get("state") != "READY"
+
+    right = {ADMIN_KEY_HEADER: server.admin_key}
+    assert http_request(*load, 60, right)[0] == 200
+    assert server.model_config("add_one")["name"] == "add_one"
+    assert http_request(*shared_memory, 10, right)[0] == 200
+    # Inference, health and statistics stay open (the load gate reads statistics).
+    assert http_request("GET", f"{base}/models/add_one/stats", 10)[0] == 200
+    assert http_request("GET", f"{base}/health/ready", 10)[0] == 200
+    assert http_request(*unload, 60, right)[0] == 200
+
+    assert len(server.admin_key) >= 32
+    assert LocalTritonServer(repository, tmp_path / "other").admin_key != server.admin_key
+    assert command_lines_holding(server.admin_key) == []
+    cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+    assert f"--http-restricted-api=model-repository,shared-memory:{ADMIN_KEY_HEADER}=${{" in cmdline
+    assert server.admin_key not in server.log_text()
+
+
 @pytest.mark.parametrize("which", ["http_port", "grpc_port", "metrics_port"])
 def test_port_in_use_is_reported(tmp_path: Path, which: str) -> None:
     # The metrics case matters most: Triton answers ready on HTTP before it finds the metrics
@@ -285,3 +336,49 @@ def test_stop_removes_the_shared_memory_of_a_killed_server(tmp_path: Path) -> No
     finally:
         server.stop()
     assert not list(SHARED_MEMORY_DIR.glob(f"{server.shm_prefix}*"))
+
+
+def test_secret_args_follow_a_wrapper_script_and_refuse_a_missing_variable(
+    tmp_path: Path,
+) -> None:
+    """secret_args.py as the serving stack runs it: through a shell wrapper that execs the
+    program (as the stand-in Triton image does), the program's main() gets the secret and its
+    command line keeps the template; a missing variable starts nothing (exit 2)."""
+    program = tmp_path / "bin" / "show-args"
+    program.parent.mkdir()
+    shutil.copy(sys.executable, program)  # a copy named like the program the wrapper execs
+    wrapper = tmp_path / "wrapper" / "show-args"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'exec {program} -c "import sys; print(sys.argv[1:]); '
+        f"print(open('/proc/self/cmdline', 'rb').read())\" \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    launcher = PROJECT_ROOT / "generators" / "serving_stack" / "secret_args.py"
+    environment = {**os.environ, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    run = subprocess.run(
+        [sys.executable, str(launcher), "show-args", "--key=${THE_KEY}", "plain"],
+        env={**environment, "THE_KEY": "s3cret value"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    argv, cmdline = run.stdout.splitlines()
+    assert argv == "['--key=s3cret value', 'plain']"
+    assert "--key=${THE_KEY}" in cmdline
+    assert "s3cret" not in cmdline
+
+    missing = subprocess.run(
+        [sys.executable, str(launcher), "show-args", "--key=${THE_KEY}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "THE_KEY is not set" in missing.stderr
+    assert missing.stdout == ""  # the program never ran

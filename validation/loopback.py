@@ -22,10 +22,12 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_request(method: str, url: str, timeout_s: float) -> tuple[int, bytes]:
+def http_request(
+    method: str, url: str, timeout_s: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     data = b"" if method == "POST" else None
     # Callers only build http://127.0.0.1:<port>/... URLs, so no file: or other schemes.
-    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
             return int(response.status), bytes(response.read())

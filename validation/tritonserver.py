@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from generators.serving_stack.secret_args import (
+    hide_secret_args,
+    redirect_secret_args,
+    trace_me,
+)
 from validation.loopback import (
     LOOPBACK,
     die_with_parent,
@@ -66,6 +72,13 @@ _LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 _MAX_QUOTED_LINES = 40
 SHARED_MEMORY_DIR = Path("/dev/shm")  # noqa: S108 - where the python backend maps its regions
 _MAX_LINE_CHARS = 1000
+# Loading a model runs its python code as whoever runs Triton, and shared-memory registration
+# maps memory into it: both need the admin key, from any local user. Inference, health,
+# metadata and statistics (the load gate's server-side split) stay open on loopback.
+RESTRICTED_APIS = ("model-repository", "shared-memory")
+ADMIN_KEY_HEADER = "triton-admin-key"
+# Set in Triton's environment only; secret_args keeps the key out of its command line.
+_ADMIN_KEY_VARIABLE = "GPUFLEET_TRITON_ADMIN_KEY"
 
 
 class TritonError(RuntimeError):
@@ -203,6 +216,10 @@ class LocalTritonServer:
     a killed test run leaves no server behind; pass False for a server meant to outlive it.
     Use as a context manager, or call ``start()`` and ``stop()``. Everything Triton prints goes
     to ``log_path`` in ``work_dir``.
+
+    The repository and shared-memory APIs (``RESTRICTED_APIS``) answer only requests with the
+    ``triton-admin-key`` header set to ``admin_key``: a fresh random key unless one is given.
+    This object's own requests send it. The key is in no command line (secret_args.py).
     """
 
     def __init__(
@@ -218,7 +235,9 @@ class LocalTritonServer:
         extra_args: Sequence[str] = (),
         binary: TritonBinary | None = None,
         stop_with_parent: bool = True,
+        admin_key: str | None = None,
     ) -> None:
+        self.admin_key = admin_key or secrets.token_urlsafe(32)
         self.model_repository = Path(model_repository).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.load_models = None if load_models is None else list(load_models)
@@ -241,13 +260,15 @@ class LocalTritonServer:
         work_dir: Path,
         ports: Ports,
         is_running: Callable[[], bool],
+        admin_key: str | None = None,
     ) -> LocalTritonServer:
-        """A handle on a tritonserver another process started (``gpufleet up`` before).
+        """A handle on a tritonserver another process started (``gpufleet up`` before), with
+        the admin key it was started with.
 
         Its HTTP API methods work while ``is_running()`` says the server runs; ``start`` and
         ``stop`` do not apply: stop it through whoever owns its process.
         """
-        server = cls(model_repository, work_dir)
+        server = cls(model_repository, work_dir, admin_key=admin_key)
         server._ports = ports
         server._attached_is_running = is_running
         return server
@@ -427,6 +448,10 @@ class LocalTritonServer:
 
     # -- internals ---------------------------------------------------------------------------
 
+    @property
+    def _admin_header(self) -> dict[str, str]:
+        return {ADMIN_KEY_HEADER: self.admin_key}
+
     def _is_unloading(self, name: str) -> bool:
         return any(
             entry.get("name") == name and entry.get("state") == "UNLOADING"
@@ -457,7 +482,15 @@ class LocalTritonServer:
         ]  # fmt: skip
         for name in ["*"] if self.load_models is None else self.load_models:
             command += ["--load-model", name]  # '*' is passed as is: there is no shell
+        # Templates: Triton's command line keeps `${...}`, its main() gets the key.
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}=${{{_ADMIN_KEY_VARIABLE}}}"
+        command += [
+            f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}",
+        ]
         command += self.extra_args
+        environment = {**binary.environment(), _ADMIN_KEY_VARIABLE: self.admin_key}
+        hidden, environment = hide_secret_args(command, environment)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 command,
@@ -465,12 +498,20 @@ class LocalTritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.work_dir,
-                env=binary.environment(),
+                env=environment,
                 # Own process group: stop() can signal Triton and its stubs, and nothing else.
                 process_group=0,
-                preexec_fn=die_with_parent if self.stop_with_parent else None,
+                preexec_fn=self._before_exec,
             )
         self._pid = self._process.pid
+        exited = redirect_secret_args(self._pid, command[0], hidden)  # kills it on failure
+        if exited is not None:  # reaped there: tell Popen how it ended
+            self._process.returncode = os.waitstatus_to_exitcode(exited)
+
+    def _before_exec(self) -> None:
+        if self.stop_with_parent:
+            die_with_parent()
+        trace_me()
 
     def _wait_until_ready(self) -> None:
         assert self._process is not None
@@ -550,7 +591,8 @@ class LocalTritonServer:
     def _status(self, path: str) -> int | None:
         """HTTP status of GET path, or None while nothing answers on the HTTP port."""
         try:
-            return http_request("GET", f"http://{self.http_url}{path}", _PROBE_TIMEOUT_S)[0]
+            url = f"http://{self.http_url}{path}"
+            return http_request("GET", url, _PROBE_TIMEOUT_S, self._admin_header)[0]
         except (OSError, http.client.HTTPException):
             return None
 
@@ -568,7 +610,7 @@ class LocalTritonServer:
             raise TritonError(f"{what}: tritonserver is not running (see {self.log_path})")
         url = f"http://{self.http_url}{path}"
         try:
-            status, body = http_request(method, url, timeout_s)
+            status, body = http_request(method, url, timeout_s, self._admin_header)
         except (OSError, http.client.HTTPException) as exc:
             raise error(f"{what}: {method} {url} failed: {exc}", None, str(exc)) from exc
         if status != 200:

@@ -13,9 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from generators.serving_stack import secret_args
 from generators.serving_stack.compose import render_compose
 from generators.serving_stack.grafana import render_grafana_files
-from generators.serving_stack.graph import ServiceGraphError, build_service_graph
+from generators.serving_stack.graph import (
+    TRITON_LAUNCHER_DIR,
+    ServiceGraphError,
+    build_service_graph,
+)
 from generators.serving_stack.prometheus import render_prometheus_files
 from gpufleet.spec.loading import LoadedModelSpec, LoadedStackSpec
 from gpufleet.spec.problems import SpecError
@@ -64,6 +69,9 @@ def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec])
         if graph.has("grafana"):
             for path, text in render_grafana_files(graph, header).items():
                 host_files[f"grafana/{path}"] = text
+        if any(m.source == TRITON_LAUNCHER_DIR for m in graph.service("triton").mounts):
+            launcher = Path(secret_args.__file__).read_text(encoding="utf-8")
+            host_files[f"{TRITON_LAUNCHER_DIR[2:]}/secret_args.py"] = launcher
         if graph.service("mlflow").build_context:
             host_files["images/mlflow/Dockerfile"] = _mlflow_dockerfile(spec.serving)
         host_files[MANIFEST] = json.dumps(sorted([*host_files, MANIFEST]), indent=1) + "\n"

@@ -10,7 +10,6 @@ renderers read the same graph, so a port or a service name is decided in one pla
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +32,10 @@ SERVICE_SECRETS = {
     "grafana": ("GF_SECURITY_ADMIN_PASSWORD",),
 }
 ADMIN_KEY_HEADER = "triton-admin-key"
+# secret_args.py, generated beside the compose file and Triton's command: it hands Triton the
+# admin key without putting it on a command line (`ps` on the host shows every container's).
+TRITON_LAUNCHER_DIR, TRITON_LAUNCHER_MOUNT = "./triton", "/gpufleet"
+TRITON_LAUNCHER = f"{TRITON_LAUNCHER_MOUNT}/secret_args.py"
 # Internal: no route out and nothing published; the edge network carries the published ports.
 BACKEND_NETWORK, EDGE_NETWORK = "backend", "edge"
 
@@ -145,7 +148,14 @@ def build_service_graph(
             *publish("triton_grpc", spec.ports.triton_grpc, TRITON_GRPC),
             *publish("triton_metrics", spec.ports.triton_metrics, TRITON_METRICS),
         ),
-        mounts=(Mount("./model_repository", MODELS_MOUNT, read_only=True),),
+        mounts=(
+            Mount("./model_repository", MODELS_MOUNT, read_only=True),
+            *(
+                (Mount(TRITON_LAUNCHER_DIR, TRITON_LAUNCHER_MOUNT, read_only=True),)
+                if serving.triton.restricted_apis
+                else ()
+            ),
+        ),
         networks=networks("triton_http", "triton_grpc", "triton_metrics"),
         healthcheck=HealthCheck(
             _http_probe(f"http://127.0.0.1:{TRITON_HTTP}/v2/health/ready"),
@@ -284,13 +294,15 @@ def _triton_command(serving: ServingSpec) -> tuple[str, ...]:
     restricted = ",".join(serving.triton.restricted_apis)
     if not restricted:
         return tuple(command)
-    # The key lives in the env file and the container's shell expands it, so it is in no
-    # generated file. (`$$` is compose's escape for a literal `$`.)
-    key = f'{restricted}:{ADMIN_KEY_HEADER}="$${{TRITON_ADMIN_KEY:?set it in the env file}}"'
-    script = (
-        f"exec {shlex.join(command)} --http-restricted-api={key} --grpc-restricted-protocol={key}"
+    # The key lives in the env file. secret_args.py expands the template for Triton's main()
+    # only: Triton's command line keeps `${TRITON_ADMIN_KEY}`, so neither a generated file nor
+    # `ps` shows the key. (`$$` is compose's escape for a literal `$`.)
+    key = f"{restricted}:{ADMIN_KEY_HEADER}=$${{TRITON_ADMIN_KEY}}"
+    return (
+        *("python3", TRITON_LAUNCHER, *command),
+        f"--http-restricted-api={key}",
+        f"--grpc-restricted-protocol={key}",
     )
-    return ("sh", "-c", script)
 
 
 def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:

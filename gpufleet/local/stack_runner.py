@@ -7,7 +7,9 @@
 3. model repository: registry versions exported into `<repository>/<model>/<version>/`, then
    the `config.pbtxt` files generated from the specs;
 4. triton: started on the stack's loopback ports with the stack's models loaded, or, when it
-   already runs, told to reload only the models whose files changed;
+   already runs, told to reload only the models whose files changed. Each start gets a new
+   admin key (its repository and shared-memory APIs need it), kept in
+   `<state_dir>/triton-admin-key` (0600) for the next `up`'s reloads;
 5. gates: the stack's validation gates (see validation/gates.py).
 
 Servers are recorded in `<state_dir>/run-state.json` (gpufleet/local/run_state.py) the moment
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +80,10 @@ class LocalPaths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def triton_admin_key(self) -> Path:
+        return self.root / "triton-admin-key"
 
 
 class LocalStack:
@@ -181,6 +189,7 @@ class LocalStack:
                 stopped = record.stop()
                 verb = "stopped" if stopped else "was not running:"
                 lines.append(f"{verb} {name} (pid {record.pid})")
+            self.paths.triton_admin_key.unlink(missing_ok=True)
             self.paths.state_file.unlink(missing_ok=True)
         return lines
 
@@ -266,6 +275,7 @@ class LocalStack:
                 self.paths.triton_work,
                 Ports(**record.ports),
                 lambda: record.alive,
+                admin_key=_read_secret(self.paths.triton_admin_key),
             )
             if control.is_ready():
                 self._unload(control, sorted(removed), record)
@@ -281,6 +291,7 @@ class LocalStack:
             metrics_port=ports.triton_metrics,
             load_models=names,
             stop_with_parent=False,
+            admin_key=_write_secret(self.paths.triton_admin_key, secrets.token_urlsafe(32)),
         )
         with kept_from_children():  # Triton needs no registry credentials
             server.start()  # raises TritonStartError quoting Triton's log; stops what it started
@@ -421,3 +432,23 @@ class LocalStack:
 def _registered_name(item: LoadedModelSpec) -> str:
     """The registered model a spec's `models:/` source names, or "" for other sources."""
     return registered_model_name(item.spec.source or "") or ""
+
+
+def _write_secret(path: Path, value: str) -> str:
+    """Write `value` to `path`, readable by this user only (0600 from creation on); return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.new")
+    staged.unlink(missing_ok=True)
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(value)
+    staged.replace(path)
+    return value
+
+
+def _read_secret(path: Path) -> str | None:
+    """The secret `_write_secret` kept, or None (a server started before keys existed)."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

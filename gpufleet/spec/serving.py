@@ -18,7 +18,9 @@ from pydantic import Field, field_validator
 from gpufleet.spec.model import SpecModel
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-RestrictedApi = Literal["model-repository", "shared-memory", "model-config", "trace"]
+RestrictedApi = Literal[
+    "model-repository", "shared-memory", "model-config", "statistics", "trace", "logging"
+]
 PublishedService = Literal[
     "triton_http", "triton_grpc", "triton_metrics", "mlflow", "prometheus", "grafana"
 ]
@@ -124,10 +126,13 @@ class TritonService(SpecModel):
         "off where the container runtime may not raise limits (rootless, sandboxes).",
     )
     restricted_apis: list[RestrictedApi] = Field(
-        default_factory=lambda: list[RestrictedApi](["model-repository", "shared-memory"]),
+        default_factory=lambda: list[RestrictedApi](
+            ["model-repository", "shared-memory", "statistics", "trace", "logging"]
+        ),
         description="APIs that need the admin key header (TRITON_ADMIN_KEY in the env file), "
-        "as Triton's secure-deployment guide advises: loading models and registering "
-        "shared memory stay with operators.",
+        "as Triton's secure-deployment guide advises: loading models, registering shared "
+        "memory, and reading statistics or changing trace and log settings stay with "
+        "operators (Prometheus reads the metrics port, which this does not cover).",
     )
 
 

@@ -2,8 +2,11 @@
 
 The NSG is the stack's one inbound policy, attached to every subnet: SSH (22) only from the
 spec's `ssh_source_cidrs`; Triton (8000-8002), MLflow (5000), Grafana (3000) and Prometheus
-(9090) only from inside the VNet (the `VirtualNetwork` service tag); everything else from the
-internet denied explicitly, ahead of Azure's own default rules. Hosts without a public IP
+(9090) only from the stack's own `address_space`; then a deny of every source and port, ahead
+of Azure's default rules. Those defaults matter: `AllowVnetInBound` (65000) allows every port
+from the `VirtualNetwork` tag, which also holds peered VNets and VPN-connected ranges, and
+`AllowAzureLoadBalancerInBound` (65001) the platform's load balancer; the final deny keeps
+both from ever being reached (the stack uses no load balancer). Hosts without a public IP
 reach package mirrors through a NAT gateway (outbound only) unless the spec says `outbound:
 none`.
 
@@ -23,7 +26,8 @@ from gpufleet.spec.azure import AzureEnvironment
 SSH_PORT = "22"
 # The serving stack's ports: Triton HTTP/gRPC/metrics, MLflow, Grafana, Prometheus.
 SERVING_PORTS = ["8000-8002", "5000", "3000", "9090"]
-VNET_TAG = "VirtualNetwork"
+# Below Azure's default rules (65000 and up), above every allow of ours.
+DENY_ALL_PRIORITY = 4096
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class AzureNetworkArgs:
 
 def security_rules(environment: AzureEnvironment) -> list[network.SecurityRuleArgs]:
     """The NSG's rules, lowest priority number first (Azure evaluates them in that order)."""
+    stack_addresses = list(environment.address_space)
     return [
         network.SecurityRuleArgs(
             name="allow-ssh-from-listed-networks",
@@ -47,29 +52,30 @@ def security_rules(environment: AzureEnvironment) -> list[network.SecurityRuleAr
             protocol="Tcp",
             source_address_prefixes=list(environment.ssh_source_cidrs),
             source_port_range="*",
-            destination_address_prefix=VNET_TAG,
+            destination_address_prefixes=stack_addresses,
             destination_port_range=SSH_PORT,
         ),
         network.SecurityRuleArgs(
-            name="allow-serving-inside-vnet",
-            description="Triton, MLflow, Grafana and Prometheus from inside the VNet only",
+            name="allow-serving-inside-stack",
+            description="Triton, MLflow, Grafana and Prometheus from the stack's address space",
             priority=200,
             direction="Inbound",
             access="Allow",
             protocol="Tcp",
-            source_address_prefix=VNET_TAG,
+            source_address_prefixes=stack_addresses,
             source_port_range="*",
-            destination_address_prefix=VNET_TAG,
+            destination_address_prefixes=stack_addresses,
             destination_port_ranges=list(SERVING_PORTS),
         ),
         network.SecurityRuleArgs(
-            name="deny-internet-inbound",
-            description="Nothing else from the internet (ahead of Azure's default rules)",
-            priority=4096,
+            name="deny-all-inbound",
+            description="Nothing else from anywhere: ahead of Azure's AllowVnetInBound, which "
+            "would open every port to peered and VPN-connected networks",
+            priority=DENY_ALL_PRIORITY,
             direction="Inbound",
             access="Deny",
             protocol="*",
-            source_address_prefix="Internet",
+            source_address_prefix="*",
             source_port_range="*",
             destination_address_prefix="*",
             destination_port_range="*",
