@@ -43,6 +43,7 @@ class GateContext:
     processes: Sequence[ExpectedProcess]
     grpc_url: str
     reports_dir: Path
+    statistics_headers: dict[str, str] | None = None  # a deployed Triton's admin key header
 
 
 def run_gates(context: GateContext, gates: Sequence[GateName], *, say: Say) -> list[GateReport]:
@@ -137,6 +138,7 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
         context.spec.load_gate,
         stack=context.stack,
         progress=lambda line: say(f"  {line}"),
+        statistics_headers=context.statistics_headers,
     )
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
 

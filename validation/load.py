@@ -338,6 +338,7 @@ class _Request:
     version: str
     inputs: list[triton_grpc.InferInput]
     timeout_s: float
+    statistics_headers: dict[str, str] | None = None  # the admin key, where statistics need it
 
     @property
     def probe_timeout_s(self) -> float:
@@ -466,7 +467,11 @@ async def _statistics(
     """Triton's cumulative counters for the model, or None when it does not answer."""
     try:
         statistics = await client.get_inference_statistics(
-            request.model, request.version, as_json=True, client_timeout=request.probe_timeout_s
+            request.model,
+            request.version,
+            headers=request.statistics_headers,
+            as_json=True,
+            client_timeout=request.probe_timeout_s,
         )
     except Exception:  # a dead server is reported by the requests themselves
         return None
@@ -512,14 +517,20 @@ def run_load_gate(
     stack: str = "",
     progress: Progress | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
+    statistics_headers: dict[str, str] | None = None,
 ) -> GateReport:
     """Measure every target at each of its concurrency levels; one check per model and level.
+
+    ``statistics_headers`` go with the statistics requests only (a deployed Triton restricts
+    its statistics API to the admin key; inference needs none).
 
     ``progress`` is called with a line before and after each level. Every level is bounded in
     time (``level_deadline_s``), so a server that dies or hangs cannot hang the gate.
     """
     checks = asyncio.run(
-        _run_gate(grpc_url, targets, settings, progress or _quiet, request_timeout_s)
+        _run_gate(
+            grpc_url, targets, settings, progress or _quiet, request_timeout_s, statistics_headers
+        )
     )
     return GateReport(GATE, checks, stack)
 
@@ -530,12 +541,17 @@ async def _run_gate(
     settings: LoadGateSettings,
     progress: Progress,
     request_timeout_s: float,
+    statistics_headers: dict[str, str] | None,
 ) -> list[CheckResult]:
     checks = []
     async with triton_aio.InferenceServerClient(grpc_url) as client:
         for target in targets:
             request = _Request(
-                target.model, target.version, request_inputs(target.inputs), request_timeout_s
+                target.model,
+                target.version,
+                request_inputs(target.inputs),
+                request_timeout_s,
+                statistics_headers,
             )
             levels = target.objectives.concurrency
             for concurrency in levels:

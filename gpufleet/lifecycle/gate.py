@@ -11,11 +11,17 @@ Reports go to build/<stack>/reports/<host>/<gate>.json and .junit.xml.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
 from generators.ansible_inventory import InventoryError
-from generators.serving_stack.graph import ServiceGraphError, bind_address_of, url_host
+from generators.serving_stack.graph import (
+    ADMIN_KEY_HEADER,
+    ServiceGraphError,
+    bind_address_of,
+    url_host,
+)
 from gpufleet.lifecycle.ansible_step import Say
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.outcome import StepOutcome, StepStatus
@@ -24,6 +30,9 @@ from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.gpu_host import gpu_host_targets, run_gpu_host_gate
 from validation.report import CheckResult, GateReport, write_reports
+
+# Triton 2.51 reads a restricted gRPC protocol's header with this prefix (docs/serving-stack.md).
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 
 
 def gate(
@@ -78,6 +87,7 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
                 processes=[],  # on a host the host gate checks containers over SSH instead
                 grpc_url=grpc_url,
                 reports_dir=reports_dir,
+                statistics_headers=admin_key_headers(environment),
             )
             reports += run_gates(context, service_gates, say=lambda line: say(f"  {host}:{line}"))
     status, reasons = _judge(reports)
@@ -89,6 +99,17 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
         time.monotonic() - started,
         {"reports": reports, "reports_dir": str(reports_dir)},
     )
+
+
+def admin_key_headers(environment: Environment) -> dict[str, str] | None:
+    """The gRPC header with Triton's admin key, from the variable the spec names, for the
+    statistics the load gate reads (the generated stack restricts them); None when unset: the
+    load gate then measures without Triton's server-side split."""
+    serving = environment.spec.serving
+    if serving is None:
+        return None
+    key = os.environ.get(serving.secrets_env.triton_admin_key)
+    return {GRPC_ADMIN_KEY_HEADER: key} if key else None
 
 
 def _host_gate(environment: Environment, host: str, label: str) -> GateReport:
