@@ -164,6 +164,10 @@ class LocalMlflowServer:
     def _refuse_busy_port(self) -> None:
         """Fail now on a port something listens on: its /health could answer in our place."""
         with socket.socket() as probe:
+            # As uvicorn binds: connections of a server stopped a moment ago linger in
+            # TIME_WAIT for a minute, and without SO_REUSEADDR they would make a free port look
+            # busy (a restart on the same port after `down` or a failed `up` would be refused).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((LOOPBACK, self.port))
             except OSError as error:
