@@ -138,8 +138,10 @@ def test_a_first_up_that_fails_stops_the_servers_it_started(stack: Stack) -> Non
     assert "Traceback" not in result.stderr
     mlflow_pid = int(re.findall(r"started MLflow at \S+ \(pid (\d+)", result.stdout)[0])
     assert f"stopped mlflow (pid {mlflow_pid}), which this run had started" in result.stdout
-    # Every server of this run has the project's directory on its command line (MLflow its
-    # store, Triton its repository, the python stubs their shared memory's model path).
+    # Every process of this run has the project's directory on its command line (MLflow its
+    # store, Triton its repository, Triton's python stubs their model's path): found by pid in
+    # /proc, whether or not the state file ever recorded it (a Triton that failed to start is
+    # not recorded). The good up below shows that the search finds live servers.
     assert processes_mentioning(str(stack.root)) == {}
     assert process_start_ticks(mlflow_pid) is None, "MLflow still runs"
     assert stack.state().servers == {}
