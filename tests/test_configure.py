@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import SAMPLE_SPECS
 from tests.docker_hosts import (
     DEBIAN_11_OS_RELEASE,
     DEBIAN_11_VERSION,
@@ -306,6 +307,80 @@ def test_a_sudo_user_converges_with_the_become_password(lab: Lab) -> None:
     wrong = lab.gpufleet("configure", "--stack", "sudo", "--json", secret="wrong")  # noqa: S106
     assert wrong.returncode == 1
     assert summary(wrong)["gpu-a"]["status"] in ("failed", "unreachable")
+
+
+# The serving stack's secrets, with what Jinja treats specially (extra vars are !unsafe).
+SERVING_SECRETS = {
+    "GPUFLEET_POSTGRES_PASSWORD": "pg-Cfg-7f3a/x@y:z",
+    "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Cfg-91c2",
+    "GPUFLEET_TRITON_ADMIN_KEY": "key-{{7*7}}-*-5d8e0b",
+}
+# No registry answers on this port: compose fails at its first pull, right after the secrets.
+UNPULLABLE = "127.0.0.1:9/gpufleet-test"
+
+
+def test_configure_hands_the_serving_secrets_to_the_role_and_holds_its_lock(lab: Lab) -> None:
+    """`configure` on a stack with gpufleet:serving: the secrets go from this process's
+    environment through ansible-runner to the serving_stack role, which writes them 0600 on the
+    host. The stack's images cannot be pulled on the test host (no registry is reachable from
+    it), so the run ends failed at `docker-compose up`, after the secrets: the running stack
+    itself is covered by tests/test_serving_run.py. While the run holds its lock, a second
+    `configure` of the same stack is refused (exit 2) with the lock named."""
+    lab.stack_file("served", [lab.host_entry("cpu-b")])
+    stack_path = lab.project / "stacks" / "Pulumi.served.yaml"
+    document = yaml.safe_load(stack_path.read_text())
+    images = ("triton", "mlflow", "postgres", "prometheus", "grafana")
+    document["config"]["gpufleet:models"] = ["tabular_mlp"]
+    document["config"]["gpufleet:serving"] = {
+        "images": {name: f"{UNPULLABLE}/{name}:1" for name in images}
+    }
+    stack_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    specs = str(SAMPLE_SPECS)
+    generated = lab.gpufleet("generate", "--stack", "served", "--specs", specs)
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+
+    environment = {**os.environ, SECRET_VARIABLE: SECRET, **SERVING_SECRETS}
+    command = [sys.executable, "-m", "gpufleet", "configure", "--stack", "served", "--json"]
+    with subprocess.Popen(
+        command,
+        cwd=lab.project,
+        env={**environment, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as first:
+        assert first.stderr is not None
+        progress = ""
+        while "configuring cpu-b" not in progress and first.poll() is None:
+            progress += first.stderr.readline()  # the lock is held from here to the end
+        second = subprocess.run(
+            command, cwd=lab.project, env=environment, capture_output=True, text=True, check=False
+        )
+        stdout, stderr = first.communicate(timeout=900)
+    lock = lab.project / "build" / "served" / "ansible" / ".lock"
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"holds the lock {lock}" in second.stderr
+
+    result = subprocess.CompletedProcess(command, first.returncode, stdout, progress + stderr)
+    assert result.returncode == 1, result.stderr[-3000:]
+    (problem,) = summary(result)["cpu-b"]["problems"]
+    assert "serving_stack : Bring the stack up" in problem, problem
+    secrets_dir = "/opt/gpufleet/serving/secrets"
+    modes = lab.hosts["cpu-b"].exec(f"stat -c '%n %a %U' {secrets_dir}/*.env").stdout.split("\n")
+    assert sorted(filter(None, modes)) == [
+        f"{secrets_dir}/{service}.env 600 root"
+        for service in ("grafana", "mlflow", "postgres", "triton")
+    ]
+    written = lab.hosts["cpu-b"].exec(f"cat {secrets_dir}/triton.env {secrets_dir}/postgres.env")
+    assert written.stdout == (
+        f"TRITON_ADMIN_KEY={SERVING_SECRETS['GPUFLEET_TRITON_ADMIN_KEY']}\n"
+        f"POSTGRES_PASSWORD={SERVING_SECRETS['GPUFLEET_POSTGRES_PASSWORD']}\n"
+    ), "each secret reaches the host as written"
+    files = [path for path in (lab.project / "build" / "served").rglob("*") if path.is_file()]
+    for secret in SERVING_SECRETS.values():
+        assert secret not in result.stdout + result.stderr
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"{path} holds a serving secret"
 
 
 def test_the_become_password_is_written_nowhere(lab: Lab) -> None:

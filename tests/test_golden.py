@@ -45,10 +45,16 @@ def test_every_golden_file_has_a_sample() -> None:
 
 @pytest.mark.parametrize("relative", sorted(RENDERED))
 def test_golden_file_parses_as_a_triton_config(relative: str) -> None:
-    message = text_format.Parse(RENDERED[relative], pb.ModelConfig())
+    """The committed golden file itself is valid protobuf text for Triton's ModelConfig, and it
+    parses to the same message as the render (a golden file Triton could not read fails here,
+    even if `make golden` wrote it)."""
+    golden = (GOLDEN_REPOSITORY / relative).read_text(encoding="utf-8")
+    try:
+        message = text_format.Parse(golden, pb.ModelConfig())
+    except text_format.ParseError as error:
+        pytest.fail(f"golden/{relative} is not a valid Triton config: {error}")
     assert message.name == relative.split("/")[0]
+    assert message == text_format.Parse(RENDERED[relative], pb.ModelConfig())
     # Printing the parsed message again gives the same text below the header comment.
-    body = "".join(
-        line for line in RENDERED[relative].splitlines(keepends=True) if not line.startswith("#")
-    )
+    body = "".join(line for line in golden.splitlines(keepends=True) if not line.startswith("#"))
     assert text_format.MessageToString(message) == body

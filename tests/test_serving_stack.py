@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,33 @@ def test_the_same_spec_renders_the_same_bytes() -> None:
     assert json.loads(files[f"gpu-prod-2/{MANIFEST}"]) == sorted(
         name.removeprefix("gpu-prod-2/") for name in files if name.startswith("gpu-prod-2/")
     )
+
+
+@pytest.mark.parametrize("stack", SERVING_STACKS)
+def test_generate_writes_the_same_serving_files_under_any_hash_seed(
+    stack: str, tmp_path: Path
+) -> None:
+    """`gpufleet generate --stack` as two processes with PYTHONHASHSEED 1 and 2: the serving
+    stack's files (compose, Prometheus, Grafana, manifest) and the configs are byte-identical."""
+    command = [sys.executable, "-m", "gpufleet", "generate", "--stack", stack, "--out", "repo"]
+    command += ["--specs", str(SAMPLE_SPECS), "--stacks-dir", str(PROJECT_ROOT / "stacks")]
+    written = []
+    for seed in ("1", "2"):
+        work = tmp_path / f"seed-{seed}"
+        work.mkdir()
+        subprocess.run(
+            command,
+            cwd=work,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        written.append(snapshot(work))
+    serving = [name for name in written[0] if name.startswith(f"build/{stack}/serving/")]
+    assert len(serving) > 10, sorted(written[0])
+    assert any(name.endswith("docker-compose.yml") for name in serving)
+    assert written[0] == written[1]
 
 
 # --- What no generated file may hold -------------------------------------------------------

@@ -292,11 +292,13 @@ def _stdout_tail(artifact_dir: Path, lines: int = 5) -> str:
 def _locked(data_dir: Path) -> Iterator[None]:
     """One configure per stack at a time: two runs would share the inventory and extravars."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".lock", "w") as lock:
+    lock_path = data_dir / ".lock"
+    with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigureError(
-                f"another `gpufleet configure` runs with {data_dir} now; wait for it to end"
+                f"another `gpufleet configure` of this stack is running (it holds the lock "
+                f"{lock_path}); wait for it to end"
             ) from None
         yield

@@ -180,8 +180,9 @@ class LocalMlflowServer:
     def _refuse_busy_port(self) -> None:
         """Fail now on a port something listens on: its /health could answer in our place."""
         with socket.socket() as probe:
-            # As uvicorn binds: connections of a server just stopped (TIME_WAIT) do not count,
-            # a listener does (Linux refuses the bind then, SO_REUSEADDR or not).
+            # As uvicorn binds: connections of a server stopped a moment ago linger in
+            # TIME_WAIT for a minute and do not count; a listener does (Linux refuses the bind
+            # then, SO_REUSEADDR or not).
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((LOOPBACK, self.port))
