@@ -38,7 +38,9 @@ from validation.loopback import LOOPBACK, pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-STACK = "svc"
+# The compose project is gpufleet-<stack>: one per process, so that two sessions sharing an
+# engine never recreate (or `down --volumes`) each other's containers.
+STACK = f"svc{os.getpid()}"
 HOST = "serving-a"
 PROJECT = f"gpufleet-{STACK}"
 SECRETS = {
@@ -47,7 +49,9 @@ SECRETS = {
     # Jinja and glob syntax: it must reach Triton as written (extra vars are !unsafe, and
     # the container's shell expands the variable inside double quotes).
     "GPUFLEET_TRITON_ADMIN_KEY": "key-{{7*7}}-*-5d8e0b",
+    "GPUFLEET_MLFLOW_ADMIN_PASSWORD": "mlflow-Run-4b1e/a@c:d",
 }
+MLFLOW_ADMIN = "admin"
 GPUFLEET = Path(sys.executable).with_name("gpufleet")
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
@@ -112,6 +116,7 @@ def write_project(project: Path, images: ServingImages, deployed: Path) -> dict[
             "mlflow": mlflow,
         },
         "hosts": [{"name": HOST, "address": LOOPBACK}],
+        "registry": {"host": HOST},
         "serving": {
             "images": {
                 "triton": images.tritonserver,
