@@ -24,6 +24,7 @@ from generators.serving_stack.files import MANIFEST, render_serving_files
 from generators.serving_stack.graph import SERVICE_SECRETS, ServiceGraphError, build_service_graph
 from generators.serving_stack.secrets import MissingSecretError, render_env_files
 from gpufleet.cli import app
+from gpufleet.configure.runner import unsafe_extravars
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.serving import ServingSpec
@@ -282,6 +283,21 @@ def test_a_missing_or_multiline_secret_is_refused_by_name() -> None:
         match=r"GPUFLEET_POSTGRES_PASSWORD holds ' ' '\$', which Compose v1 and v2 read differently",
     ):
         render_env_files(serving, {"GPUFLEET_POSTGRES_PASSWORD": "a $HOME"}, runs_registry=True)
+
+
+def test_env_files_of_several_lines_reach_ansible_as_written() -> None:
+    """MLflow's env file has three lines; the extra-vars file must keep them (and quotes,
+    backslashes and Jinja) exactly, for Ansible's YAML loader with its !unsafe tag."""
+
+    class UnsafeLoader(yaml.SafeLoader):
+        pass
+
+    UnsafeLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+    secrets = {
+        "ansible_become_password": "s3cret-{{ 7*7 }}-'\"$HOME%-\\",
+        "serving_stack_env_files": {"mlflow": "A=1\nB=p{{x}}'q\"\nC=\u00e9"},
+    }
+    assert yaml.load(unsafe_extravars(secrets), Loader=UnsafeLoader) == secrets  # noqa: S506
 
 
 # --- Bad input -----------------------------------------------------------------------------

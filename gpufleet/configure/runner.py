@@ -172,7 +172,9 @@ def unsafe_extravars(secrets: dict[str, str | dict[str, str]]) -> str:
     as `p{{ 7*7 }}w` must reach sudo as written, not as `p49w`."""
 
     def unsafe(value: str) -> str:
-        return "!unsafe '" + value.replace("'", "''") + "'"  # YAML's '' is one quote
+        # A JSON string is a YAML double-quoted scalar: its escapes keep an env file's line
+        # breaks, which a single-quoted scalar would fold into spaces.
+        return "!unsafe " + json.dumps(value)
 
     lines = []
     for name, value in secrets.items():
