@@ -109,11 +109,13 @@ def infer_http(url: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return output
 
 
-def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+def http_status(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout: float = 5
+) -> int:
     data = None if method == "GET" else b"{}"
     request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
@@ -290,10 +292,12 @@ def test_mlflow_asks_for_a_login_and_accepts_the_admins(
     assert http_status(search) == 401
     assert http_status(models) == 401
     assert http_status(f"{mlflow}/api/2.0/mlflow/experiments/create", "POST") == 401
+    # Each login is checked against a deliberately slow password hash: on a busy machine that
+    # takes seconds, so these requests get a generous timeout.
     wrong = basic_auth(MLFLOW_ADMIN, "not-the-password")
-    assert http_status(search, headers=wrong) == 401
-    assert http_status(search, headers=ADMIN_LOGIN) == 200
-    assert http_status(models, headers=ADMIN_LOGIN) == 200
+    assert http_status(search, headers=wrong, timeout=120) == 401
+    assert http_status(search, headers=ADMIN_LOGIN, timeout=120) == 200
+    assert http_status(models, headers=ADMIN_LOGIN, timeout=120) == 200
     assert http_status(f"{mlflow}/health") == 200, "the health check needs no login"
     # MLflow's own client, at the URL every step asks for, with the login from the environment.
     loaded = load_stack_spec(deployed_stack.project / "stacks", STACK)
@@ -318,7 +322,7 @@ def test_mlflow_keeps_its_runs_in_postgres(deployed_stack: DeployedStack) -> Non
         data=json.dumps({"name": "serving-stack-run"}).encode(),
         headers={"Content-Type": "application/json", **ADMIN_LOGIN},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         experiment = json.loads(response.read())["experiment_id"]
     rows = deployed_stack.compose(
         "exec",
