@@ -19,6 +19,7 @@ import yaml
 
 from generators.serving_stack.graph import ServiceGraphError, bind_address_of, url_host
 from gpufleet.spec.hosts import HostConfig, HostSpec
+from gpufleet.spec.registry import registry_host
 from gpufleet.spec.stack import StackSpec
 
 # The nvidia_driver role's name for "no GPU family in the spec": its safe default branch.
@@ -153,7 +154,7 @@ def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) 
         serving_dir = project_root / spec.resolved_state_dir(stack) / "serving" / host.name
         serving = {
             "serving_stack_source_dir": str(serving_dir.resolve()),
-            "serving_stack_ready_urls": _ready_urls(spec, url_host(address)),
+            "serving_stack_ready_urls": _ready_urls(spec, host, url_host(address)),
         }
     return {
         "ansible_host": host.address,
@@ -167,8 +168,8 @@ def _host_vars(host: HostSpec, spec: StackSpec, stack: str, project_root: Path) 
     }
 
 
-def _ready_urls(spec: StackSpec, host: str) -> list[str]:
-    """Triton's readiness first, then the health of the other services the stack publishes."""
+def _ready_urls(spec: StackSpec, host_spec: HostSpec, host: str) -> list[str]:
+    """Triton's readiness first, then the health of the other services the host publishes."""
     serving = spec.serving
     assert serving is not None
     if "triton_http" not in serving.publish:
@@ -179,7 +180,8 @@ def _ready_urls(spec: StackSpec, host: str) -> list[str]:
     urls = [f"http://{host}:{spec.ports.triton_http}/v2/health/ready"]
     monitoring = serving.monitoring
     health = {
-        "mlflow": (True, spec.ports.mlflow, "/health"),
+        # /health answers without a login; only the registry host runs MLflow.
+        "mlflow": (registry_host(spec) == host_spec.name, spec.ports.mlflow, "/health"),
         "prometheus": (monitoring.prometheus, serving.ports.prometheus, "/-/ready"),
         "grafana": (
             monitoring.prometheus and monitoring.grafana,

@@ -39,7 +39,9 @@ from validation.loopback import LOOPBACK, pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-STACK = "svc"
+# The compose project is gpufleet-<stack>: one per process, so that two sessions sharing an
+# engine never recreate (or `down --volumes`) each other's containers.
+STACK = f"svc{os.getpid()}"
 HOST = "serving-a"
 PROJECT = f"gpufleet-{STACK}"
 SECRETS = {
@@ -49,7 +51,9 @@ SECRETS = {
     # secret_args.py expands it without a shell). Unique per run: searching every process's
     # command line must not find another run's stack.
     "GPUFLEET_TRITON_ADMIN_KEY": f"key-{{{{7*7}}}}-*-{secrets.token_hex(6)}",
+    "GPUFLEET_MLFLOW_ADMIN_PASSWORD": "mlflow-Run-4b1e/a@c:d",
 }
+MLFLOW_ADMIN = "admin"
 GPUFLEET = Path(sys.executable).with_name("gpufleet")
 ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
@@ -114,6 +118,7 @@ def write_project(project: Path, images: ServingImages, deployed: Path) -> dict[
             "mlflow": mlflow,
         },
         "hosts": [{"name": HOST, "address": LOOPBACK}],
+        "registry": {"host": HOST},
         "serving": {
             "images": {
                 "triton": images.tritonserver,

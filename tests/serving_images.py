@@ -9,8 +9,9 @@ variables, ports, paths, user), so that the same compose file runs with either s
 tritonserver    stands in for ``nvcr.io/nvidia/tritonserver:<ver>-py3``: ``tritonserver`` on PATH
                 (a wrapper that adds ``--backend-directory=/opt/tritonserver/backends``), the python
                 backend, user ``triton-server`` (uid/gid 1000, ``USER 1000``), ports 8000/8001/8002.
-mlflow          stands in for ``ghcr.io/mlflow/mlflow`` plus psycopg2: ``mlflow`` on PATH, user
-                ``mlflow`` (uid/gid 1000), ``/mlflow/artifacts`` writable by it, port 5000.
+mlflow          stands in for ``ghcr.io/mlflow/mlflow`` plus psycopg2 and Flask-WTF (the basic-auth
+                app): ``mlflow`` on PATH, user ``mlflow`` (uid/gid 1000), ``/mlflow/artifacts`` and
+                ``/mlflow/auth`` writable by it, port 5000.
 postgres        stands in for ``postgres:16``: the official entrypoint's contract (POSTGRES_USER,
                 POSTGRES_PASSWORD[_FILE], POSTGRES_DB, POSTGRES_HOST_AUTH_METHOD,
                 POSTGRES_INITDB_ARGS, PGDATA=/var/lib/postgresql/data, /docker-entrypoint-initdb.d),
@@ -21,8 +22,8 @@ prometheus      stands in for ``prom/prometheus``: the same ENTRYPOINT and CMD, 
 
 What is real: the Docker engine (``docker_engine``), Debian 12 packages from deb.debian.org
 (postgresql, prometheus, curl, wget), the PyPI wheels (nvidia-pytriton 0.7.0, mlflow 3.17.2,
-psycopg2-binary), and the very Triton binary that ``validation/tritonserver.py`` runs outside
-containers. What differs from the official images: they are built here, FROM the Debian 12 host
+psycopg2-binary, Flask-WTF), and the very Triton binary that ``validation/tritonserver.py`` runs
+outside containers. What differs from the official images: they are built here, FROM the Debian 12 host
 image of ``tests.docker_hosts`` (so they also carry systemd and OpenSSH, unused); CPU only;
 Triton is 2.51 from the pytriton wheel with only the python backend (no onnxruntime, pytorch or
 tensorrt backends, no CUDA, no ``/opt/nvidia/nvidia_entrypoint.sh``); Postgres is Debian's 15,
@@ -209,7 +210,8 @@ TRITON_TORCH = ImageRecipe(
 # --- MLflow ------------------------------------------------------------------------------------
 
 _MLFLOW_VENV = "/opt/mlflow/venv"
-_MLFLOW_REQUIREMENTS = ("mlflow==3.17.2", "psycopg2-binary")
+# Flask-WTF: MLflow's `auth` extra, which its basic-auth app (--app-name basic-auth) needs.
+_MLFLOW_REQUIREMENTS = ("mlflow==3.17.2", "psycopg2-binary", "Flask-WTF==1.2.2")
 MLFLOW = ImageRecipe(
     name="mlflow",
     requirements=_MLFLOW_REQUIREMENTS,
@@ -220,7 +222,7 @@ MLFLOW = ImageRecipe(
     + f"COPY --from=venv {_MLFLOW_VENV} {_MLFLOW_VENV}\n"
     + "RUN groupadd --gid 1000 mlflow"
     + " && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash mlflow"
-    + " && install -d -o 1000 -g 1000 /mlflow /mlflow/artifacts\n"
+    + " && install -d -o 1000 -g 1000 /mlflow /mlflow/artifacts /mlflow/auth\n"
     + f"ENV PATH={_MLFLOW_VENV}/bin:$PATH\n"
     + "USER 1000\n"
     + "WORKDIR /mlflow\n"

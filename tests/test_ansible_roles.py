@@ -87,6 +87,7 @@ def test_every_role_variable_the_inventory_sets_is_a_role_default(tmp_path: Path
             "hosts": [{"name": "gpu-a", "address": "10.0.0.5", "gpus": {"model": "h100"}}],
             "host_config": {"cuda_version": "12.4", "driver_branch": "550"},
             "serving": {},
+            "registry": {"tracking_uri": "https://mlflow.example.internal"},
         }
     )
     inventory = render_inventory("lab", spec, project_root=tmp_path)["all"]

@@ -50,7 +50,12 @@ _METRIC = re.compile(r"\b(nv_[a-z_]+|up)\b")
 
 def graph_and_files() -> tuple[dict[str, str], dict[str, str]]:
     spec = StackSpec.model_validate(
-        {"environment": "static", "hosts": [{"name": "h", "address": "10.0.0.9"}], "serving": {}}
+        {
+            "environment": "static",
+            "hosts": [{"name": "h", "address": "10.0.0.9"}],
+            "serving": {},
+            "registry": {"tracking_uri": "https://mlflow.example.internal"},
+        }
     )
     graph = build_service_graph("mon", spec, spec.hosts[0], [])
     return (

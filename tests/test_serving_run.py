@@ -4,9 +4,10 @@ Real: `gpufleet generate --stack` as a process, rendering a static stack (one ho
 127.0.0.1) with a python-backend model; the inventory generator; ansible-playbook running the
 serving_stack role (local connection: this machine is the host) twice, the second run
 reporting changed=0; Debian's docker-compose against the tests' dockerd; Triton, MLflow,
-Postgres and Prometheus containers talking over the stack's internal network; every check
-through ports published on 127.0.0.1; Triton's main process killed with SIGKILL during a load
-test and brought back by the restart policy. Not real: the images are the local stand-ins of
+Postgres and Prometheus containers talking over the stack's internal network; MLflow's own
+basic-auth app refusing requests without a login and MLflow's Python client logging in with
+MLFLOW_TRACKING_USERNAME/PASSWORD; every check through ports published on 127.0.0.1; Triton's
+main process killed with SIGKILL during a load test and brought back by the restart policy. Not real: the images are the local stand-ins of
 tests/serving_images.py (built here from Debian packages and PyPI wheels; no registry can be
 reached), so Triton is 2.51 on the CPU, and Grafana is left out of this run (no package of it
 can be installed here: tests/test_serving_monitoring.py checks its dashboard query by query).
@@ -14,6 +15,7 @@ can be installed here: tests/test_serving_monitoring.py checks its dashboard que
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -34,14 +36,19 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from tritonclient.utils import InferenceServerException
 
+from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.model import Objectives
+from gpufleet.spec.registry import registry_tracking_uri
 from gpufleet.spec.stack import LoadGateSettings
 from tests.docker_hosts import DockerEngine
 from tests.serving_deploy import (
     GPUFLEET,
     HOST,
+    MLFLOW_ADMIN,
     PROJECT,
     SECRETS,
     STACK,
@@ -105,11 +112,13 @@ def infer_http(url: str, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return output
 
 
-def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+def http_status(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout: float = 5
+) -> int:
     data = None if method == "GET" else b"{}"
     request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
@@ -177,6 +186,9 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     outside = stack.deployed.parent / "not-generated.txt"
     outside.write_text("keep me\n")
     listed = json.loads(manifest.read_text())
+    # An env file of a service this host does not run (Grafana is off here): it must go.
+    stale_secrets = stack.deployed / "secrets" / "grafana.env"
+    stale_secrets.write_text("GF_SECURITY_ADMIN_PASSWORD=old\n")
     manifest.write_text(
         json.dumps([*listed, "prometheus/rules/retired.rules.yml", "../not-generated.txt"])
     )
@@ -188,6 +200,12 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     assert recap(output)["failed"] == 0
     assert not (stack.deployed / "model_repository" / "retired_model").exists()
     assert not old_rules.exists()
+    assert not stale_secrets.exists()
+    assert sorted(path.name for path in (stack.deployed / "secrets").iterdir()) == [
+        "mlflow.env",
+        "postgres.env",
+        "triton.env",
+    ]
     assert outside.read_text() == "keep me\n"
     restarted = {
         service
@@ -306,15 +324,55 @@ def triton_pid(container_pid: int) -> int:
     return int(children[0])
 
 
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+ADMIN_LOGIN = basic_auth(MLFLOW_ADMIN, SECRETS["GPUFLEET_MLFLOW_ADMIN_PASSWORD"])
+
+
+def test_mlflow_asks_for_a_login_and_accepts_the_admins(
+    deployed_stack: DeployedStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry is published (on 127.0.0.1 here), so it must not answer without a login."""
+    mlflow = f"http://{deployed_stack.url('mlflow')}"
+    search = f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=5"
+    models = f"{mlflow}/api/2.0/mlflow/registered-models/search"
+    assert http_status(search) == 401
+    assert http_status(models) == 401
+    assert http_status(f"{mlflow}/api/2.0/mlflow/experiments/create", "POST") == 401
+    # Each login is checked against a deliberately slow password hash: on a busy machine that
+    # takes seconds, so these requests get a generous timeout.
+    wrong = basic_auth(MLFLOW_ADMIN, "not-the-password")
+    assert http_status(search, headers=wrong, timeout=120) == 401
+    assert http_status(search, headers=ADMIN_LOGIN, timeout=120) == 200
+    assert http_status(models, headers=ADMIN_LOGIN, timeout=120) == 200
+    assert http_status(f"{mlflow}/health") == 200, "the health check needs no login"
+    # MLflow's own client, at the URL every step asks for, with the login from the environment.
+    loaded = load_stack_spec(deployed_stack.project / "stacks", STACK)
+    tracking_uri = registry_tracking_uri(loaded.spec, {})
+    assert tracking_uri == mlflow
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS["GPUFLEET_MLFLOW_ADMIN_PASSWORD"])
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.create_registered_model("registry-login-check")
+    names = [model.name for model in client.search_registered_models()]
+    assert "registry-login-check" in names
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(MlflowException, match=r"401"):
+        client.search_registered_models()
+
+
 def test_mlflow_keeps_its_runs_in_postgres(deployed_stack: DeployedStack) -> None:
     mlflow = f"http://{deployed_stack.url('mlflow')}"
     assert http_status(f"{mlflow}/health") == 200
     request = urllib.request.Request(
         f"{mlflow}/api/2.0/mlflow/experiments/create",
         data=json.dumps({"name": "serving-stack-run"}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **ADMIN_LOGIN},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         experiment = json.loads(response.read())["experiment_id"]
     rows = deployed_stack.compose(
         "exec",

@@ -25,6 +25,7 @@ from generators.serving_stack.files import MANIFEST, render_serving_files
 from generators.serving_stack.graph import SERVICE_SECRETS, ServiceGraphError, build_service_graph
 from generators.serving_stack.secrets import MissingSecretError, render_env_files
 from gpufleet.cli import app
+from gpufleet.configure.runner import unsafe_extravars
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.serving import ServingSpec
@@ -33,6 +34,8 @@ from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS, snapshot
 
 runner = CliRunner()
 SERVING_STACKS = ("onprem-prod", "lab")
+# A registry outside the stack: no host runs MLflow (tests/test_registry_spec.py has the rest).
+EXTERNAL_REGISTRY = {"tracking_uri": "https://mlflow.example.internal"}
 
 
 def stack_files(stack: str) -> dict[str, str]:
@@ -70,6 +73,7 @@ def static_serving_stack(tmp_path: Path, serving: object, **config: object) -> s
         "models": ["tabular_mlp"],
         "hosts": [{"name": "cpu-a", "address": "10.1.2.3"}],
         "serving": serving,
+        "registry": EXTERNAL_REGISTRY,
         **config,
     }
     path = stacks / "Pulumi.svc.yaml"
@@ -159,6 +163,7 @@ def two_gpu_host_reservation(instance_groups: list[dict[str, object]]) -> tuple[
             "environment": "static",
             "hosts": [{"name": "g", "address": "10.0.0.2", "gpus": {"model": "a10", "count": 2}}],
             "serving": {},
+            "registry": EXTERNAL_REGISTRY,
         }
     )
     model = onnx_model(instance_groups)
@@ -210,7 +215,8 @@ def test_monitoring_can_be_left_out() -> None:
         {
             "environment": "static",
             "hosts": [{"name": "a", "address": "192.168.1.9"}],
-            "serving": {"monitoring": {"prometheus": False}},
+            "serving": {"monitoring": {"prometheus": False}, "publish": ["mlflow"]},
+            "registry": {"host": "a"},
         }
     )
     graph = build_service_graph("x", spec, spec.hosts[0], [])
@@ -262,6 +268,7 @@ def test_no_generated_file_holds_a_secret_or_a_wildcard_address(tmp_path: Path) 
         "GPUFLEET_POSTGRES_PASSWORD": "pg-S3cret/with@odd:chars",
         "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-S3cret",
         "GPUFLEET_TRITON_ADMIN_KEY": "triton-S3cret",
+        "GPUFLEET_MLFLOW_ADMIN_PASSWORD": "mlflow-admin-S3cret",
     }
     for stack in SERVING_STACKS:
         for name, text in stack_files(stack).items():
@@ -271,32 +278,57 @@ def test_no_generated_file_holds_a_secret_or_a_wildcard_address(tmp_path: Path) 
                 assert "0.0.0.0:" not in text, name
     serving = load_stack_spec(PROJECT_ROOT / "stacks", "onprem-prod").spec.serving
     assert serving is not None
-    env_files = render_env_files(serving, secrets)
+    env_files = render_env_files(serving, secrets, runs_registry=True)
+    mlflow = env_files.pop("mlflow").splitlines()
+    # The password is URL-encoded inside the store URI: '/', '@' and ':' would split it.
+    assert mlflow[:2] == [
+        "MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow:pg-S3cret%2Fwith%40odd%3Achars"
+        "@postgres:5432/mlflow",
+        "MLFLOW_AUTH_ADMIN_PASSWORD=mlflow-admin-S3cret",
+    ]
+    assert [line.split("=")[0] for line in mlflow] == list(SERVICE_SECRETS["mlflow"])
     assert env_files == {
         "postgres": "POSTGRES_PASSWORD=pg-S3cret/with@odd:chars",
-        # The password is URL-encoded inside the store URI: '/', '@' and ':' would split it.
-        "mlflow": "MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow:pg-S3cret%2Fwith%40odd%3Achars"
-        "@postgres:5432/mlflow",
         "triton": "TRITON_ADMIN_KEY=triton-S3cret",
         "grafana": "GF_SECURITY_ADMIN_PASSWORD=graf-S3cret",
     }
-    assert set(env_files) == set(SERVICE_SECRETS)
+    assert {*env_files, "mlflow"} == set(SERVICE_SECRETS)
 
 
 def test_a_missing_or_multiline_secret_is_refused_by_name() -> None:
     serving = ServingSpec()
     with pytest.raises(MissingSecretError, match="GPUFLEET_POSTGRES_PASSWORD is not set"):
-        render_env_files(serving, {})
+        render_env_files(serving, {}, runs_registry=True)
     with pytest.raises(MissingSecretError, match="GPUFLEET_TRITON_ADMIN_KEY holds a line break"):
         render_env_files(
             serving,
-            {"GPUFLEET_POSTGRES_PASSWORD": "p", "GPUFLEET_TRITON_ADMIN_KEY": "a\nTRITON_X=1"},
+            {
+                "GPUFLEET_POSTGRES_PASSWORD": "p",
+                "GPUFLEET_MLFLOW_ADMIN_PASSWORD": "mlflow-admin-pw",
+                "GPUFLEET_TRITON_ADMIN_KEY": "a\nTRITON_X=1",
+            },
+            runs_registry=True,
         )
     with pytest.raises(
         MissingSecretError,
         match=r"GPUFLEET_POSTGRES_PASSWORD holds ' ' '\$', which Compose v1 and v2 read differently",
     ):
-        render_env_files(serving, {"GPUFLEET_POSTGRES_PASSWORD": "a $HOME"})
+        render_env_files(serving, {"GPUFLEET_POSTGRES_PASSWORD": "a $HOME"}, runs_registry=True)
+
+
+def test_env_files_of_several_lines_reach_ansible_as_written() -> None:
+    """MLflow's env file has three lines; the extra-vars file must keep them (and quotes,
+    backslashes and Jinja) exactly, for Ansible's YAML loader with its !unsafe tag."""
+
+    class UnsafeLoader(yaml.SafeLoader):
+        pass
+
+    UnsafeLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
+    secrets = {
+        "ansible_become_password": "s3cret-{{ 7*7 }}-'\"$HOME%-\\",
+        "serving_stack_env_files": {"mlflow": "A=1\nB=p{{x}}'q\"\nC=\u00e9"},
+    }
+    assert yaml.load(unsafe_extravars(secrets), Loader=UnsafeLoader) == secrets  # noqa: S506
 
 
 # --- Bad input -----------------------------------------------------------------------------
@@ -321,7 +353,7 @@ def test_a_missing_or_multiline_secret_is_refused_by_name() -> None:
             {},
             "'grafana/grafana' is not an image reference with a tag or digest",
         ),
-        ({"publish": ["mlflow", "mlflow"]}, {}, "name each published service once"),
+        ({"publish": ["grafana", "grafana"]}, {}, "name each published service once"),
         (
             {},
             {"hosts": [{"name": "cpu-a", "address": "52.1.2.3"}]},
@@ -363,6 +395,7 @@ def test_a_gpu_the_host_lacks_is_refused(tmp_path: Path) -> None:
             "environment": "static",
             "hosts": [{"name": "t4", "address": "10.0.0.2", "gpus": {"model": "t4", "count": 1}}],
             "serving": {},
+            "registry": EXTERNAL_REGISTRY,
         }
     )
     model = load_model_specs(SAMPLE_SPECS / "resnet50.yaml")[0].spec
@@ -432,7 +465,12 @@ def test_the_inventory_points_the_role_at_each_hosts_stack(tmp_path: Path) -> No
     assert host["serving_stack_source_dir"] == str(tmp_path / "build/lab/serving/lab-t4-1")
     assert host["serving_stack_ready_urls"] == [
         "http://10.20.0.11:8000/v2/health/ready",
-        "http://10.20.0.11:3000/api/health",  # MLflow is not published by default
+        "http://10.20.0.11:5000/health",  # the registry host: MLflow's health needs no login
+        "http://10.20.0.11:3000/api/health",
+    ]
+    assert inventory["hosts"]["lab-h100-1"]["serving_stack_ready_urls"] == [
+        "http://10.20.0.12:8000/v2/health/ready",
+        "http://10.20.0.12:3000/api/health",
     ]
     no_http = spec.model_copy(update={"serving": ServingSpec(publish=["triton_grpc"])}, deep=True)
     with pytest.raises(InventoryError, match="publish triton_http"):

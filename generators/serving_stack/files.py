@@ -1,4 +1,5 @@
-"""A stack's serving files: for each host, its compose file, Prometheus and Grafana files.
+"""A stack's serving files: for each host, its compose file, Prometheus and Grafana files, and
+on the registry host MLflow's auth configuration (and its image's Dockerfile).
 
 `gpufleet generate --stack NAME` writes them to `<state_dir>/serving/<host>/` (and `--check`
 diffs them); the serving_stack Ansible role copies that directory to the host. A manifest of
@@ -21,6 +22,7 @@ from generators.serving_stack.graph import (
     ServiceGraphError,
     build_service_graph,
 )
+from generators.serving_stack.mlflow_auth import render_mlflow_auth_files
 from generators.serving_stack.prometheus import render_prometheus_files
 from gpufleet.spec.loading import LoadedModelSpec, LoadedStackSpec
 from gpufleet.spec.problems import SpecError
@@ -30,11 +32,12 @@ from gpufleet.spec.stack import CONFIG_NAMESPACE
 MANIFEST = ".gpufleet-generated.json"
 COMPOSE_FILE = "docker-compose.yml"
 _MLFLOW_DOCKERFILE = """\
-# MLflow's own image has no Postgres driver: the same server, plus psycopg2.
+# MLflow's own image has no Postgres driver: the same server, plus psycopg2, and Flask-WTF
+# for its basic-auth app (MLflow's `auth` extra); /mlflow/auth holds the app's user store.
 FROM ghcr.io/mlflow/mlflow:v{version}
-RUN pip install --no-cache-dir psycopg2-binary==2.9.10 \\
+RUN pip install --no-cache-dir psycopg2-binary==2.9.10 Flask-WTF==1.2.2 \\
     && useradd --uid 1000 --create-home mlflow \\
-    && mkdir -p /mlflow/artifacts && chown 1000:1000 /mlflow/artifacts
+    && mkdir -p /mlflow/artifacts /mlflow/auth && chown 1000:1000 /mlflow/artifacts /mlflow/auth
 USER 1000
 """
 
@@ -72,8 +75,11 @@ def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec])
         if any(m.source == TRITON_LAUNCHER_DIR for m in graph.service("triton").mounts):
             launcher = Path(secret_args.__file__).read_text(encoding="utf-8")
             host_files[f"{TRITON_LAUNCHER_DIR[2:]}/secret_args.py"] = launcher
-        if graph.service("mlflow").build_context:
-            host_files["images/mlflow/Dockerfile"] = _mlflow_dockerfile(spec.serving)
+        if graph.has("mlflow"):
+            for path, text in render_mlflow_auth_files(spec.serving, header).items():
+                host_files[f"mlflow/{path}"] = text
+            if graph.service("mlflow").build_context:
+                host_files["images/mlflow/Dockerfile"] = _mlflow_dockerfile(spec.serving)
         host_files[MANIFEST] = json.dumps(sorted([*host_files, MANIFEST]), indent=1) + "\n"
         files.update({f"{host.name}/{path}": text for path, text in host_files.items()})
     if problems:

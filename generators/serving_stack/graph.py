@@ -1,8 +1,10 @@
 """The serving stack of one host as a typed service graph: what runs, how, and who reaches it.
 
-Built from the StackSpec (images, ports, monitoring), the host (its address, its GPUs) and the
-models placed on it; `compose.py` renders it to docker-compose, and the Prometheus and Grafana
-renderers read the same graph, so a port or a service name is decided in one place.
+Built from the StackSpec (images, ports, monitoring, the registry), the host (its address, its
+GPUs) and the models placed on it; `compose.py` renders it to docker-compose, and the
+Prometheus, Grafana and MLflow renderers read the same graph, so a port or a service name is
+decided in one place. Every host runs Triton and monitoring; only the registry host of
+`gpufleet:registry` also runs MLflow (behind its basic-auth login) with Postgres.
 
     graph = build_service_graph("onprem-prod", spec, host, models)
     graph.service("triton").gpu_device_ids  # ("0",): the host's GPUs, when a model may use one
@@ -15,6 +17,7 @@ from typing import Literal
 
 from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.model import ModelSpec
+from gpufleet.spec.registry import registry_host
 from gpufleet.spec.serving import ServingSpec, check_bind_address
 from gpufleet.spec.stack import StackSpec
 
@@ -28,7 +31,11 @@ POSTGRES_DB = POSTGRES_USER = "mlflow"
 SERVICE_SECRETS = {
     "triton": ("TRITON_ADMIN_KEY",),
     "postgres": ("POSTGRES_PASSWORD",),
-    "mlflow": ("MLFLOW_BACKEND_STORE_URI",),  # postgresql+psycopg2://mlflow:<password>@postgres
+    "mlflow": (
+        "MLFLOW_BACKEND_STORE_URI",  # postgresql+psycopg2://mlflow:<password>@postgres
+        "MLFLOW_AUTH_ADMIN_PASSWORD",  # the admin user's, created at MLflow's first start
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",  # the basic-auth app's session and CSRF key
+    ),
     "grafana": ("GF_SECURITY_ADMIN_PASSWORD",),
 }
 ADMIN_KEY_HEADER = "triton-admin-key"
@@ -36,6 +43,10 @@ ADMIN_KEY_HEADER = "triton-admin-key"
 # admin key without putting it on a command line (`ps` on the host shows every container's).
 TRITON_LAUNCHER_DIR, TRITON_LAUNCHER_MOUNT = "./triton", "/gpufleet"
 TRITON_LAUNCHER = f"{TRITON_LAUNCHER_MOUNT}/secret_args.py"
+# MLflow's basic-auth app: its configuration (generated, no secret in it) and its user store.
+MLFLOW_AUTH_CONFIG_DIR = "/etc/mlflow"
+MLFLOW_AUTH_CONFIG = f"{MLFLOW_AUTH_CONFIG_DIR}/basic_auth.ini"
+MLFLOW_AUTH_DB_DIR = "/mlflow/auth"
 # Internal: no route out and nothing published; the edge network carries the published ports.
 BACKEND_NETWORK, EDGE_NETWORK = "backend", "edge"
 
@@ -179,15 +190,17 @@ def build_service_graph(
     mlflow = Service(
         name="mlflow",
         image=serving.images.mlflow,
-        # The store URI (it holds the password) comes from MLFLOW_BACKEND_STORE_URI.
+        # The store URI (it holds the password) comes from MLFLOW_BACKEND_STORE_URI. The
+        # basic-auth app asks every request but /health for a login.
         command=(
             *("mlflow", "server", "--host", "0.0.0.0", "--port", str(MLFLOW_PORT)),  # noqa: S104
             *("--serve-artifacts", "--artifacts-destination", "/mlflow/artifacts"),
+            *("--app-name", "basic-auth"),
         ),
         secrets=SERVICE_SECRETS["mlflow"],
-        # MLflow 3 refuses Host headers it does not know (DNS rebinding): the service name for
-        # the stack's own containers, the published address for everyone else.
         environment={
+            # MLflow 3 refuses Host headers it does not know (DNS rebinding): the service name
+            # for the stack's own containers, the published address for everyone else.
             "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(
                 (
                     f"mlflow:{MLFLOW_PORT}",
@@ -195,16 +208,22 @@ def build_service_graph(
                     f"localhost:{MLFLOW_PORT}",  # the health check, inside the container
                     f"127.0.0.1:{MLFLOW_PORT}",
                 )
-            )
+            ),
+            "MLFLOW_AUTH_CONFIG_PATH": MLFLOW_AUTH_CONFIG,
         },
         ports=publish("mlflow", spec.ports.mlflow, MLFLOW_PORT),
-        mounts=(Mount("mlflow-artifacts", "/mlflow/artifacts"),),
+        mounts=(
+            Mount("mlflow-artifacts", "/mlflow/artifacts"),
+            Mount("mlflow-auth", MLFLOW_AUTH_DB_DIR),
+            Mount("./mlflow", MLFLOW_AUTH_CONFIG_DIR, read_only=True),
+        ),
         networks=networks("mlflow"),
         healthcheck=HealthCheck(_http_probe(f"http://127.0.0.1:{MLFLOW_PORT}/health")),
         depends_on_healthy=("postgres",),
         build_context="./images/mlflow" if serving.images.mlflow.startswith("gpufleet/") else None,
     )
-    services = [triton, postgres, mlflow]
+    # One registry of record per environment: the other hosts serve what it holds.
+    services = [triton, postgres, mlflow] if registry_host(spec) == host.name else [triton]
     monitoring = serving.monitoring
     if monitoring.prometheus:
         services.append(
@@ -306,7 +325,7 @@ def _triton_command(serving: ServingSpec) -> tuple[str, ...]:
 
 
 def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:
-    address = serving.bind_address or _host_ip(host)
+    address = serving.bind_address or host.known_address()
     if address is None:
         raise ServiceGraphError(
             f"host {host.name} has no IP address to publish the stack on; set its address "
@@ -323,12 +342,6 @@ def bind_address_of(serving: ServingSpec, host: HostSpec) -> str:
 def url_host(address: str) -> str:
     """An address as a URL or compose port needs it: IPv6 in brackets."""
     return f"[{address}]" if ":" in address else address
-
-
-def _host_ip(host: HostSpec) -> str | None:
-    if host.proxmox is not None and host.proxmox.network.ipv4 != "dhcp":
-        return host.proxmox.network.ipv4.split("/")[0]
-    return host.address
 
 
 def _gpu_device_ids(host: HostSpec, models: list[ModelSpec]) -> tuple[str, ...]:

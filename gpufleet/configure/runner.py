@@ -28,6 +28,7 @@ from typing import Any
 from generators.ansible_inventory import inventory_yaml, render_inventory
 from generators.serving_stack.secrets import MissingSecretError, render_env_files
 from gpufleet.configure.progress import EventTracker, HostOutcome, Say
+from gpufleet.spec.registry import registry_host
 from gpufleet.spec.stack import StackSpec
 
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
@@ -156,7 +157,9 @@ def ansible_secrets(spec: StackSpec) -> dict[str, str | dict[str, str]]:
     secrets: dict[str, str | dict[str, str]] = {}
     if spec.serving is not None:
         try:
-            secrets["serving_stack_env_files"] = render_env_files(spec.serving, os.environ)
+            secrets["serving_stack_env_files"] = render_env_files(
+                spec.serving, os.environ, runs_registry=registry_host(spec) is not None
+            )
         except MissingSecretError as error:
             raise ConfigureError(str(error)) from None
     variable = spec.host_config.become_password_env
@@ -186,7 +189,9 @@ def unsafe_extravars(secrets: dict[str, str | dict[str, str]]) -> str:
     as `p{{ 7*7 }}w` must reach sudo as written, not as `p49w`."""
 
     def unsafe(value: str) -> str:
-        return "!unsafe '" + value.replace("'", "''") + "'"  # YAML's '' is one quote
+        # A JSON string is a YAML double-quoted scalar: its escapes keep an env file's line
+        # breaks, which a single-quoted scalar would fold into spaces.
+        return "!unsafe " + json.dumps(value)
 
     lines = []
     for name, value in secrets.items():

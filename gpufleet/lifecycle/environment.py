@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gpufleet.lifecycle.outputs import resolve_addresses, with_addresses
-from gpufleet.registry.client import ModelRegistry
+from gpufleet.registry.client import ModelRegistry, RegistryError
 from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.loading import (
     LoadedModelSpec,
@@ -22,6 +22,8 @@ from gpufleet.spec.loading import (
     load_stack_spec,
     select_stack_models,
 )
+from gpufleet.spec.registry import RegistryError as RegistryLocationError
+from gpufleet.spec.registry import registry_tracking_uri
 from gpufleet.spec.stack import StackSpec
 
 
@@ -70,8 +72,13 @@ class Environment:
         return self.state_dir / "reports"
 
     def registry_uri(self) -> str:
-        """The environment's one registry of record."""
-        return self.spec.tracking_uri()
+        """The environment's one registry of record (gpufleet:registry). Raises RegistryError
+        when it cannot be told (no registry declared, its host has no address yet)."""
+        addresses = {host.name: host.address for host in self.spec.hosts if host.address}
+        try:
+            return registry_tracking_uri(self.spec, addresses)
+        except RegistryLocationError as error:
+            raise RegistryError(str(error)) from None
 
     def registry(self) -> ModelRegistry:
         return ModelRegistry(self.registry_uri())

@@ -90,6 +90,13 @@ class HostSpec(SpecModel):
                 ) from None
         return address
 
+    def known_address(self) -> str | None:
+        """The host's address as far as the spec knows it: the static IPv4 of its proxmox
+        network, else `address`; None until a provisioner reports it (DHCP, Azure)."""
+        if self.proxmox is not None and self.proxmox.network.ipv4 != "dhcp":
+            return self.proxmox.network.ipv4.split("/")[0]
+        return self.address
+
 
 class HostConfig(SpecModel):
     """How `gpufleet configure` converges every host of the stack."""

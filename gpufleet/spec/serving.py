@@ -1,10 +1,11 @@
 """The serving stack each GPU host runs (`gpufleet:serving`): images, published ports, monitoring.
 
 `generators/serving_stack/` turns it, with the host and the models placed on it, into one
-typed service graph (Triton, MLflow with Postgres, Prometheus, Grafana) and renders that graph
-to `docker-compose.yml`, Prometheus's configuration and rules, and Grafana's provisioning.
-Secrets (the Postgres password, Grafana's admin password, Triton's admin key) are never part
-of the spec: they live in an env file on the host that nothing here generates.
+typed service graph (Triton, Prometheus, Grafana; MLflow with Postgres on the registry host of
+`gpufleet:registry`) and renders that graph to `docker-compose.yml`, Prometheus's configuration
+and rules, Grafana's provisioning and MLflow's auth configuration. Secrets (the Postgres
+password, the MLflow and Grafana admin passwords, Triton's admin key) are never part of the
+spec: they live in env files on the host that nothing here generates.
 """
 
 from __future__ import annotations
@@ -136,6 +137,18 @@ class TritonService(SpecModel):
     )
 
 
+class MlflowService(SpecModel):
+    """How MLflow runs on the registry host: behind its own basic-auth login, always."""
+
+    admin_user: str = Field(
+        default="admin",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="MLflow's admin user, created with the password from "
+        "secrets_env.mlflow_admin_password the first time MLflow starts (later changes of "
+        "either are ignored by MLflow: rotate through its API, docs/serving-stack.md).",
+    )
+
+
 EnvName = Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]
 
 
@@ -150,6 +163,11 @@ class ServingSecrets(SpecModel):
         default="GPUFLEET_TRITON_ADMIN_KEY",
         description="The header value that unlocks Triton's restricted APIs.",
     )
+    mlflow_admin_password: EnvName = Field(
+        default="GPUFLEET_MLFLOW_ADMIN_PASSWORD",
+        description="The password of MLflow's admin user (serving.mlflow.admin_user) on the "
+        "registry host; at least 12 characters.",
+    )
 
 
 class ServingSpec(SpecModel):
@@ -160,8 +178,8 @@ class ServingSpec(SpecModel):
         default_factory=lambda: list[PublishedService](["triton_http", "triton_grpc", "grafana"]),
         description="Services reachable from outside the host, on its private address; the "
         "rest (Postgres always, Triton's metrics, Prometheus, MLflow) stay on the stack's "
-        "internal network. MLflow has no authentication: publish it only on a network you "
-        "trust with the registry (or reach it through an SSH tunnel).",
+        "internal network. mlflow is published on the registry host only (gpufleet:registry "
+        "host), where it asks for a login; list it when the registry is a host of the stack.",
     )
     bind_address: str | None = Field(
         default=None,
@@ -171,6 +189,7 @@ class ServingSpec(SpecModel):
     ports: ServingPorts = Field(default_factory=ServingPorts)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     triton: TritonService = Field(default_factory=TritonService)
+    mlflow: MlflowService = Field(default_factory=MlflowService)
     directory: str | None = Field(
         default=None,
         pattern=r"^/[A-Za-z0-9._/-]+$",
@@ -183,8 +202,9 @@ class ServingSpec(SpecModel):
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Directory beside docker-compose.yml on the host with one 0600 env file per "
         "service (triton.env: TRITON_ADMIN_KEY, postgres.env: POSTGRES_PASSWORD, mlflow.env: "
-        "MLFLOW_BACKEND_STORE_URI, grafana.env: GF_SECURITY_ADMIN_PASSWORD); written by the "
-        "serving_stack role, never generated.",
+        "MLFLOW_BACKEND_STORE_URI, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY, "
+        "grafana.env: GF_SECURITY_ADMIN_PASSWORD); written by the serving_stack role, never "
+        "generated.",
     )
 
     secrets_env: ServingSecrets = Field(default_factory=ServingSecrets)

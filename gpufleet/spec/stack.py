@@ -16,6 +16,7 @@ from gpufleet.spec.azure import DATA_DISK_MOUNT, AzureEnvironment, check_azure_s
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
 from gpufleet.spec.proxmox import ProxmoxCluster
+from gpufleet.spec.registry import RegistrySpec, check_registry, check_tracking_uri
 from gpufleet.spec.serving import ServingSpec
 
 CONFIG_NAMESPACE = "gpufleet"
@@ -89,8 +90,9 @@ class StackSpec(SpecModel):
     ports: StackPorts = Field(default_factory=StackPorts)
     mlflow_tracking_uri: str | None = Field(
         default=None,
-        description="MLflow tracking server with the model registry; default: the local "
-        "server gpufleet starts on 127.0.0.1:<ports.mlflow> (local stacks).",
+        description="MLflow tracking server with the model registry of a local stack; default: "
+        "the local server gpufleet starts on 127.0.0.1:<ports.mlflow>. Other stacks name "
+        "theirs in gpufleet:registry.",
     )
     gates: list[GateName] = Field(
         default_factory=lambda: list(GATE_NAMES), description="Validation gates to run."
@@ -110,8 +112,15 @@ class StackSpec(SpecModel):
     )
     serving: ServingSpec | None = Field(
         default=None,
-        description="The docker-compose serving stack each host runs (Triton, MLflow with "
-        "Postgres, Prometheus, Grafana); `gpufleet generate --stack` renders it per host.",
+        description="The docker-compose serving stack each host runs (Triton, Prometheus, "
+        "Grafana; MLflow with Postgres on the registry host); `gpufleet generate --stack` "
+        "renders it per host.",
+    )
+    registry: RegistrySpec | None = Field(
+        default=None,
+        description="The environment's one MLflow registry of record: host (a host of the "
+        "stack runs it in its serving stack) or tracking_uri (an external MLflow). Required "
+        "with serving.",
     )
     azure: AzureEnvironment | None = Field(
         default=None,
@@ -124,15 +133,8 @@ class StackSpec(SpecModel):
     def _http_uri(cls, uri: str | None, info: ValidationInfo) -> str | None:
         if uri is None:
             return None
-        parsed = urllib.parse.urlsplit(uri)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError("use an http(s):// URL of an MLflow tracking server")
-        if parsed.username or parsed.password:
-            raise ValueError(
-                "do not put credentials in the URI; set MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
-            )
-        host = parsed.hostname
+        check_tracking_uri(uri)
+        host = urllib.parse.urlsplit(uri).hostname or ""
         if info.data.get("environment") == "local" and not _is_loopback(host):
             raise ValueError(
                 f"a local stack talks to loopback only, not {host!r}; leave "
@@ -234,6 +236,11 @@ class StackSpec(SpecModel):
                 "a local stack serves from this machine's Triton binary, not a compose stack; "
                 "put serving in a static, proxmox or azure stack"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_registry(self) -> StackSpec:
+        check_registry(self)
         return self
 
     def serving_directory(self) -> str:
