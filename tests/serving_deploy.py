@@ -38,7 +38,9 @@ from validation.loopback import LOOPBACK, pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-STACK = "svc"
+# One compose project per test process: runs beside each other on one dockerd (several
+# engineers' suites) would otherwise share containers, and one's `down` would stop the other's.
+STACK = f"svc{os.getpid()}"
 HOST = "serving-a"
 PROJECT = f"gpufleet-{STACK}"
 SECRETS = {
