@@ -27,6 +27,7 @@ import numpy.typing as npt
 import torch
 
 from gpufleet.spec.model import ModelSpec, Objectives
+from gpufleet.spec.paths import check_file_name
 
 EXPORTABLE_BACKENDS = ("pytorch", "onnxruntime", "python")
 TORCHSCRIPT_FILE = "model.pt"
@@ -74,7 +75,12 @@ def export_model(module: torch.nn.Module, spec: ModelSpec, version_dir: Path) ->
 
 def model_filename(spec: ModelSpec) -> str:
     """The file Triton loads from a version directory of this spec."""
-    return spec.default_model_filename or DEFAULT_FILENAMES.get(spec.backend or "", "model")
+    filename = spec.default_model_filename or DEFAULT_FILENAMES.get(spec.backend or "", "model")
+    # The spec checks it too; checked again here, where it becomes a path to write.
+    try:
+        return check_file_name(filename)
+    except ValueError as error:
+        raise ExportError(f"spec {spec.name!r}: default_model_filename {error}") from None
 
 
 def example_inputs(spec: ModelSpec, batch_size: int, *, seed: int = 0) -> list[torch.Tensor]:

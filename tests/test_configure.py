@@ -233,6 +233,33 @@ def test_check_mode_reports_drift_without_fixing_it_and_limit_repairs_one_host(l
     assert in_sync.returncode == 0, in_sync.stderr[-3000:]
 
 
+def test_the_operators_daemon_json_keys_survive_a_converge(lab: Lab) -> None:
+    """live-restore and icc set by hand on a converged host: the roles set their own keys and
+    keep these (before, docker_engine kept only the runtimes and restarted Docker without
+    them)."""
+    cpu_b = lab.hosts["cpu-b"]
+    add_keys = (
+        "python3 -c \"import json; p='/etc/docker/daemon.json'; d=json.load(open(p)); "
+        "d.update({'live-restore': True, 'icc': False}); d['log-opts']['max-file'] = '9'; "
+        "json.dump(d, open(p, 'w'))\" && systemctl reset-failed docker && systemctl restart docker"
+    )
+    cpu_b.exec(add_keys)
+    result = lab.gpufleet("configure", "--stack", STACK, "--limit", "cpu-b", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    daemon = json.loads(cpu_b.exec("cat /etc/docker/daemon.json").stdout)
+    assert daemon["live-restore"] is True
+    assert daemon["icc"] is False
+    assert "nvidia" in daemon["runtimes"]
+    assert daemon["log-opts"] == {"max-size": "100m", "max-file": "3"}, "the role's own key"
+    live_restore = cpu_b.exec("docker info --format '{{.LiveRestoreEnabled}}'").stdout.strip()
+    assert live_restore == "true"
+    output = (Path(json.loads(result.stdout)["artifact_dir"]) / "stdout").read_text()
+    assert (
+        "/etc/docker/daemon.json: this role sets log-driver, log-opts; kept as they are: icc, "
+        "live-restore, runtimes." in " ".join(output.split())
+    )
+
+
 def test_failed_and_unreachable_hosts_are_reported_while_the_others_converge(
     lab: Lab,
     docker_engine: DockerEngine,

@@ -36,6 +36,7 @@ from gpufleet.spec import model as spec_model
 from gpufleet.spec.loading import load_model_specs, model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import PLATFORM_BACKEND
+from gpufleet.spec.paths import FILE_NAME_PATTERN
 from gpufleet.spec.problems import SpecProblem
 from tests.conftest import SAMPLE_SPECS, snapshot, write_spec
 
@@ -65,6 +66,8 @@ SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 # reads it as a line break: a PyYAML limitation, not gpufleet's, so valid specs avoid it.
 characters = st.characters(codec="utf-8", exclude_characters="\x85")
 text = st.text(characters, min_size=1, max_size=8)
+# Files in the model's own directory: plain names only (gpufleet.spec.paths).
+file_names = st.from_regex(FILE_NAME_PATTERN, fullmatch=True).filter(lambda name: ".." not in name)
 model_names = st.builds(
     str.__add__,
     st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
@@ -133,7 +136,7 @@ def tensors(
             flags.append("non_linear_format_io")
     if output:
         if draw(st.booleans()):
-            tensor["label_file"] = draw(text)
+            tensor["label_file"] = draw(file_names)
     else:
         flags += ["optional", "ragged_batch"]
         if len(shape) == 3 and draw(st.booleans()):
@@ -227,7 +230,7 @@ def warmups(draw: st.DrawFn, inputs: list[dict[str, Any]], max_batch_size: int) 
         if draw(st.booleans()):
             sample["data"] = draw(st.sampled_from(["zero", "random"]))
         else:
-            sample["data_file"] = draw(text)
+            sample["data_file"] = draw(file_names)
         data[tensor["name"]] = sample
     return draw(
         st.fixed_dictionaries(
@@ -336,7 +339,7 @@ def spec_dicts(draw: st.DrawFn, name: st.SearchStrategy[str] = model_names) -> d
         "optimization": optimizations,
         "response_cache": st.booleans(),
         "decoupled": st.booleans(),
-        "default_model_filename": text,
+        "default_model_filename": file_names,
         "parameters": parameters,
         "objectives": objectives,
         "gpu_families": st.lists(st.sampled_from(GPU_FAMILIES), unique=True),

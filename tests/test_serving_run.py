@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -40,11 +41,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from tritonclient.utils import InferenceServerException
 
+from generators.registry_repository import LINEAGE_FILE
 from gpufleet.spec.loading import load_stack_spec
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.registry import registry_tracking_uri
 from gpufleet.spec.stack import LoadGateSettings
-from tests.docker_hosts import DockerEngine
+from tests.conftest import snapshot
+from tests.docker_hosts import CommandFailed, DockerEngine
 from tests.serving_deploy import (
     GPUFLEET,
     HOST,
@@ -60,6 +63,8 @@ from tests.serving_models import FEATURES, MODEL_NAME, write_affine_model
 from validation.load import LoadTarget, run_load_gate
 
 ADMIN_HEADER = "triton-admin-key"
+# What the registry step writes beside a version's files; the role only checks it is there.
+LINEAGE = json.dumps({"format": "gpufleet.lineage/v1"})
 
 
 @dataclass
@@ -161,9 +166,11 @@ def test_the_role_converges_the_stack_and_a_second_run_changes_nothing(
 def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     deployment: Deployment,
 ) -> None:
-    """A spec change that only touches mounted files (an alert threshold) and a model left on
-    the host from an earlier spec: the role removes the model, restarts the services that read
-    those files (Triton, Prometheus), and nothing else."""
+    """A spec change that only touches mounted files (an alert threshold), and on the host a
+    model and a version that gpufleet deployed for an earlier spec (each with its lineage
+    manifest) and a version directory someone else put there (none): the role removes what
+    gpufleet wrote and is no longer served, keeps the other, restarts the services that read
+    the changed files (Triton, Prometheus), and nothing else."""
     stack = deployment.stack
     stack_file = stack.project / "stacks" / f"Pulumi.{STACK}.yaml"
     document = yaml.safe_load(stack_file.read_text())
@@ -177,7 +184,16 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
         check=False,
     )
     assert generate.returncode == 0, generate.stdout + generate.stderr
-    write_affine_model(stack.deployed / "model_repository", name="retired_model")
+    host_repository = stack.deployed / "model_repository"
+    write_affine_model(host_repository, name="retired_model")
+    (host_repository / "retired_model" / "1" / LINEAGE_FILE).write_text(LINEAGE)
+    retired_version = host_repository / MODEL_NAME / "2"
+    retired_version.mkdir()
+    shutil.copy(host_repository / MODEL_NAME / "1" / "model.py", retired_version)
+    (retired_version / LINEAGE_FILE).write_text(LINEAGE)
+    operators_version = host_repository / MODEL_NAME / "3"  # no manifest: not gpufleet's
+    operators_version.mkdir()
+    shutil.copy(host_repository / MODEL_NAME / "1" / "model.py", operators_version)
     # A rule file an earlier spec generated (listed in the host's manifest), and a manifest
     # entry pointing outside the stack directory, which must be left alone.
     manifest = stack.deployed / ".gpufleet-generated.json"
@@ -198,7 +214,10 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
     }
     output = stack.converge()
     assert recap(output)["failed"] == 0
-    assert not (stack.deployed / "model_repository" / "retired_model").exists()
+    assert not (host_repository / "retired_model").exists()
+    assert not retired_version.exists()
+    assert (operators_version / "model.py").is_file()
+    assert f"no longer served: {MODEL_NAME}/3. They have no gpufleet-lineage.json" in output
     assert not old_rules.exists()
     assert not stale_secrets.exists()
     assert sorted(path.name for path in (stack.deployed / "secrets").iterdir()) == [
@@ -231,6 +250,30 @@ def test_a_changed_rule_and_a_model_no_longer_served_reach_the_host(
             break
         assert time.monotonic() < deadline, f"Prometheus still has {rules}"
         time.sleep(1)
+
+
+def test_a_controller_without_versions_is_refused_and_the_host_keeps_its_models(
+    deployment: Deployment,
+) -> None:
+    """The deploy from a fresh checkout: configs generated, no version directory filled."""
+    stack = deployment.stack
+    controller_version = stack.project / "build" / STACK / "model_repository" / MODEL_NAME / "1"
+    aside = stack.work / "version-aside"
+    before = snapshot(stack.deployed / "model_repository")
+    assert f"{MODEL_NAME}/1/model.py" in before
+    controller_version.rename(aside)
+    try:
+        with pytest.raises(CommandFailed) as refused:
+            stack.converge()
+    finally:
+        aside.rename(controller_version)
+    message = str(refused.value)
+    assert f"{HOST}: model(s) {MODEL_NAME} have no version directory in" in message
+    assert "fill the repository first" in message
+    assert snapshot(stack.deployed / "model_repository") == before
+    assert np.array_equal(
+        infer_http(stack.url("http"), np.ones((1, FEATURES), np.float32)), [[3.0] * FEATURES]
+    )
 
 
 def prometheus_rules(stack: DeployedStack) -> dict[str, str]:

@@ -5,7 +5,8 @@ Each run gets a private data directory under the stack's state directory
 the secrets (mode 0600, removed with the rest of `env/` when the run ends), and
 `artifacts/<ident>/` with the run's events, its stdout and a `summary.json`, kept for later.
 Nothing secret is left on disk: the environment ansible-runner records with the command is
-reduced to variable names.
+reduced to variable names. A separate guard process (gpufleet/configure/cleanup_guard.py) does
+both clean-ups when the run dies without running its own, killed with SIGKILL say.
 
     result = configure_hosts("lab", spec, project_root=Path.cwd(), say=print)
     print(result.exit_code)   # 0 converged (or in sync, with check), 1 failed, unreachable, drift
@@ -19,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from typing import Any
 
 from generators.ansible_inventory import inventory_yaml, render_inventory
 from generators.serving_stack.secrets import MissingSecretError, render_env_files
+from gpufleet.configure import cleanup_guard
+from gpufleet.configure.cleanup_guard import empty_env_dir, forget_environment
 from gpufleet.configure.progress import EventTracker, HostOutcome, Say
 from gpufleet.spec.registry import registry_host
 from gpufleet.spec.stack import StackSpec
@@ -107,7 +111,7 @@ def configure_hosts(
     ident = datetime.datetime.now(datetime.UTC).strftime(f"{kind}-%Y%m%dT%H%M%S%fZ")
     tracker = EventTracker(say)
     artifact_dir = data_dir / "artifacts" / ident
-    with _locked(data_dir), _private_files(data_dir, inventory, secrets):
+    with _locked(data_dir), _private_files(data_dir, artifact_dir, inventory, secrets):
         hosts = ", ".join(inventory["all"]["hosts"])
         mode = " (check mode)" if check else ""
         say(f"running {ANSIBLE_DIR / playbook} on {hosts}{mode}")
@@ -131,7 +135,7 @@ def configure_hosts(
         except Exception as error:  # ansible-runner's own failures: a missing binary, bad paths
             raise ConfigureError(f"ansible-runner could not run: {error}") from error
         finally:
-            _forget_environment(artifact_dir)
+            forget_environment(artifact_dir)
     outcomes = tracker.outcomes(runner.stats)
     if not outcomes:
         raise ConfigureError(
@@ -224,9 +228,13 @@ def _ansible_environment(data_dir: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _private_files(
-    data_dir: Path, inventory: dict[str, Any], secrets: dict[str, str | dict[str, str]]
+    data_dir: Path,
+    artifact_dir: Path,
+    inventory: dict[str, Any],
+    secrets: dict[str, str | dict[str, str]],
 ) -> Iterator[None]:
-    """The run's inventory, and its secrets in a 0600 extravars file that the run never outlives."""
+    """The run's inventory, and its secrets in a 0600 extravars file that the run never outlives:
+    removed when the run ends, or by the guard when the run is killed."""
     inventory_dir = data_dir / "inventory"
     inventory_dir.mkdir(parents=True, exist_ok=True)
     for stale in inventory_dir.iterdir():  # Ansible reads every file here
@@ -234,22 +242,36 @@ def _private_files(
     (inventory_dir / "hosts.yml").write_text(inventory_yaml(inventory))
     env_dir = data_dir / "env"
     env_dir.mkdir(mode=0o700, exist_ok=True)
-    _empty(env_dir)
-    if secrets:
-        descriptor = os.open(env_dir / "extravars", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(unsafe_extravars(secrets))
+    empty_env_dir(env_dir)
+    with _cleanup_guard(env_dir, artifact_dir):
+        if secrets:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            descriptor = os.open(env_dir / "extravars", flags, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(unsafe_extravars(secrets))
+        try:
+            yield
+        finally:
+            empty_env_dir(env_dir)
+
+
+@contextlib.contextmanager
+def _cleanup_guard(env_dir: Path, artifact_dir: Path) -> Iterator[None]:
+    """A process of its own that cleans up after the run however it ends (see cleanup_guard)."""
+    guard = subprocess.Popen(  # this Python, a file of this package
+        [sys.executable, "-I", cleanup_guard.__file__, str(env_dir), str(artifact_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={},  # it needs nothing from the environment, which may hold credentials
+        start_new_session=True,
+    )
     try:
         yield
     finally:
-        _empty(env_dir)
-
-
-def _empty(env_dir: Path) -> None:
-    """ansible-runner reads env/ (and writes its arguments there: env/cmdline, env/envvars),
-    so a file left from one run, such as a `--check`, would change the next."""
-    for leftover in env_dir.iterdir():
-        leftover.unlink()
+        assert guard.stdin is not None
+        guard.stdin.close()
+        guard.wait()
 
 
 def _secret_variables(spec: StackSpec) -> list[str]:
@@ -267,20 +289,6 @@ def _without_environment(*variables: str) -> Iterator[None]:
         yield
     finally:
         os.environ.update(values)
-
-
-def _forget_environment(artifact_dir: Path) -> None:
-    """ansible-runner records the whole environment with the command; keep only its names.
-
-    The caller's environment may hold credentials (cloud keys, MLFLOW_TRACKING_PASSWORD) that
-    have no business in an artifact kept on disk.
-    """
-    command_file = artifact_dir / "command"
-    if not command_file.exists():
-        return
-    record = json.loads(command_file.read_text())
-    record["env"] = sorted(record.get("env") or {})
-    command_file.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _stdout_tail(artifact_dir: Path, lines: int = 5) -> str:

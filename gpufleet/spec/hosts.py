@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from gpufleet.spec.azure import AzureVm
 from gpufleet.spec.model import SpecModel
 from gpufleet.spec.proxmox import ProxmoxVm
+from gpufleet.spec.serving import check_pinned_image
 
 GpuFamily = Literal["t4", "a10", "h100"]
 HOST_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -159,3 +160,9 @@ class HostConfig(SpecModel):
         description="Image the host gate runs with the nvidia runtime to see the GPUs from a "
         "container.",
     )
+
+    @field_validator("gpu_probe_image")
+    @classmethod
+    def _image_reference(cls, image: str) -> str:
+        # It becomes an argument of `docker run`: an option such as --privileged must not pass.
+        return check_pinned_image(image)

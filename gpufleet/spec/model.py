@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from gpufleet.spec.paths import FileName
+
 # Names Triton accepts for a model and that are safe as a directory name.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MLFLOW_MODEL_URI_PATTERN = r"models:/[^/@]+(@[A-Za-z0-9_-]+|/[1-9][0-9]*)"
@@ -187,7 +189,9 @@ class OutputSpec(SpecModel):
     dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
     shape: list[Dim] = Field(min_length=1, description="Dimensions; -1 for a variable size.")
     reshape: list[Dim] | None = None
-    label_file: str | None = Field(default=None, description="Classification labels file.")
+    label_file: FileName | None = Field(
+        default=None, description="Classification labels file, in the model's directory."
+    )
     shape_tensor: bool = False
     non_linear_format_io: bool = False
 
@@ -247,7 +251,9 @@ class WarmupInput(SpecModel):
     dtype: Annotated[DType, _normalize(DTYPE_ALIASES)]
     shape: list[PositiveInt]
     data: Literal["zero", "random"] | None = None
-    data_file: str | None = None
+    data_file: FileName | None = Field(
+        default=None, description="File in the model's warmup/ directory."
+    )
 
 
 class Warmup(SpecModel):
@@ -392,7 +398,9 @@ class ModelSpec(SpecModel):
     optimization: Optimization | None = None
     response_cache: bool | None = None
     decoupled: bool | None = Field(default=None, description="Streaming responses.")
-    default_model_filename: str | None = None
+    default_model_filename: FileName | None = Field(
+        default=None, description="File Triton loads from each version directory."
+    )
     parameters: dict[str, StringValue] = Field(default_factory=dict)
     ensemble_steps: list[EnsembleStep] = Field(default_factory=list)
     objectives: Objectives | None = None

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from gpufleet.spec.model import SpecModel
+from gpufleet.spec.paths import check_directory
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 RestrictedApi = Literal[
@@ -31,8 +32,18 @@ _IMAGE = re.compile(
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$"
 )
 
+# What the serving_stack role puts beside the secrets directory on the host.
+STACK_DIRECTORY_ENTRIES = (
+    "model_repository",
+    "docker-compose.yml",
+    ".gpufleet-generated.json",
+    "images",
+    "prometheus",
+    "grafana",
+)
 
-def _pinned_image(reference: str) -> str:
+
+def check_pinned_image(reference: str) -> str:
     if not _IMAGE.match(reference):
         raise ValueError(
             f"{reference!r} is not an image reference with a tag or digest; write "
@@ -65,7 +76,7 @@ class ServingImages(SpecModel):
     @field_validator("*")
     @classmethod
     def _pinned(cls, reference: str) -> str:
-        return _pinned_image(reference)
+        return check_pinned_image(reference)
 
 
 class ServingPorts(SpecModel):
@@ -231,6 +242,22 @@ class ServingSpec(SpecModel):
         if address is None:
             return None
         return check_bind_address(address)
+
+    @field_validator("directory")
+    @classmethod
+    def _own_directory(cls, directory: str | None) -> str | None:
+        return None if directory is None else check_directory(directory, absolute=True)
+
+    @field_validator("secrets_dir")
+    @classmethod
+    def _secrets_apart(cls, name: str) -> str:
+        if name in (".", "..") or name in STACK_DIRECTORY_ENTRIES:
+            raise ValueError(
+                f"{name!r} is the stack directory itself, its parent, or a name the stack "
+                f"already uses ({', '.join(STACK_DIRECTORY_ENTRIES)}); use a directory of its "
+                "own such as secrets"
+            )
+        return name
 
 
 def check_bind_address(address: str) -> str:

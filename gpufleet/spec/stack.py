@@ -15,6 +15,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from gpufleet.spec.azure import DATA_DISK_MOUNT, AzureEnvironment, check_azure_stack
 from gpufleet.spec.hosts import HostConfig, HostSpec
 from gpufleet.spec.model import MODEL_NAME_PATTERN, SpecModel
+from gpufleet.spec.paths import check_directory, is_within
+from gpufleet.spec.problems import FieldValueError
 from gpufleet.spec.proxmox import ProxmoxCluster
 from gpufleet.spec.registry import RegistrySpec, check_registry, check_tracking_uri
 from gpufleet.spec.serving import ServingSpec
@@ -24,6 +26,8 @@ DEFAULT_MODEL_REPOSITORY = "build/model_repository"
 DEFAULT_SERVING_DIRECTORY = "/opt/gpufleet/serving"
 GateName = Literal["host", "correctness", "load"]
 GATE_NAMES: tuple[GateName, ...] = ("host", "correctness", "load")
+# What gpufleet keeps in a stack's state_dir: the model repository must not be (in) one of them.
+STATE_SUBDIRECTORIES = ("ansible", "serving", "mlflow", "triton", "reports")
 EnvironmentKind = Literal["local", "static", "proxmox", "azure"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -141,6 +145,35 @@ class StackSpec(SpecModel):
                 "mlflow_tracking_uri out to use the local MLflow server"
             )
         return uri
+
+    @field_validator("model_repository", "state_dir")
+    @classmethod
+    def _own_directory(cls, path: str | None) -> str | None:
+        return None if path is None else check_directory(path)
+
+    @model_validator(mode="after")
+    def _repository_apart_from_state(self) -> StackSpec:
+        # The role copies the whole repository to every host and Triton loads all of it: the
+        # Ansible private data (extravars) or a server's store must never be inside it.
+        state = self.state_dir
+        if state is None:
+            return self
+        repository = self.model_repository
+        if is_within(state, repository):
+            raise FieldValueError(
+                ("state_dir",),
+                f"{state!r} is inside the model repository {repository!r}, which is copied to "
+                "every host; keep state_dir and model_repository apart",
+            )
+        for name in STATE_SUBDIRECTORIES:
+            if is_within(repository, f"{state}/{name}"):
+                raise FieldValueError(
+                    ("model_repository",),
+                    f"{repository!r} is inside {state}/{name}, where gpufleet keeps the "
+                    "stack's state; use another directory, such as "
+                    f"{state}/model_repository",
+                )
+        return self
 
     @field_validator("gates")
     @classmethod

@@ -1,0 +1,132 @@
+"""A `gpufleet configure` killed with SIGKILL mid-run leaves no secret in its private data dir.
+
+While a run is under way its `env/extravars` holds the sudo password (0600) and ansible-runner's
+`artifacts/<ident>/command` records the caller's whole environment; the run removes both when it
+ends, but SIGKILL skips that. The cleanup guard, a process of its own, removes them instead.
+
+Real: the `gpufleet` CLI as a process, ansible-runner and ansible-playbook, ssh connecting to a
+TCP listener on 127.0.0.1 that accepts and never answers (so the run hangs in its first task
+for as long as the test needs), SIGKILL. Not real: no SSH server behind the listener; nothing
+is configured, which is not what this test is about.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+STACK = "killed"
+PASSWORD_VARIABLE = "GPUFLEET_TEST_GUARD_BECOME_PASSWORD"  # noqa: S105  # its name
+PASSWORD = "guard-s3cret-{{ 1+1 }}-9b2e"  # noqa: S105  # a marker to search for
+CREDENTIAL_VARIABLE = "GPUFLEET_TEST_GUARD_CLOUD_TOKEN"
+CREDENTIAL = "cloud-token-4d1f7a"  # another credential the caller happens to have exported
+
+
+class SilentListener:
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte: ssh waits for a banner."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.port = self.socket.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.socket.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[SilentListener]:
+    silent = SilentListener()
+    try:
+        yield silent
+    finally:
+        silent.close()
+
+
+def files_holding(root: Path, *values: str) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            found += [f"{path}: {value}" for value in values if value.encode() in content]
+    return found
+
+
+def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentListener) -> None:
+    project = tmp_path / "project"
+    (project / "stacks").mkdir(parents=True)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.touch()
+    config = {
+        "environment": "static",
+        "hosts": [{"name": "hung", "address": "127.0.0.1", "ssh_port": listener.port}],
+        "host_config": {
+            "package_sources": "distribution",
+            "ssh_known_hosts_file": str(known_hosts),
+            "become_password_env": PASSWORD_VARIABLE,
+        },
+    }
+    (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
+        yaml.safe_dump({"config": {f"gpufleet:{key}": value for key, value in config.items()}})
+    )
+    data_dir = project / "build" / STACK / "ansible"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "gpufleet", "configure", "--stack", STACK, "--json"],
+        cwd=project,
+        env={**os.environ, PASSWORD_VARIABLE: PASSWORD, CREDENTIAL_VARIABLE: CREDENTIAL},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # Mid-run: Ansible's ssh has connected and waits for a banner that never comes.
+        deadline = time.monotonic() + 180
+        while not (listener.connections and list(data_dir.glob("artifacts/*/command"))):
+            assert run.poll() is None, f"configure ended early ({run.returncode})"
+            assert time.monotonic() < deadline, "Ansible never reached the host"
+            time.sleep(0.2)
+        # The exposure while the run lives: both values are on disk.
+        assert sorted(files_holding(data_dir, PASSWORD, CREDENTIAL)) == sorted(
+            [
+                f"{data_dir}/env/extravars: {PASSWORD}",
+                f"{next(data_dir.glob('artifacts/*/command'))}: {CREDENTIAL}",
+            ]
+        )
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait(timeout=30)
+    # The guard notices the run's end (its pipe closes) and cleans up after it.
+    deadline = time.monotonic() + 60
+    while left := files_holding(data_dir, PASSWORD, CREDENTIAL):
+        assert time.monotonic() < deadline, f"still on disk after the kill: {left}"
+        time.sleep(0.5)
+    command = next(data_dir.glob("artifacts/*/command")).read_text()
+    assert CREDENTIAL_VARIABLE in command, "the names of the variables are kept"
+    assert list((data_dir / "env").iterdir()) == []
