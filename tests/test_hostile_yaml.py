@@ -1,9 +1,9 @@
 """Hostile YAML: no spec or stack file can hang a command, and no value crashes the loader.
 
-An alias bomb ("billion laughs"), a file of more than 1 MiB and nesting 200 deep, each as a
-model spec and as a stack file, through every command that reads them: each exits 2 within a
-few seconds with a located error naming the file, and writes nothing. Before the limits the
-alias bomb kept `gpufleet generate` busy for minutes. Values whose YAML constructor raised a bare
+An alias bomb ("billion laughs"), 150,000 values written out, a file of more than 1 MiB and
+nesting 200 deep, each as a model spec and as a stack file, through every command that reads
+them: each exits 2 within a few seconds with a located error naming the file, and writes
+nothing. Before the limits the alias bomb kept `gpufleet generate` busy for minutes. Values whose YAML constructor raised a bare
 Python error (`!!int 0x10`, an integer of 5000 digits, `2026-02-30`) are located errors too.
 
 Real: the Typer app on files on disk, the YAML loader, the Pulumi program's stack loading. Each
@@ -63,12 +63,18 @@ def too_big(first_line: str) -> str:
     return f"{first_line}\n# {'x' * MAX_BYTES}\n"
 
 
+def too_many(first_line: str) -> str:
+    """No alias, under 1 MiB: 150,000 values written out."""
+    return f"{first_line}\nx: [{', '.join(['1'] * 150_000)}]\n"
+
+
 def too_deep(first_line: str) -> str:
     return f"{first_line}\nx: {'[' * 200}{']' * 200}\n"
 
 
 HOSTILE: dict[str, tuple[Callable[[str], str], str]] = {
-    "alias bomb": (alias_bomb, f"more than {MAX_VALUES:,} values once its aliases are expanded"),
+    "alias bomb": (alias_bomb, f"more than {MAX_VALUES:,} values, counting an alias's values"),
+    "too many values": (too_many, f"more than {MAX_VALUES:,} values"),
     "too big": (too_big, f"larger than {MAX_BYTES // 1024} KiB"),
     "too deep": (too_deep, f"nests more than {MAX_DEPTH} levels deep"),
 }

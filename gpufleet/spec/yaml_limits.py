@@ -5,7 +5,8 @@ cheaply as shared objects, but everything after it (validation, line lookup) wal
 reference. So the file's events are read first, counting the values each alias stands for, and
 a file is refused when it is too big, nests too deeply or expands beyond `MAX_VALUES`:
 
-    check_yaml_shape(text, path)   # raises SpecError naming the file and line
+    check_yaml_size(len(raw), path)                    # raise SpecError naming the file
+    check_yaml_shape(text, path, yaml.CSafeLoader)     # ... and the line
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gpufleet.spec.problems import SpecError, SpecProblem
 # Far above any real spec or stack file (a few KiB, a few hundred values, nesting under 10),
 # far below what takes a second to read.
 MAX_BYTES = 1024 * 1024
-MAX_VALUES = 100_000
+MAX_VALUES = 20_000
 MAX_DEPTH = 64
 
 
@@ -37,7 +38,8 @@ class _Open:
 
 def check_yaml_shape(text: str, path: Path, loader: Any) -> None:
     """Raise SpecError if `text` expands to more than MAX_VALUES values or nests deeper than
-    MAX_DEPTH, aliases expanded. Syntax errors are left for the loader to report."""
+    MAX_DEPTH, aliases expanded. `loader` (a PyYAML loader class) only parses: nothing is built.
+    Syntax errors are left for the loader that builds the document to report."""
     values = 0
     expanded: dict[str, tuple[int, int]] = {}  # anchor -> (values, nesting levels)
     open_nodes: list[_Open] = []
@@ -79,8 +81,8 @@ def check_yaml_shape(text: str, path: Path, loader: Any) -> None:
                 _refuse(
                     path,
                     event,
-                    f"the YAML stands for more than {MAX_VALUES:,} values once its aliases are "
-                    "expanded; write the values out instead of nesting aliases",
+                    f"the YAML holds more than {MAX_VALUES:,} values, counting an alias's values "
+                    "each time it is used; spec and stack files hold a few hundred: shorten it",
                 )
             if reached > MAX_DEPTH:
                 _refuse(
