@@ -221,6 +221,7 @@ UNREADABLE_VALUES = {
     "!!timestamp soon": "'soon' is not a valid timestamp; write a real date",
     "!!bool maybe": "'maybe' is not a valid bool; correct the value or remove the !!bool tag",
     "!!float many": "'many' is not a valid float; correct the value or remove the !!float tag",
+    "!!float": "'' is not a valid float; correct the value or remove the !!float tag",
 }
 
 

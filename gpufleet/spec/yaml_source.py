@@ -29,6 +29,9 @@ _BOOL_TAG, _INT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _MAX_INT_DIGITS = 4300  # Python's own limit on converting text to int (sys.int_info)
 _DECIMAL = re.compile(r"^[-+]?[0-9]+$")
+# What PyYAML's scalar constructors raise on a value they cannot read (`!!float ''`: IndexError,
+# `!!timestamp soon`: AttributeError, `!!bool maybe`: KeyError).
+_CONSTRUCTOR_CRASHES = (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError)
 
 
 class _StrictLoader(_BaseLoader):  # type: ignore[misc]
@@ -57,7 +60,7 @@ class _StrictLoader(_BaseLoader):  # type: ignore[misc]
         0x10`, `2026-02-30`, `!!bool maybe`): turn them into a located YAML error."""
         try:
             return super().construct_object(node, deep=deep)
-        except (ValueError, KeyError, AttributeError, OverflowError) as error:
+        except _CONSTRUCTOR_CRASHES as error:
             raise yaml.constructor.ConstructorError(
                 None, None, _unreadable_value(node, error), node.start_mark
             ) from None
