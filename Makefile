@@ -1,26 +1,35 @@
-# Every target creates .venv and installs what it needs when missing.
+# Every target creates .venv and installs what it needs when missing. `demo` and `test` first
+# check the Debian packages they need (scripts/system-packages.sh): installed with apt as root,
+# otherwise the apt-get line is printed and make stops before anything runs.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo down test lint bench schemas golden
+.PHONY: setup demo down test lint bench schemas golden system-packages demo-packages
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+system-packages:
+	@scripts/system-packages.sh test
+
+demo-packages:
+	@scripts/system-packages.sh demo
+
+# Order-only: python3-venv must be there to build .venv, but a check never rebuilds it.
+$(STAMP): pyproject.toml | demo-packages
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU build that lies on this machine's disk; a plain `torch` would pull CUDA (GBs).
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
-demo: setup
+demo: demo-packages setup
 	$(VENV)/bin/gpufleet up --stack local
 
 down: setup
 	$(VENV)/bin/gpufleet down --stack local
 
-test: setup
+test: system-packages setup
 	$(PY) -m pytest
 
 lint: setup

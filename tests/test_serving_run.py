@@ -510,7 +510,8 @@ def test_a_killed_triton_is_restarted_and_the_load_gate_counts_the_failures(
     assert check.measurements["errors"] > 0
     assert f"{check.measurements['errors']} of" in check.message
     after = deployed_stack.inspect("triton")
-    assert after["RestartCount"] == before["RestartCount"] + 1
+    # Restarted by its policy; a slow start on a busy machine may take more than one try.
+    assert after["RestartCount"] >= before["RestartCount"] + 1
     assert after["State"]["Pid"] != before["State"]["Pid"]
     batch = np.full((1, FEATURES), 3, dtype=np.float32)
     assert np.array_equal(infer_http(deployed_stack.url("http"), batch), 2 * batch + 1)

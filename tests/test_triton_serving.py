@@ -95,7 +95,23 @@ ensemble_steps:
   - {model: scale, inputs: {values: raw}, outputs: {scaled: halved}}
   - {model: tabular_mlp, inputs: {features: halved}, outputs: {scores: scores}}
 """
-MODEL_FILES = {"tabular_mlp": "torch_mlp.py", "priority_mlp": "torch_mlp.py", "scale": "scale.py"}
+# Batches of 8 whenever 8 requests wait, however slowly they arrive: the 10 s queue delay makes
+# batching independent of how fast this machine sends (with the sample's 2 ms it depends on it).
+BATCHING_MLP = """\
+name: batching_mlp
+backend: python
+max_batch_size: 8
+inputs: [{name: features, dtype: fp32, shape: [16]}]
+outputs: [{name: scores, dtype: fp32, shape: [4]}]
+dynamic_batching: {max_queue_delay_us: 10000000, preferred_batch_sizes: [8]}
+instance_groups: [{kind: cpu, count: 1}]
+"""
+MODEL_FILES = {
+    "tabular_mlp": "torch_mlp.py",
+    "priority_mlp": "torch_mlp.py",
+    "batching_mlp": "torch_mlp.py",
+    "scale": "scale.py",
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +123,7 @@ def served(
     specs_dir = root / "modelconfigs"
     specs_dir.mkdir()
     shutil.copy(SAMPLE_SPECS / "tabular_mlp.yaml", specs_dir)
-    for text in (PRIORITY_MLP, SCALE, SCALED_MLP):
+    for text in (PRIORITY_MLP, BATCHING_MLP, SCALE, SCALED_MLP):
         write_spec(specs_dir, yaml.safe_load(text)["name"], text)
     repository = root / "model_repository"
     result = CliRunner().invoke(
@@ -123,7 +139,7 @@ def served(
         yield server, specs
 
 
-@pytest.mark.parametrize("model", ["tabular_mlp", "priority_mlp", "scale"])
+@pytest.mark.parametrize("model", ["tabular_mlp", "priority_mlp", "batching_mlp", "scale"])
 def test_triton_view_of_the_model_matches_the_spec(
     served: tuple[LocalTritonServer, dict[str, ModelSpec]], model: str
 ) -> None:
@@ -233,24 +249,24 @@ def _counts(server: LocalTritonServer, model: str) -> tuple[int, int]:
 def test_dynamic_batching_batches_concurrent_requests(
     served: tuple[LocalTritonServer, dict[str, ModelSpec]],
 ) -> None:
-    """32 single-row requests at once: correct answers, and fewer executions than inferences."""
+    """32 single-row requests at once: correct answers, and batches of the preferred size."""
     server, _ = served
-    before_inferences, before_executions = _counts(server, "tabular_mlp")
+    before_inferences, before_executions = _counts(server, "batching_mlp")
     rng = np.random.default_rng(7)
     rows = [rng.standard_normal((1, 16), dtype=np.float32) for _ in range(32)]
-    results = _infer_concurrently(server, "tabular_mlp", rows, "features", "scores")
+    results = _infer_concurrently(server, "batching_mlp", rows, "features", "scores")
     for row, result in zip(rows, results, strict=True):
         np.testing.assert_allclose(
             result, torch_mlp.reference_outputs(row, 4), rtol=1e-5, atol=1e-6
         )
-    inferences, executions = _counts(server, "tabular_mlp")
+    inferences, executions = _counts(server, "batching_mlp")
     assert inferences - before_inferences == 32
-    assert executions - before_executions < 32, "Triton ran every request alone: no batching"
+    assert executions - before_executions == 4, "Triton did not batch 8 requests at a time"
     batch_sizes = {
         int(b["batch_size"])
-        for b in server.model_statistics("tabular_mlp")["model_stats"][0]["batch_stats"]
+        for b in server.model_statistics("batching_mlp")["model_stats"][0]["batch_stats"]
     }
-    assert max(batch_sizes) > 1
+    assert batch_sizes == {8}
 
 
 def test_ensemble_runs_both_steps(served: tuple[LocalTritonServer, dict[str, ModelSpec]]) -> None:

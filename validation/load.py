@@ -280,8 +280,8 @@ def client_bottleneck(measurement: LevelMeasurement) -> str:
     reasons = []
     if measurement.client_cpu_fraction >= CLIENT_CPU_BUSY_FRACTION:
         reasons.append(
-            f"the load generator (one asyncio thread) used {measurement.client_cpu_fraction:.0%} "
-            "of a CPU core"
+            "the load generator's process (its event loop and gRPC's threads) used "
+            f"{measurement.client_cpu_fraction:.0%} of a CPU core"
         )
     overhead, latency = measurement.client_overhead_ms, measurement.mean_latency_ms
     if (

@@ -20,11 +20,18 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gpufleet.spec.problems import FieldPath, FieldValueError, SpecError, SpecProblem
+from gpufleet.spec.yaml_limits import MAX_BYTES, check_yaml_shape, check_yaml_size
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 _BOOL_TAG, _INT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_MAX_INT_DIGITS = 4300  # Python's own limit on converting text to int (sys.int_info)
+_DECIMAL = re.compile(r"^[-+]?[0-9]+$")
+# What PyYAML's scalar constructors raise on a value they cannot read (`!!float ''`: IndexError,
+# `!!timestamp soon`: AttributeError, `!!bool maybe`: KeyError).
+_CONSTRUCTOR_CRASHES = (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError)
 
 
 class _StrictLoader(_BaseLoader):  # type: ignore[misc]
@@ -41,7 +48,22 @@ class _StrictLoader(_BaseLoader):  # type: ignore[misc]
     }
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        return int(self.construct_scalar(node), 10)
+        digits = str(self.construct_scalar(node))
+        if not _DECIMAL.fullmatch(digits):  # `!!int 0x10`, `!!int ''`
+            raise ValueError("not decimal digits")
+        if len(digits.lstrip("+-")) > _MAX_INT_DIGITS:  # int() would refuse with advice for coders
+            raise ValueError(f"more than {_MAX_INT_DIGITS} digits")
+        return int(digits, 10)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors raise bare errors on some tagged or date-like values (`!!int
+        0x10`, `2026-02-30`, `!!bool maybe`): turn them into a located YAML error."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except _CONSTRUCTOR_CRASHES as error:
+            raise yaml.constructor.ConstructorError(
+                None, None, _unreadable_value(node, error), node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if not isinstance(node, yaml.MappingNode):  # e.g. `!!map x`: let PyYAML say why
@@ -70,10 +92,25 @@ class _StrictLoader(_BaseLoader):  # type: ignore[misc]
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
+def _unreadable_value(node: yaml.Node, error: Exception) -> str:
+    """Why a value could not be built, and what to do, in one line."""
+    kind = node.tag.rsplit(":", 1)[-1]
+    value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+    shown = repr(value) if len(value) <= 40 else f"{value[:20]!r}... ({len(value)} characters)"
+    # The int and date constructors' own reasons are worth showing; the others repeat the value.
+    shows_reason = isinstance(error, ValueError) and node.tag in (_INT_TAG, _TIMESTAMP_TAG)
+    reason = f" ({error})" if shows_reason else ""
+    what_to_do = {
+        _INT_TAG: "write a whole number in decimal digits",
+        _TIMESTAMP_TAG: "write a real date, or quote the value to keep it as text",
+    }.get(node.tag, f"correct the value or remove the !!{kind} tag")
+    return f"{shown} is not a valid {kind}{reason}; {what_to_do}"
+
+
 _StrictLoader.add_implicit_resolver(
     _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
-_StrictLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL, list("-+0123456789"))
 _StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int)
 
 
@@ -123,11 +160,17 @@ def _index_node(node: yaml.Node, path: tuple[str, ...], index: dict[tuple[str, .
 
 
 def read_yaml_file(path: Path, what: str) -> YamlSource:
-    """Read and parse `path`, or raise SpecError saying why it is not a YAML mapping."""
+    """Read and parse `path`, or raise SpecError saying why it is not a YAML mapping.
+
+    A file too big, too deep or expanding too far through aliases is refused before it is built
+    (see `yaml_limits`).
+    """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_BYTES + 1)  # never more, whatever the file is
     except OSError as error:
         raise SpecError([SpecProblem((), f"cannot read: {error.strerror}", file=path)]) from None
+    check_yaml_size(len(raw), path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -143,6 +186,7 @@ def read_yaml_file(path: Path, what: str) -> YamlSource:
                 )
             ]
         ) from None
+    check_yaml_shape(text, path, _BaseLoader)
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader subclass
     except RecursionError:
