@@ -437,9 +437,9 @@ def _wait_for_triton(site: Site, timeout_s: float = 400) -> None:
     for host in HOSTS:
         url = f"http://{site.addresses[host]}:8000/v2/health/ready"
         while True:
-            with contextlib.suppress(OSError):  # refused, reset, or not ready yet (503)
-                with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310  # http://
-                    if answer.status == 200:
-                        break
+            # Refused, reset, or not ready yet (503): try again.
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    break
             assert time.monotonic() < deadline, f"{host}: Triton not ready at {url}"
             time.sleep(1)
