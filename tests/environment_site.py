@@ -83,7 +83,7 @@ class Site:
 
     def triton_container(self, host: str) -> dict[str, Any]:
         names = self.inner_docker(host, "ps", "--all", "--format", "'{{.Names}}'").split()
-        (name,) = [name for name in names if "triton" in name]
+        (name,) = [name for name in names if name.startswith(f"gpufleet-{SITE}_triton")]
         details: dict[str, Any] = json.loads(self.inner_docker(host, "inspect", name))[0]
         return details
 
