@@ -27,7 +27,7 @@ from gpufleet.spec.loading import model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from validation.correctness import CorrectnessTarget, run_correctness_gate
 from validation.report import EXIT_COULD_NOT_RUN, EXIT_FAILED, exit_code
-from validation.tritonserver import LocalTritonServer
+from validation.tritonserver import GRPC_ADMIN_KEY_HEADER, LocalTritonServer
 
 PYTHON_MODELS = Path(__file__).parent / "data" / "python_models"
 IN_FEATURES, OUT_FEATURES = 16, 4
@@ -190,7 +190,14 @@ def test_a_request_the_model_refuses_fails_naming_the_example(served: LocalTrito
 
 
 def test_a_version_triton_does_not_serve_is_an_error(served: LocalTritonServer) -> None:
-    report = run_correctness_gate(served.grpc_url, [target(golden_examples(), version=3)])
+    """The versions Triton knows come from its repository index, a restricted API: the gate
+    reads it with the admin key; without the key the message says the index was refused."""
+    refused = run_correctness_gate(served.grpc_url, [target(golden_examples(), version=3)])
+    assert "the repository index could not be read" in refused.checks[0].message
+    admin = {GRPC_ADMIN_KEY_HEADER: served.admin_key}
+    report = run_correctness_gate(
+        served.grpc_url, [target(golden_examples(), version=3)], admin_headers=admin
+    )
     [check] = report.checks
     assert check.status == "error"
     assert check.name == "mlp v3"
@@ -202,7 +209,9 @@ def test_a_version_triton_does_not_serve_is_an_error(served: LocalTritonServer) 
 
 def test_a_model_that_is_not_loaded_is_an_error(served: LocalTritonServer) -> None:
     [check] = run_correctness_gate(
-        served.grpc_url, [target(golden_examples(), model="unloaded")]
+        served.grpc_url,
+        [target(golden_examples(), model="unloaded")],
+        admin_headers={GRPC_ADMIN_KEY_HEADER: served.admin_key},
     ).checks
     assert check.status == "error"
     assert "model 'unloaded' version 1 is not ready" in check.message

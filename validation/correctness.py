@@ -67,21 +67,32 @@ class _CouldNotRun(Exception):
 
 
 def run_correctness_gate(
-    grpc_url: str, targets: Sequence[CorrectnessTarget], *, stack: str = ""
+    grpc_url: str,
+    targets: Sequence[CorrectnessTarget],
+    *,
+    stack: str = "",
+    admin_headers: dict[str, str] | None = None,
 ) -> GateReport:
-    """Replay every target's golden examples through Triton at ``grpc_url``; one check each."""
+    """Replay every target's golden examples through Triton at ``grpc_url``; one check each.
+
+    ``admin_headers`` (Triton's admin key) let an error say which versions Triton knows: the
+    repository index is a restricted API.
+    """
     with triton_grpc.InferenceServerClient(grpc_url) as client:
-        checks = [_check_target(client, grpc_url, target) for target in targets]
+        checks = [_check_target(client, grpc_url, target, admin_headers) for target in targets]
     return GateReport(GATE, checks, stack)
 
 
 def _check_target(
-    client: triton_grpc.InferenceServerClient, grpc_url: str, target: CorrectnessTarget
+    client: triton_grpc.InferenceServerClient,
+    grpc_url: str,
+    target: CorrectnessTarget,
+    admin_headers: dict[str, str] | None,
 ) -> CheckResult:
     started = time.monotonic()
     status: Status
     try:
-        _ensure_ready(client, grpc_url, target)
+        _ensure_ready(client, grpc_url, target, admin_headers)
         status, message, measurements = _compare_examples(client, target)
     except _CouldNotRun as reason:
         status, message, measurements = "error", str(reason), {}
@@ -95,7 +106,10 @@ def _check_target(
 
 
 def _ensure_ready(
-    client: triton_grpc.InferenceServerClient, grpc_url: str, target: CorrectnessTarget
+    client: triton_grpc.InferenceServerClient,
+    grpc_url: str,
+    target: CorrectnessTarget,
+    admin_headers: dict[str, str] | None,
 ) -> None:
     if not target.examples:
         raise _CouldNotRun(
@@ -115,17 +129,24 @@ def _ensure_ready(
     if not live:
         raise _CouldNotRun(f"Triton at {grpc_url} answers but is not live; see its log")
     if not ready:
+        known = _index_state(client, target, admin_headers)
         raise _CouldNotRun(
             f"model {target.model!r} version {target.version} is not ready on Triton at "
-            f"{grpc_url} ({_index_state(client, target)}); load that version (is it in the "
-            "model repository and allowed by the version policy?)"
+            f"{grpc_url} ({known}); load that version (is it in the model repository and "
+            "allowed by the version policy?)"
         )
 
 
-def _index_state(client: triton_grpc.InferenceServerClient, target: CorrectnessTarget) -> str:
+def _index_state(
+    client: triton_grpc.InferenceServerClient,
+    target: CorrectnessTarget,
+    admin_headers: dict[str, str] | None,
+) -> str:
     """What Triton's repository index says about the model version, for the error message."""
     try:
-        index = client.get_model_repository_index(as_json=True, client_timeout=REQUEST_TIMEOUT_S)
+        index = client.get_model_repository_index(
+            headers=admin_headers, as_json=True, client_timeout=REQUEST_TIMEOUT_S
+        )
     except InferenceServerException as error:
         return f"the repository index could not be read: {_first_line(error)}"
     entries = [e for e in index.get("models", []) if e.get("name") == target.model]

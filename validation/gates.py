@@ -43,7 +43,8 @@ class GateContext:
     processes: Sequence[ExpectedProcess]
     grpc_url: str
     reports_dir: Path
-    statistics_headers: dict[str, str] | None = None  # a deployed Triton's admin key header
+    # Triton's admin key as a gRPC header: its statistics and repository index are restricted.
+    admin_headers: dict[str, str] | None = None
 
 
 def run_gates(context: GateContext, gates: Sequence[GateName], *, say: Say) -> list[GateReport]:
@@ -104,7 +105,9 @@ def _correctness_gate(context: GateContext, say: Say) -> GateReport:
                     rtol=objectives.output_rtol,
                 )
             )
-    report = run_correctness_gate(context.grpc_url, targets, stack=context.stack)
+    report = run_correctness_gate(
+        context.grpc_url, targets, stack=context.stack, admin_headers=context.admin_headers
+    )
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
 
 
@@ -138,7 +141,7 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
         context.spec.load_gate,
         stack=context.stack,
         progress=lambda line: say(f"  {line}"),
-        statistics_headers=context.statistics_headers,
+        statistics_headers=context.admin_headers,
     )
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
 

@@ -77,6 +77,8 @@ _MAX_LINE_CHARS = 1000
 # metadata and statistics (the load gate's server-side split) stay open on loopback.
 RESTRICTED_APIS = ("model-repository", "shared-memory")
 ADMIN_KEY_HEADER = "triton-admin-key"
+# Triton 2.51 reads a restricted gRPC protocol's header under this prefix.
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
 # Set in Triton's environment only; secret_args keeps the key out of its command line.
 _ADMIN_KEY_VARIABLE = "GPUFLEET_TRITON_ADMIN_KEY"
 

@@ -16,12 +16,7 @@ import time
 from collections.abc import Sequence
 
 from generators.ansible_inventory import InventoryError
-from generators.serving_stack.graph import (
-    ADMIN_KEY_HEADER,
-    ServiceGraphError,
-    bind_address_of,
-    url_host,
-)
+from generators.serving_stack.graph import ServiceGraphError, bind_address_of, url_host
 from gpufleet.lifecycle.ansible_step import Say
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.outcome import StepOutcome, StepStatus
@@ -30,9 +25,7 @@ from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.gpu_host import gpu_host_targets, run_gpu_host_gate
 from validation.report import CheckResult, GateReport, write_reports
-
-# Triton 2.51 reads a restricted gRPC protocol's header with this prefix (docs/serving-stack.md).
-GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+from validation.tritonserver import GRPC_ADMIN_KEY_HEADER
 
 
 def gate(
@@ -87,7 +80,7 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
                 processes=[],  # on a host the host gate checks containers over SSH instead
                 grpc_url=grpc_url,
                 reports_dir=reports_dir,
-                statistics_headers=admin_key_headers(environment),
+                admin_headers=admin_key_headers(environment),
             )
             reports += run_gates(context, service_gates, say=lambda line: say(f"  {host}:{line}"))
     status, reasons = _judge(reports)
@@ -102,9 +95,9 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
 
 
 def admin_key_headers(environment: Environment) -> dict[str, str] | None:
-    """The gRPC header with Triton's admin key, from the variable the spec names, for the
-    statistics the load gate reads (the generated stack restricts them); None when unset: the
-    load gate then measures without Triton's server-side split."""
+    """The gRPC header with Triton's admin key, from the variable the spec names: the generated
+    stack restricts the statistics the load gate reads and the repository index the correctness
+    gate quotes. None when unset: the load gate then measures without Triton's server-side split."""
     serving = environment.spec.serving
     if serving is None:
         return None

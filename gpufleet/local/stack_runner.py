@@ -48,7 +48,7 @@ from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.host import ExpectedProcess
 from validation.report import GateReport
-from validation.tritonserver import LocalTritonServer, Ports, TritonError
+from validation.tritonserver import GRPC_ADMIN_KEY_HEADER, LocalTritonServer, Ports, TritonError
 
 Say = Callable[[str], None]
 TRITON, MLFLOW = "triton", "mlflow"
@@ -156,6 +156,7 @@ class LocalStack:
             ],
             grpc_url=f"127.0.0.1:{triton.ports['grpc']}",
             reports_dir=self.paths.reports,
+            admin_headers=self._admin_headers(),
         )
         with self._step("gates"):
             return run_gates(context, gates or self.stack.spec.gates, say=self.say)
@@ -328,6 +329,11 @@ class LocalStack:
             except TritonError as error:
                 raise StackRunError(str(error)) from None
             self.say(f"  reloaded {name} in Triton (pid {record.pid})")
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        """Triton's admin key as a gRPC header, for the gates' reads of restricted APIs."""
+        key = _read_secret(self.paths.triton_admin_key)
+        return {GRPC_ADMIN_KEY_HEADER: key} if key else None
 
     # -- helpers -----------------------------------------------------------------------------
 
