@@ -341,6 +341,7 @@ SERVING_SECRETS = {
     "GPUFLEET_POSTGRES_PASSWORD": "pg-Cfg-7f3a/x@y:z",
     "GPUFLEET_GRAFANA_ADMIN_PASSWORD": "graf-Cfg-91c2",
     "GPUFLEET_TRITON_ADMIN_KEY": "key-{{7*7}}-*-5d8e0b",
+    "GPUFLEET_MLFLOW_ADMIN_PASSWORD": "mlflow-Cfg-3e7a19",
 }
 # No registry answers on this port: compose fails at its first pull, right after the secrets.
 UNPULLABLE = "127.0.0.1:9/gpufleet-test"
@@ -359,8 +360,10 @@ def test_configure_hands_the_serving_secrets_to_the_role_and_holds_its_lock(lab:
     images = ("triton", "mlflow", "postgres", "prometheus", "grafana")
     document["config"]["gpufleet:models"] = ["tabular_mlp"]
     document["config"]["gpufleet:serving"] = {
-        "images": {name: f"{UNPULLABLE}/{name}:1" for name in images}
+        "images": {name: f"{UNPULLABLE}/{name}:1" for name in images},
+        "publish": ["triton_http", "triton_grpc", "grafana", "mlflow"],
     }
+    document["config"]["gpufleet:registry"] = {"host": "cpu-b"}  # so it runs MLflow too
     stack_path.write_text(yaml.safe_dump(document, sort_keys=False))
     specs = str(SAMPLE_SPECS)
     generated = lab.gpufleet("generate", "--stack", "served", "--specs", specs)

@@ -114,7 +114,7 @@ def configure_hosts(
     with _locked(data_dir), _private_files(data_dir, artifact_dir, inventory, secrets):
         hosts = ", ".join(inventory["all"]["hosts"])
         mode = " (check mode)" if check else ""
-        say(f"running {ANSIBLE_DIR / playbook} on {hosts}{mode}")
+        say(f"configuring {hosts} with {ANSIBLE_DIR / playbook}{mode}")
         try:
             with _without_environment(*_secret_variables(spec)):
                 runner = ansible_runner.run(
