@@ -177,7 +177,9 @@ def test_a_wrong_driver_branch_persistence_off_and_a_blind_container_each_fail(
     assert gpu["persistence mode"]["message"] == "persistence mode is off on GPU 0"
     assert gpu["container sees GPUs"]["status"] == "fail"
     assert gpu["container sees GPUs"]["message"] == "a container sees 0 GPU(s), the host 1"
-    junit = (gpu_host.project / "build" / "gpu" / "reports" / "host.junit.xml").read_text()
+    junit = (
+        gpu_host.project / "build" / "gpu" / "reports" / "gpu-a" / "host.junit.xml"
+    ).read_text()
     assert "driver 470.256.02 is not of branch 535" in junit
 
 

@@ -63,10 +63,15 @@ class EnvironmentReport:
         return reports
 
     def to_json(self) -> dict[str, Any]:
+        """Per host, each step's outcome and where the host stopped; under `gates`, every gate
+        report of every host (as the local stack's `--json` lists them)."""
         return {
             "stack": self.stack,
             "command": self.command,
             "exit_code": self.exit_code,
+            "gates": [
+                report.to_json() for host in self.hosts for report in self.gate_reports(host)
+            ],
             "hosts": {
                 host: {
                     "stopped_at": self.stopped_at(host),
