@@ -67,10 +67,15 @@ class Stack(Project):
         stack_file = self.root / "stacks" / f"Pulumi.{STACK}.yaml"
         stack_file.write_text(yaml.safe_dump({"config": config}))
 
+    def admin_header(self) -> dict[str, str]:
+        """The admin key `up` made for its Triton (0600 in the state dir): the repository API
+        is restricted to it."""
+        return {"triton-admin-key": (self.state_dir / "triton-admin-key").read_text().strip()}
+
     def served(self) -> dict[str, str]:
         """Model -> state, from the repository index of the Triton on the stack's port."""
         url = f"http://127.0.0.1:{self.ports['triton_http']}/v2/repository/index"
-        request = urllib.request.Request(url, b"")
+        request = urllib.request.Request(url, b"", headers=self.admin_header())
         with urllib.request.urlopen(request, timeout=60) as response:  # loopback
             return {entry["name"]: entry.get("state", "") for entry in json.load(response)}
 
@@ -90,8 +95,9 @@ def processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
-def http_status(method: str, url: str) -> int:
-    request = urllib.request.Request(url, b"" if method == "POST" else None, method=method)
+def http_status(method: str, url: str, headers: dict[str, str] | None = None) -> int:
+    body = b"" if method == "POST" else None
+    request = urllib.request.Request(url, body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:  # loopback
             return int(response.status)
@@ -182,7 +188,8 @@ def test_up_restarts_a_triton_that_is_not_ready(stack: Stack) -> None:
     runs: up replaces that Triton with one serving the stack's models."""
     triton = stack.state().servers["triton"]
     base = f"http://127.0.0.1:{stack.ports['triton_http']}"
-    assert http_status("POST", f"{base}/v2/repository/models/broken/load") != 200
+    load = f"{base}/v2/repository/models/broken/load"
+    assert http_status("POST", load, stack.admin_header()) == 400, "Triton cannot load it"
     assert http_status("GET", f"{base}/v2/health/ready") != 200, "Triton still says ready"
     assert triton.alive
 
