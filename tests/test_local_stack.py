@@ -403,7 +403,9 @@ def test_down_stops_exactly_what_up_started(project: Project) -> None:
     assert not list(Path("/dev/shm").glob(f"{state.servers['triton'].shm_prefix}*"))
 
 
-def test_up_refuses_a_stack_that_is_not_local(tmp_path: Path) -> None:
+def test_up_on_a_provisioned_stack_without_outputs_says_how_to_get_them(tmp_path: Path) -> None:
+    """An azure stack's hosts have no address until Pulumi's outputs give them (no Pulumi CLI
+    here): `up` exits 2 with the command that writes them, before anything runs."""
     (tmp_path / "stacks").mkdir()
     # A whole azure stack (a bare one is itself refused, for lacking gpufleet:azure).
     azure_stack = (PROJECT_ROOT / "stacks" / "Pulumi.azure-dev.yaml").read_text()
@@ -417,7 +419,8 @@ def test_up_refuses_a_stack_that_is_not_local(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
     )
     assert result.returncode == 2
-    assert "pulumi up -s cloud" in result.stderr
+    assert "pulumi stack output --stack cloud --json > outputs-cloud.json" in result.stderr
+    assert not (tmp_path / "build").exists()
 
 
 def _idle_stack(root: Path) -> Path:
