@@ -115,8 +115,21 @@ def test_make_checks_the_packages_before_anything_else(
     """make's dry run (-n: nothing is executed) on a fresh copy of the Makefile: no .venv yet."""
     (tmp_path / "Makefile").write_text((PROJECT_ROOT / "Makefile").read_text())
     (tmp_path / "pyproject.toml").write_text("")
+    # As a top-level make: under `make test` the parent's MAKEFLAGS and MAKELEVEL would make
+    # this one a sub-make that prints "Entering directory" first.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    }
     result = subprocess.run(
-        ["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True
+        ["make", "--no-print-directory", "-n", target],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     lines = result.stdout.splitlines()
     assert lines[0] == check, lines
