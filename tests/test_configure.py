@@ -368,6 +368,10 @@ def test_configure_hands_the_serving_secrets_to_the_role_and_holds_its_lock(lab:
     specs = str(SAMPLE_SPECS)
     generated = lab.gpufleet("generate", "--stack", "served", "--specs", specs)
     assert generated.returncode == 0, generated.stdout + generated.stderr
+    # A version to serve (the role refuses a repository without one before touching the host).
+    version = lab.project / "build" / "model_repository" / "tabular_mlp" / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text("# stands in for an exported version\n")
 
     environment = {**os.environ, SECRET_VARIABLE: SECRET, **SERVING_SECRETS}
     command = [sys.executable, "-m", "gpufleet", "configure", "--stack", "served", "--json"]
