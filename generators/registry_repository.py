@@ -40,7 +40,13 @@ from generators.model_export import (
     ExportError,
     export_model,
 )
-from generators.model_repository import spec_display_name
+from generators.model_repository import (
+    RepositoryPlan,
+    apply_plan,
+    plan_repository,
+    render_repository_files,
+    spec_display_name,
+)
 from gpufleet.registry.artifact import ArtifactError, load_model_dir
 from gpufleet.registry.client import (
     ModelRegistry,
@@ -201,6 +207,34 @@ def assemble_repository(
         git_commit=git_commit(specs[0].path.parent if specs else Path.cwd()),
     )
     return AssemblyResult([assembler.assemble(item) for item in specs])
+
+
+@dataclass(frozen=True)
+class RepositoryFill:
+    """What `fill_repository` changed: models whose files changed, models whose config was
+    removed (no longer served), and the config plan it applied."""
+
+    changed: set[str]
+    removed: set[str]
+    configs: RepositoryPlan
+
+
+def fill_repository(
+    registry: ModelRegistry,
+    specs: Sequence[LoadedModelSpec],
+    repository: Path,
+    *,
+    progress: Progress | None = None,
+) -> RepositoryFill:
+    """The registry's versions exported into `repository`, then the specs' `config.pbtxt`
+    files written where they changed (a config whose spec is gone is removed)."""
+    assembly = assemble_repository(registry, specs, repository, progress=progress)
+    plan = plan_repository(repository, render_repository_files(list(specs)))
+    apply_plan(plan)
+    changed = set(assembly.changed_models)
+    changed |= {relative.split("/", 1)[0] for relative in plan.created + plan.updated}
+    removed = {relative.split("/", 1)[0] for relative in plan.stale}
+    return RepositoryFill(changed, removed, plan)
 
 
 def verify_repository(repository: Path, model_names: Sequence[str]) -> list[str]:

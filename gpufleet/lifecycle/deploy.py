@@ -18,10 +18,8 @@ from collections.abc import Iterator, Sequence
 from generators.model_repository import (
     apply_plan,
     plan_files,
-    plan_repository,
-    render_repository_files,
 )
-from generators.registry_repository import AssemblyError, assemble_repository, served_versions
+from generators.registry_repository import AssemblyError, fill_repository, served_versions
 from generators.serving_stack.files import (
     generated_files_on_disk,
     render_serving_files,
@@ -44,7 +42,7 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
         return [StepOutcome("deploy", host, "ok", details=dict(details)) for host in hosts]
     try:
         with _preparing(environment):
-            models = fill_repository(environment, say=say)
+            models = fill_from_registry(environment, say=say)
             write_serving_files(environment, say=say)
     except (RegistryError, AssemblyError) as error:
         return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
@@ -69,19 +67,13 @@ def _preparing(environment: Environment) -> Iterator[None]:
         yield
 
 
-def fill_repository(environment: Environment, *, say: Say) -> dict[str, list[int]]:
+def fill_from_registry(environment: Environment, *, say: Say) -> dict[str, list[int]]:
     """Export the registry versions the specs select into the repository, then write the
     configs; return each model's served versions. Raises RegistryError or AssemblyError."""
     registry = environment.registry()
     say(f"  filling {environment.repository} from the registry at {environment.registry_uri()}")
-    assembly = assemble_repository(
-        registry, environment.models, environment.repository, progress=lambda line: say(line)
-    )
-    plan = plan_repository(environment.repository, render_repository_files(environment.models))
-    apply_plan(plan)
-    configs_changed = {name.split("/", 1)[0] for name in plan.created + plan.updated}
-    changed = sorted(set(assembly.changed_models) | configs_changed)
-    say(f"  model files changed for {', '.join(changed) or 'no model'}")
+    filled = fill_repository(registry, environment.models, environment.repository, progress=say)
+    say(f"  model files changed for {', '.join(sorted(filled.changed)) or 'no model'}")
     served = {
         item.spec.name: served_versions(environment.repository, item.spec.name)
         for item in environment.models

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generators.model_repository import apply_plan, plan_repository, render_repository_files
-from generators.registry_repository import assemble_repository
+from generators.registry_repository import fill_repository
 from gpufleet.local.credentials import (
     BasicCredentials,
     CredentialsError,
@@ -248,18 +247,14 @@ class LocalStack:
 
     def _assemble(self, registry: ModelRegistry) -> tuple[set[str], set[str]]:
         """Fill the repository; return the models whose files changed, and those removed."""
-        assembly = assemble_repository(registry, self.specs, self.repository, progress=self.say)
-        plan = plan_repository(self.repository, render_repository_files(self.specs))
-        apply_plan(plan)
-        changed = set(assembly.changed_models)
-        changed |= {relative.split("/", 1)[0] for relative in plan.created + plan.updated}
-        removed = {relative.split("/", 1)[0] for relative in plan.stale}
+        filled = fill_repository(registry, self.specs, self.repository, progress=self.say)
+        plan, changed = filled.configs, filled.changed
         self.say(
             f"  {self.repository}: configs {len(plan.created)} created, {len(plan.updated)} "
             f"updated, {len(plan.unchanged)} unchanged; model files changed for "
             f"{', '.join(sorted(changed)) or 'no model'}"
         )
-        return changed, removed
+        return changed, filled.removed
 
     def _ensure_triton(self, state: RunState, changed: set[str], removed: set[str]) -> None:
         names = [item.spec.name for item in self.specs]
