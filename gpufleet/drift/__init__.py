@@ -1,0 +1,1 @@
+"""Drift checks of a whole environment: files, Triton, hosts, containers and infrastructure."""
