@@ -99,17 +99,19 @@ def _vm_path(node: str, vmid: int, tail: str = "") -> str:
     return f"nodes/{node}/qemu/{vmid}" + (f"/{tail}" if tail else "")
 
 
-def _vms(pve: PveSession) -> list[dict[str, Any]]:
+def cluster_vms(pve: PveSession) -> list[dict[str, Any]]:
+    """The cluster's QEMU guests, templates included (one GET of `cluster/resources`)."""
     return [vm for vm in pve.get("cluster/resources", type="vm") if vm.get("type") == "qemu"]
 
 
-def _tags_of(vm: Mapping[str, Any]) -> set[str]:
+def tags_of(vm: Mapping[str, Any]) -> set[str]:
+    """The tags a `cluster/resources` entry (or a VM config) carries."""
     return {tag for tag in re.split(r"[;, ]+", str(vm.get("tags", ""))) if tag}
 
 
 def _ours(vm: Mapping[str, Any], inputs: Mapping[str, Any]) -> bool:
     """Tagged for this stack and host (what adoption goes by)."""
-    return set(inputs["tags"]) <= _tags_of(vm)
+    return set(inputs["tags"]) <= tags_of(vm)
 
 
 def _still_ours(vm: Mapping[str, Any], inputs: Mapping[str, Any]) -> bool:
@@ -130,6 +132,42 @@ class _Vm:
     vmid: int
     node: str
     made_here: bool = False
+
+
+# ------------------------------------------------------------------- observing a VM
+
+
+@dataclass(frozen=True)
+class VmObservation:
+    """What PVE has for one VM, against the inputs it should hold (read, and the drift check)."""
+
+    config: dict[str, Any]  # the config the VM runs with now (current=1)
+    actual: dict[str, Any]  # the inputs that config amounts to (vm_config.actual_inputs)
+    drift: list[str]  # the VM keys whose actual value differs from the inputs
+    pending: list[dict[str, Any]]  # `pending` entries PVE holds back until the next start
+
+
+def observe_vm(pve: PveSession, node: str, vmid: int, inputs: Mapping[str, Any]) -> VmObservation:
+    """Read VM `vmid`'s running config and pending changes (two GETs) and compare them with the
+    inputs. `read` reports this to Pulumi; `gpufleet drift` reports it as drift items."""
+    # current=1: what runs now. Without it PVE answers with pending changes applied, which
+    # would hide drift and report a GPU the VM does not have yet.
+    config = dict(pve.get(_vm_path(node, vmid, "config"), current=1))
+    actual = vm_config.actual_inputs(config, node)
+    return VmObservation(
+        config, actual, vm_config.drift(inputs, actual), pending_changes(pve, node, vmid)
+    )
+
+
+def pending_changes(pve: PveSession, node: str, vmid: int) -> list[dict[str, Any]]:
+    """The entries of `nodes/{node}/qemu/{vmid}/pending` that change something: a new value
+    (`pending`) or a deletion (`delete` of a key the config has)."""
+    entries = pve.get(_vm_path(node, vmid, "pending"))
+    return [dict(e) for e in entries if "pending" in e or (e.get("delete") and "value" in e)]
+
+
+def pending_keys(changes: list[dict[str, Any]]) -> list[str]:
+    return sorted(str(change["key"]) for change in changes)
 
 
 # --------------------------------------------------------------------------- provider
@@ -182,15 +220,11 @@ class GpuVmProvider(ResourceProvider):
         vm = self._locate(pve, int(id_), inputs)
         if vm is None:
             return ReadResult("", {})
-        # current=1: what runs now. Without it PVE answers with pending changes applied, which
-        # would hide drift and report a GPU the VM does not have yet.
-        config = pve.get(_vm_path(vm.node, vm.vmid, "config"), current=1)
-        actual = vm_config.actual_inputs(config, vm.node)
-        drifted = vm_config.drift(inputs, actual)
-        observed = {**inputs, **{key: actual[key] for key in drifted}}
+        seen = observe_vm(pve, vm.node, vm.vmid, inputs)
+        observed = {**inputs, **{key: seen.actual[key] for key in seen.drift}}
         address = self._current_address(pve, vm, inputs) or props.get("address")
-        outs = self._outputs(pve, vm, observed, address, config=config)
-        outs["drift"] = drifted
+        outs = self._outputs(pve, vm, observed, address, config=seen.config, seen=seen)
+        outs["drift"] = seen.drift
         return ReadResult(id_, outs)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
@@ -242,7 +276,7 @@ class GpuVmProvider(ResourceProvider):
 
     def _adoptable(self, pve: PveSession, inputs: Mapping[str, Any]) -> _Vm | None:
         """The VM an interrupted create left, tagged for this stack and host, if any."""
-        found = [vm for vm in _vms(pve) if _ours(vm, inputs) and not vm.get("template")]
+        found = [vm for vm in cluster_vms(pve) if _ours(vm, inputs) and not vm.get("template")]
         if not found:
             return None
         if len(found) > 1:
@@ -261,7 +295,7 @@ class GpuVmProvider(ResourceProvider):
 
     def _locate(self, pve: PveSession, vmid: int, inputs: Mapping[str, Any]) -> _Vm | None:
         """Where VM `vmid` is now, or None if it is gone or is no longer this resource's VM."""
-        for vm in _vms(pve):
+        for vm in cluster_vms(pve):
             if int(vm["vmid"]) == vmid:
                 return _Vm(vmid, str(vm["node"])) if _still_ours(vm, inputs) else None
         return None
@@ -282,7 +316,7 @@ class GpuVmProvider(ResourceProvider):
 
     def _template_node(self, pve: PveSession, inputs: Mapping[str, Any]) -> str:
         template = int(inputs["template_vmid"])
-        for vm in _vms(pve):
+        for vm in cluster_vms(pve):
             if int(vm["vmid"]) == template:
                 if not vm.get("template"):
                     raise GpuVmError(
@@ -347,7 +381,7 @@ class GpuVmProvider(ResourceProvider):
 
     def _is_our_clone(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> bool:
         """VM vm.vmid exists, is no template and carries the host's name: this create's clone."""
-        for found in _vms(pve):
+        for found in cluster_vms(pve):
             if int(found["vmid"]) == vm.vmid:
                 return found.get("name") == inputs["name"] and not found.get("template")
         return False
@@ -473,7 +507,7 @@ class GpuVmProvider(ResourceProvider):
     def _discard(self, pve: PveSession, vm: _Vm, inputs: Mapping[str, Any]) -> str:
         """Stop and destroy a VM this create made; a sentence on how that went."""
         try:
-            for found in _vms(pve):
+            for found in cluster_vms(pve):
                 if int(found["vmid"]) == vm.vmid:
                     if not _still_ours(found, inputs):
                         return f"VM {vm.vmid} is not the clone this create made: left alone"
@@ -538,10 +572,7 @@ class GpuVmProvider(ResourceProvider):
 
     def _pending(self, pve: PveSession, vm: _Vm) -> list[str]:
         """Config keys PVE holds back until the VM starts again."""
-        entries = pve.get(_vm_path(vm.node, vm.vmid, "pending"))
-        return sorted(
-            str(e["key"]) for e in entries if "pending" in e or (e.get("delete") and "value" in e)
-        )
+        return pending_keys(pending_changes(pve, vm.node, vm.vmid))
 
     def _outputs(
         self,
@@ -551,18 +582,20 @@ class GpuVmProvider(ResourceProvider):
         address: str | None,
         *,
         config: Mapping[str, Any] | None = None,
+        seen: VmObservation | None = None,
     ) -> dict[str, Any]:
         """The inputs (Pulumi diffs against them) plus what PVE made: vmid, node, address, ..."""
         if config is None:
             config = pve.get(_vm_path(vm.node, vm.vmid, "config"), current=1)
         devices = vm_config.actual_inputs(config, vm.node)["pci"]
+        pending = pending_keys(seen.pending) if seen is not None else self._pending(pve, vm)
         return {
             **inputs,
             "vmid": vm.vmid,
             "node": vm.node,
             "address": address,
             "gpus": [device.get("mapping") or device.get("address") for device in devices],
-            "pending_restart": self._pending(pve, vm),
+            "pending_restart": pending,
             "drift": [],
         }
 

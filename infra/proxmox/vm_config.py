@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -473,6 +473,19 @@ def actual_inputs(config: Mapping[str, Any], node: str) -> dict[str, Any]:
         "ssh_keys": [key for key in sshkeys.splitlines() if key.strip()],
         "pci": _pci_of(config),
     }
+
+
+def with_pending(config: Mapping[str, Any], pending: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The config the VM will run with after its next start: `config` (the running one) with
+    the entries of PVE's `pending` listing applied (a `pending` value set, a `delete` removed)."""
+    applied = dict(config)
+    for entry in pending:
+        key = str(entry["key"])
+        if entry.get("delete"):
+            applied.pop(key, None)
+        elif "pending" in entry:
+            applied[key] = entry["pending"]
+    return applied
 
 
 def drift(inputs: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
