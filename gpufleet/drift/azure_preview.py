@@ -40,6 +40,7 @@ _NO_CHANGE_OPS: Final = frozenset({"same", "refresh", "read"})
 _SECRET_SIG: Final = "4dabf18193072939515e22adb298388d"  # noqa: S105  # a marker, no secret
 _PATH_PART = re.compile(r'\.?([^.\[\]"]+)|\[(\d+)\]|\["([^"]*)"\]')
 _SHOWN_CHARS = 120
+_DIAGNOSTIC_CHARS = 500
 
 # (stack, project_root) -> the JSON text `pulumi preview --json` printed.
 PreviewRunner = Callable[[str, Path], str]
@@ -138,7 +139,7 @@ def preview_checks(stack: str, text: str, hosts: list[str]) -> list[LayerCheck]:
     if errors:
         checks[
             ""
-        ].error = f"could not be checked: pulumi preview -s {stack} reported {'; '.join(errors)}"
+        ].error = f"could not be checked: pulumi preview -s {stack} reported: {'; '.join(errors)}"
     return list(checks.values())
 
 
@@ -147,9 +148,9 @@ def _item(stack: str, host: str, obj: str, steps: list[Mapping[str, Any]]) -> Dr
     op = "replace" if any(o.startswith(("replace", "create-replacement")) for o in ops) else ops[0]
     keys: list[str] = []
     for step in steps:
-        detailed = step.get("detailedDiff") or {}
+        # The detailed diff names property paths; the reasons only top-level keys.
         reasons = [*(step.get("diffReasons") or []), *(step.get("replaceReasons") or [])]
-        for key in [*detailed, *reasons]:
+        for key in step.get("detailedDiff") or reasons:
             if str(key) not in keys:
                 keys.append(str(key))
     old = _state(steps, "oldState", "outputs")
@@ -230,7 +231,9 @@ def _last_line(text: str) -> str:
 
 
 def _one_line(text: str) -> str:
-    return _cut(" ".join(text.split()))
+    """A diagnostic on one line; long, but never without end (a provider's error message)."""
+    line = " ".join(text.split())
+    return line if len(line) <= _DIAGNOSTIC_CHARS else line[: _DIAGNOSTIC_CHARS - 3] + "..."
 
 
 def _cut(text: str) -> str:

@@ -47,7 +47,7 @@ from gpufleet.spec.hosts import HostSpec
 from gpufleet.spec.loading import LoadedStackSpec
 from gpufleet.spec.proxmox import ProxmoxCluster
 from infra.proxmox import vm_config
-from infra.proxmox.client import ProxmoxError, ca_bundle_path, secret_from_environment
+from infra.proxmox.client import ProxmoxError, ca_bundle_path, close, secret_from_environment
 from infra.proxmox.provider import (
     VmObservation,
     cluster_vms,
@@ -80,13 +80,24 @@ class _Sessions:
         self._inputs = inputs
         self._timing = timing
         self._local = threading.local()
+        self._opened: list[PveSession] = []
+        self._lock = threading.Lock()
 
     def get(self) -> PveSession:
         session: PveSession | None = getattr(self._local, "session", None)
         if session is None:
             session = PveSession(self._inputs, self._timing)
             self._local.session = session
+            with self._lock:
+                self._opened.append(session)
         return session
+
+    def close(self) -> None:
+        """Close every session's connections (proxmoxer keeps them open otherwise)."""
+        with self._lock:
+            for session in self._opened:
+                close(session.api)
+            self._opened.clear()
 
 
 def check_proxmox_vms(
@@ -107,28 +118,32 @@ def check_proxmox_vms(
     timing = timing or Timing()
     wide = LayerCheck(LAYER, "", checked=[f"vms tagged {_stack_tag(stack)}"])
     hosts = [host for host in spec.hosts if host.proxmox is not None]
+    sessions: _Sessions | None = None
     try:
-        session_inputs = _session_inputs(cluster, project_root, environ)
-        sessions = _Sessions(session_inputs, timing)
+        sessions = _Sessions(_session_inputs(cluster, project_root, environ), timing)
         vms = [vm for vm in cluster_vms(sessions.get()) if not vm.get("template")]
+        targets, extras = _match(stack, hosts, cluster, vms)
+        wide.items = [_extra_item(stack, vm, "") for vm in extras.pop("", [])]
+        wide.checked += [item.object for item in wide.items]
+        wide.seconds = time.monotonic() - started
+
+        def check(target: _Target) -> LayerCheck:
+            assert sessions is not None
+            return _check_host(stack, target, sessions, extras.get(target.host.name, []))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(targets) or 1))) as pool:
+            return [wide, *pool.map(check, targets)]
     except ProxmoxError as error:
         names = ", ".join(host.name for host in hosts)
         wide.error = (
             f"could not be checked: {error} (the VMs of {names} were not compared with the spec)"
         )
+        wide.items, wide.checked = [], wide.checked[:1]
         wide.seconds = time.monotonic() - started
         return [wide]
-    targets, extras = _match(stack, hosts, cluster, vms)
-    wide.items = [_extra_item(stack, vm, "") for vm in extras.pop("", [])]
-    wide.checked += [item.object for item in wide.items]
-    wide.seconds = time.monotonic() - started
-
-    def check(target: _Target) -> LayerCheck:
-        return _check_host(stack, target, sessions, extras.get(target.host.name, []))
-
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(targets) or 1))) as pool:
-        per_host = list(pool.map(check, targets))
-    return [wide, *per_host]
+    finally:
+        if sessions is not None:
+            sessions.close()
 
 
 # ------------------------------------------------------------------ finding the VMs
