@@ -277,8 +277,31 @@ def test_a_pending_change_that_restores_the_spec_is_repaired_by_a_restart(site: 
     assert items_of(site.check()) == []
 
 
+def test_edited_tags_and_network_are_drift_not_a_missing_vm(site: Site) -> None:
+    site.config("gpu-a", tags=f"gpufleet-{STACK}")  # the host tag removed
+    site.config("gpu-b", net0="virtio,bridge=vmbr1,tag=30")
+    site.restart("gpu-b")
+    checks = site.check()
+    assert_well_formed(checks)
+    tags, network = items_of(checks)
+    assert (tags.host, tags.object) == ("gpu-a", "vm gpu-a tags")
+    assert (tags.expected, tags.found) == (
+        f"gpufleet-{STACK};gpufleet-host-gpu-a",
+        f"gpufleet-{STACK}",
+    )
+    assert tags.repair == f"pulumi up --refresh -s {STACK}"  # tags change on a running VM
+    assert (network.host, network.object) == ("gpu-b", "vm gpu-b network")
+    assert network.expected == "bridge=vmbr0 vlan=20 ipv4=10.20.0.22/24 gateway=10.20.0.1"
+    assert network.found == "bridge=vmbr1 vlan=30 ipv4=10.20.0.22/24 gateway=10.20.0.1"
+    site.pulumi_up_refresh("gpu-a")
+    site.pulumi_up_refresh("gpu-b", allow_restart=True)
+    assert items_of(site.check()) == []
+
+
 def test_a_deleted_vm_is_missing(site: Site) -> None:
     site.destroy("gpu-a")
+    # Another stack's VM of the same name is not taken for it.
+    site.clone(160, "gpu-a", "gpufleet-other-stack;gpufleet-host-gpu-a")
     checks = site.check()
     assert_well_formed(checks)
     [item] = items_of(checks)

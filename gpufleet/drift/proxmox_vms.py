@@ -13,7 +13,8 @@ and nothing the provider would not act on. Reads only; TLS is always verified (c
 What is compared, and the item each difference becomes (`vm <host> <input>`):
 
 - a VM per host, found by the tags the provider writes (`gpufleet-<stack>`,
-  `gpufleet-host-<host>`): none is item `vm <host>`;
+  `gpufleet-host-<host>`), else by the host's name (tags edited by hand: drift of `tags`):
+  none is item `vm <host>`;
 - each of the VM's inputs (`vm_config.VM_KEYS`: name, tags, node, storage, cores, memory_mb,
   disk_gb, hardware, network, ci_user, ssh_keys, pci = the `hostpciN` GPUs) against the
   running config: one item per input that differs;
@@ -186,6 +187,17 @@ def _match(
     for host in hosts:
         inputs = vm_config.vm_inputs(stack, host, cluster, ca_certificate=None)
         tagged = [vm for vm in vms if set(inputs["tags"]) <= tags_of(vm)]
+        if not tagged:
+            # Its tags edited by hand: the provider still knows it by its id and name
+            # (`_still_ours`), so `pulumi up --refresh` puts the tags back. Without the state's
+            # id, the name and no other stack's tag identify it.
+            tagged = [
+                vm
+                for vm in vms
+                if vm.get("name") == host.name
+                and _id(vm) not in claimed
+                and _no_other_stack(vm, stack_tag)
+            ]
         # Of several, the one on the spec's node with the host's name is the host's VM.
         tagged.sort(
             key=lambda vm: (vm.get("node") != inputs["node"], vm.get("name") != host.name, _id(vm))
@@ -197,6 +209,13 @@ def _match(
             claimed.update(_id(vm) for vm in tagged[1:])
     extras[""] = [vm for vm in vms if stack_tag in tags_of(vm) and _id(vm) not in claimed]
     return targets, extras
+
+
+def _no_other_stack(vm: Mapping[str, Any], stack_tag: str) -> bool:
+    """The VM carries this stack's tag, or no gpufleet stack's tag at all."""
+    tags = tags_of(vm)
+    others = {t for t in tags if t.startswith("gpufleet-") and not t.startswith("gpufleet-host-")}
+    return others <= {stack_tag}
 
 
 def _id(vm: Mapping[str, Any]) -> int:
