@@ -361,6 +361,18 @@ def test_a_password_login_checks_too(site: Site, pve: Any, fakepve_url: str) -> 
     assert all(b"secret" not in body for _, _, body in logins)
 
 
+def test_a_read_only_token_is_enough(site: Site, pve: Any, fakepve_url: str) -> None:
+    """A token holding VM.Audit on /vms and nothing else checks the whole stack."""
+    site.destroy("gpu-c")  # before the first grant: from then on the fake enforces ACLs
+    reader = "drift@pve!reader"
+    pve.apitokens[reader] = "reader-token-for-the-fake"
+    pve.grant(reader, "/vms", "VM.Audit")
+    site.loaded = write_stack(site.root, fakepve_url, site.cafile, token_id=reader)
+    checks = site.check(environ={"GPUFLEET_PROXMOX_SECRET": "reader-token-for-the-fake"})
+    assert [check.error for check in checks] == [None] * 4
+    assert [(i.host, i.object) for i in items_of(checks)] == [("gpu-c", "vm gpu-c")]
+
+
 def test_a_vm_that_cannot_be_read_fails_only_its_host(site: Site, pve: Any) -> None:
     vmid = site.vmid("gpu-b")
     pve.fail("GET", f"/nodes/pve1/qemu/{vmid}/config", 500, "got timeout reading the config")
