@@ -18,6 +18,8 @@ started VMs one) and runs PVE's seconds 100x faster.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +400,7 @@ def test_a_flaky_network_is_retried(site: Site, pve: Any, monkeypatch: pytest.Mo
     monkeypatch.setattr(requests.Session, "send", counting)
     pve.requests.clear()
     pve.flaky_network(drop_rate=0.2, seed=16)
+    pve._random.seed(16)  # fakepve applies the seed when it starts; this one runs already
     checks = site.check()
     assert [check.error for check in checks] == [None] * 4
     assert items_of(checks) == []
@@ -482,6 +485,80 @@ def test_azure_without_the_pulumi_cli_is_not_checked(
     assert (check.host, check.items, check.checked) == ("", [], [])
     assert check.error is not None
     assert check.error.startswith("not checked: no Pulumi CLI (install it from https://")
+
+
+STAND_IN_PULUMI = """#!{python}
+# A stand-in for the Pulumi CLI: the Automation API's calls, answered as Pulumi 3.200 does
+# (a file-based event log), with the digest the test put in GPUFLEET_TEST_DIGEST.
+import json, os, sys
+args = [arg for arg in sys.argv[1:] if arg != "--non-interactive"]
+with open(os.environ["GPUFLEET_TEST_CALLS"], "a") as calls:
+    calls.write(json.dumps(args) + "\\n")
+if args[:1] == ["version"]:
+    print("v3.200.0")
+elif args[:2] == ["stack", "select"] and os.environ.get("GPUFLEET_TEST_NO_STACK"):
+    print("error: no stack named 'azure-dev' found", file=sys.stderr)
+    sys.exit(255)
+elif args[:1] == ["preview"]:
+    digest = json.load(open(os.environ["GPUFLEET_TEST_DIGEST"]))
+    changes = {{k: v for k, v in digest.get("changeSummary", {{}}).items() if k != "same"}}
+    log = args[args.index("--event-log") + 1]
+    with open(log, "a") as events:
+        summary = {{"maybeCorrupt": False, "durationSeconds": 1, "resourceChanges": changes}}
+        events.write(json.dumps({{"sequence": 1, "timestamp": 1, "summaryEvent": summary}}) + "\\n")
+        events.write(json.dumps({{"sequence": 2, "timestamp": 1, "cancelEvent": {{}}}}) + "\\n")
+    print(json.dumps(digest, indent=4))
+    if changes or digest.get("diagnostics"):
+        print("error: no changes were expected but changes were proposed", file=sys.stderr)
+        sys.exit(255)
+"""
+
+
+@pytest.fixture
+def pulumi_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The stand-in `pulumi` first on PATH; the file its calls are written to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "pulumi"
+    stand_in.write_text(STAND_IN_PULUMI.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("GPUFLEET_TEST_CALLS", str(calls))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("digest_file", "items"), [("preview-clean.json", 0), ("preview-drift.json", 4)]
+)
+def test_the_preview_runs_through_the_automation_api(
+    monkeypatch: pytest.MonkeyPatch, pulumi_calls: Path, digest_file: str, items: int
+) -> None:
+    """The Automation API drives a stand-in `pulumi` (the CLI cannot be installed here): the
+    arguments it gets, and a digest read whether the exit code is 0 or 255."""
+    monkeypatch.setenv("GPUFLEET_TEST_DIGEST", str(DATA / digest_file))
+    loaded = load_stack_spec(PROJECT / "stacks", "azure-dev")
+    checks = check_stack_infrastructure(loaded, project_root=PROJECT)
+    assert_well_formed(checks)
+    assert [check.error for check in checks] == [None] * len(checks)
+    assert len(items_of(checks)) == items
+    calls = [json.loads(line) for line in pulumi_calls.read_text().splitlines()]
+    preview = next(call for call in calls if call[0] == "preview")
+    assert {"--refresh", "--expect-no-changes", "--json"} <= set(preview)
+    assert preview[preview.index("--stack") + 1] == "azure-dev"
+
+
+def test_a_preview_that_cannot_run_is_could_not_check(
+    monkeypatch: pytest.MonkeyPatch, pulumi_calls: Path
+) -> None:
+    """The stand-in CLI exits 255 as Pulumi does for a stack its backend does not have."""
+    monkeypatch.setenv("GPUFLEET_TEST_NO_STACK", "1")
+    loaded = load_stack_spec(PROJECT / "stacks", "azure-dev")
+    [check] = check_stack_infrastructure(loaded, project_root=PROJECT)
+    assert check.error == (
+        "could not be checked: pulumi preview -s azure-dev failed: "
+        "error: no stack named 'azure-dev' found"
+    )
 
 
 def test_a_clean_preview_is_no_drift() -> None:

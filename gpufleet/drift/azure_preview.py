@@ -226,8 +226,10 @@ def _host_of(name: str, hosts: list[str]) -> str:
 
 
 def _last_line(text: str) -> str:
+    """The last line of a CommandError's text (`code: ... stdout: ... stderr: <lines>`)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return _cut(lines[-1]) if lines else "no output"
+    last = lines[-1].removeprefix("stderr:").strip() if lines else ""
+    return _one_line(last) if last else "no output"
 
 
 def _one_line(text: str) -> str:
