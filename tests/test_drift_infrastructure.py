@@ -12,8 +12,10 @@ What is not: no Pulumi engine and no Azure. The preview digests in tests/data/dr
 written by hand as copies of the documented `pulumi preview --json` format (Pulumi's
 `PreviewDigest`: steps with op, urn, oldState, newState, diffReasons, replaceReasons,
 detailedDiff; diagnostics with severity), not recorded from a run: the CLI cannot be installed
-here. fakepve models no guest agent in a clone (tests.test_proxmox_provider's `Agents` gives
-started VMs one) and runs PVE's seconds 100x faster.
+here; the Automation API (`pulumi.automation`, real) drives a stand-in `pulumi` script that
+answers its calls as Pulumi 3.200 does and prints those digests. fakepve models no guest
+agent in a clone (tests.test_proxmox_provider's `Agents` gives started VMs one) and runs PVE's
+seconds 100x faster.
 """
 
 from __future__ import annotations

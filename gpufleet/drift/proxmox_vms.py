@@ -212,10 +212,8 @@ def _match(
 
 
 def _no_other_stack(vm: Mapping[str, Any], stack_tag: str) -> bool:
-    """The VM carries this stack's tag, or no gpufleet stack's tag at all."""
-    tags = tags_of(vm)
-    others = {t for t in tags if t.startswith("gpufleet-") and not t.startswith("gpufleet-host-")}
-    return others <= {stack_tag}
+    """The VM carries no gpufleet tag but this stack's: no other stack's, no other host's."""
+    return {tag for tag in tags_of(vm) if tag.startswith("gpufleet-")} <= {stack_tag}
 
 
 def _id(vm: Mapping[str, Any]) -> int:
