@@ -43,6 +43,7 @@ a retry does not adopt (destroy it by hand).
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -74,7 +75,7 @@ T = TypeVar("T")
 _LOCKED = re.compile(r"VM is locked \(([\w-]+)\)|can't lock file '[^']*' - got timeout")
 _GONE = re.compile(r"Configuration file '[^']*' does not exist|unable to find configuration file")
 _ID_TAKEN = re.compile(r"already exists")
-_ID_RETRIES = 5
+_ID_RETRIES = 10
 # Answers while the guest agent is not up yet: PVE's 500s.
 _AGENT_NOT_READY = 500
 OUTPUT_KEYS = ("vmid", "address", "gpus", "pending_restart", "drift")
@@ -93,6 +94,16 @@ def _locked(error: Exception) -> str | None:
     if found is None:
         return None
     return found.group(1) or "config"
+
+
+def _fresh_vmid(pve: PveSession, clashes: int) -> int:
+    """The VM id for a clone: `cluster/nextid`, or after `clashes` lost races for it, a random
+    id a little above it. Creates of one `pulumi up` run in parallel and are all handed the same
+    nextid; asked again in lockstep they would clash again, one winner per round."""
+    first_free = int(pve.get("cluster/nextid"))
+    if clashes == 0:
+        return first_free
+    return first_free + random.randrange(8 * clashes)  # noqa: S311 - spreading, not secrecy
 
 
 def _vm_path(node: str, vmid: int, tail: str = "") -> str:
@@ -337,11 +348,11 @@ class GpuVmProvider(ResourceProvider):
         template = int(inputs["template_vmid"])
         timeout = self.timing.task_timeout_s
 
-        def clone_once() -> str | None:
+        def clone_once() -> str | None:  # reads `clashes` of the loop below
             if vm.made_here and self._is_our_clone(pve, vm, inputs):
                 return None  # the lost POST made it; _locked_retry waited for its task
             if not vm.vmid:
-                vm.vmid = int(pve.get("cluster/nextid"))
+                vm.vmid = _fresh_vmid(pve, clashes)
             params: dict[str, Any] = {
                 "newid": vm.vmid,
                 "name": inputs["name"],
@@ -358,7 +369,7 @@ class GpuVmProvider(ResourceProvider):
             vm.made_here = True
             return upid
 
-        for attempt in range(_ID_RETRIES):
+        for clashes in range(_ID_RETRIES):
             try:
                 upid = self._locked_retry(
                     pve, source, template, f"cloning template {template}", clone_once
@@ -366,7 +377,7 @@ class GpuVmProvider(ResourceProvider):
             except ProxmoxApiError as error:
                 # Another create (a parallel `pulumi up` step) took the id nextid gave us, unless
                 # it was our own POST whose answer was lost.
-                if not _ID_TAKEN.search(error.pve_message) or attempt == _ID_RETRIES - 1:
+                if not _ID_TAKEN.search(error.pve_message) or clashes == _ID_RETRIES - 1:
                     raise
                 if vm.made_here and self._is_our_clone(pve, vm, inputs):
                     upid = None
