@@ -51,7 +51,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -62,6 +62,9 @@ from tritonclient.utils import np_to_triton_dtype
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.stack import LoadGateSettings
 from validation.report import CheckResult, GateReport, Status
+
+if TYPE_CHECKING:
+    from validation.load_perf_analyzer import LoadEngine
 
 GATE = "load"
 REQUEST_TIMEOUT_S = 10.0
@@ -127,6 +130,9 @@ class LevelMeasurement:
     client_cpu_fraction: float = 0.0
     client_loop_lag_ms: float = 0.0
     server_lost: bool = False  # Triton stopped answering (liveness failed after the errors)
+    engine: str = "python"  # what measured: "python" (this module) or "perf_analyzer"
+    engine_version: str = ""
+    client_cpu_per_request_ms: float | None = None  # the load generator's CPU per request
 
     @property
     def client_bottleneck(self) -> str:
@@ -142,6 +148,7 @@ class LoadTarget:
     inputs: dict[str, NDArray[Any]]
     objectives: Objectives
     version: str = ""  # "" lets Triton pick (its version policy's latest)
+    batched: bool = True  # the model batches: the tensors' first dimension is the batch (1)
 
 
 # -- pure functions: windows, percentiles, stability, statistics -----------------------------
@@ -251,6 +258,7 @@ def summarize(
     split = split or {}
     overhead = mean - split["request_us"] / 1000 if latencies and "request_us" in split else None
     errors = sum(window.errors for window in windows)
+    cpu_s = sum(w.client_cpu_s for w in counted)
     return LevelMeasurement(
         concurrency=concurrency,
         throughput_per_s=len(latencies) / duration if duration > 0 else 0.0,
@@ -269,9 +277,10 @@ def summarize(
         window_s=settings.window_s,
         server_split=split,
         client_overhead_ms=overhead,
-        client_cpu_fraction=sum(w.client_cpu_s for w in counted) / duration if duration else 0.0,
+        client_cpu_fraction=cpu_s / duration if duration else 0.0,
         client_loop_lag_ms=sum(w.loop_lag_ms for w in counted) / count if count else 0.0,
         server_lost=server_lost,
+        client_cpu_per_request_ms=cpu_s * 1000 / len(latencies) if latencies else None,
     )
 
 
@@ -518,18 +527,29 @@ def run_load_gate(
     progress: Progress | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     statistics_headers: dict[str, str] | None = None,
+    engine: LoadEngine | None = None,
 ) -> GateReport:
     """Measure every target at each of its concurrency levels; one check per model and level.
 
     ``statistics_headers`` go with the statistics requests only (a deployed Triton restricts
-    its statistics API to the admin key; inference needs none).
+    its statistics API to the admin key; inference needs none). ``engine``: what measures
+    (validation/load_perf_analyzer.py's ``choose_engine``); None is this module's Python engine.
 
     ``progress`` is called with a line before and after each level. Every level is bounded in
     time (``level_deadline_s``), so a server that dies or hangs cannot hang the gate.
     """
+    from validation.load_perf_analyzer import LoadEngine
+
+    chosen = engine or LoadEngine("python")
     checks = asyncio.run(
         _run_gate(
-            grpc_url, targets, settings, progress or _quiet, request_timeout_s, statistics_headers
+            grpc_url,
+            targets,
+            settings,
+            progress or _quiet,
+            request_timeout_s,
+            statistics_headers,
+            chosen,
         )
     )
     return GateReport(GATE, checks, stack)
@@ -542,8 +562,11 @@ async def _run_gate(
     progress: Progress,
     request_timeout_s: float,
     statistics_headers: dict[str, str] | None,
+    engine: LoadEngine,
 ) -> list[CheckResult]:
     checks = []
+    if engine.note or engine.problem:
+        progress(f"engine: {engine.describe()}: {engine.problem or engine.note}")
     async with triton_aio.InferenceServerClient(grpc_url) as client:
         for target in targets:
             request = _Request(
@@ -556,43 +579,101 @@ async def _run_gate(
             levels = target.objectives.concurrency
             for concurrency in levels:
                 name = f"{target.model} c={concurrency}"
-                progress(f"{name}: measuring (windows of {settings.window_s:g} s)")
-                check = await _check_level(
-                    client, grpc_url, request, target.objectives, concurrency, settings
+                if engine.problem:
+                    checks.append(
+                        CheckResult(name, "error", engine.problem, _engine_fields(engine, settings))
+                    )
+                    continue
+                progress(
+                    f"{name}: measuring with {engine.name} (windows of {settings.window_s:g} s)"
                 )
+                level = _Level(target, request, concurrency, settings, engine)
+                check = await _check_level(client, grpc_url, level)
                 checks.append(check)
                 progress(f"{name}: {check.status}: {check.message}")
     return checks
 
 
+@dataclass(frozen=True)
+class _Level:
+    target: LoadTarget
+    request: _Request
+    concurrency: int
+    settings: LoadGateSettings
+    engine: LoadEngine
+
+
 async def _check_level(
-    client: triton_aio.InferenceServerClient,
-    grpc_url: str,
-    request: _Request,
-    objectives: Objectives,
-    concurrency: int,
-    settings: LoadGateSettings,
+    client: triton_aio.InferenceServerClient, grpc_url: str, level: _Level
 ) -> CheckResult:
-    name = f"{request.model} c={concurrency}"
+    request, objectives, settings = level.request, level.target.objectives, level.settings
+    name = f"{request.model} c={level.concurrency}"
     started = time.monotonic()
     not_ready = await _not_ready(client, grpc_url, request)
+    engine_fields = _engine_fields(level.engine, settings)
     if not_ready:
-        return CheckResult(name, "error", not_ready, duration_s=time.monotonic() - started)
+        return CheckResult(name, "error", not_ready, engine_fields, time.monotonic() - started)
     deadline = level_deadline_s(settings, request.timeout_s)
-    try:
-        measurement = await asyncio.wait_for(
-            _measure(client, request, concurrency, settings), deadline
-        )
-    except TimeoutError:
+    outcome = await _measure_with_engine(client, grpc_url, level, deadline)
+    if isinstance(outcome, str):
+        return CheckResult(name, "error", outcome, engine_fields, time.monotonic() - started)
+    if outcome is None:
         message = (
             f"Triton stopped answering during the load test: the measurement did not finish "
             f"within {deadline:g} s"
         )
-        return CheckResult(name, "fail", message, duration_s=time.monotonic() - started)
-    highest = concurrency == max(objectives.concurrency)
-    status, message = evaluate_level(measurement, objectives, settings, highest=highest)
-    measurements = {**asdict(measurement), **_objective_numbers(objectives, highest)}
+        return CheckResult(name, "fail", message, engine_fields, time.monotonic() - started)
+    measurement = outcome
+    highest = level.concurrency == max(objectives.concurrency)
+    if measurement.engine == "perf_analyzer" and not measurement.stable and not measurement.errors:
+        from validation.load_perf_analyzer import unstable_message
+
+        status: Status = "warn"
+        message = unstable_message(measurement, settings)
+    else:
+        status, message = evaluate_level(measurement, objectives, settings, highest=highest)
+    measurements = {
+        **asdict(measurement),
+        **_objective_numbers(objectives, highest),
+        **engine_fields,
+    }
     return CheckResult(name, status, message, measurements, time.monotonic() - started)
+
+
+async def _measure_with_engine(
+    client: triton_aio.InferenceServerClient, grpc_url: str, level: _Level, deadline: float
+) -> LevelMeasurement | str | None:
+    """The level measured by the chosen engine; str: it could not run; None: past deadline."""
+    if level.engine.analyzer is not None and level.engine.name == "perf_analyzer":
+        from validation.load_perf_analyzer import measure_with_perf_analyzer
+
+        return await asyncio.to_thread(
+            measure_with_perf_analyzer,
+            level.engine.analyzer,
+            grpc_url,
+            level.target,
+            level.concurrency,
+            level.settings,
+            deadline_s=deadline,
+        )
+    try:
+        return await asyncio.wait_for(
+            _measure(client, level.request, level.concurrency, level.settings), deadline
+        )
+    except TimeoutError:
+        return None
+
+
+def _engine_fields(engine: LoadEngine, settings: LoadGateSettings) -> dict[str, Any]:
+    """What the report says about the engine: its name, version, path and why it was chosen."""
+    from validation.load_perf_analyzer import windows_note
+
+    fields: dict[str, Any] = {"engine": engine.name, "engine_version": engine.version}
+    if engine.analyzer is not None:
+        fields["engine_path"] = str(engine.analyzer.path)
+    notes = [engine.note, windows_note(settings) if engine.name == "perf_analyzer" else ""]
+    fields["engine_note"] = "; ".join(note for note in notes if note)
+    return fields
 
 
 async def _not_ready(
@@ -681,7 +762,11 @@ def _numbers_text(measurement: LevelMeasurement, objectives: Objectives, *, high
 
 
 def _errors_message(measurement: LevelMeasurement) -> str:
-    counts = f"{measurement.errors} of {measurement.total_requests} requests failed"
+    counts = (
+        f"{measurement.errors} of {measurement.total_requests} requests failed"
+        if measurement.total_requests
+        else f"{measurement.engine} stops at the first failed request"
+    )
     if measurement.server_lost:
         return f"Triton stopped answering during the load test: {measurement.first_error}; {counts}"
     return f"{counts}: {measurement.first_error}"
