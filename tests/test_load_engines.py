@@ -206,8 +206,8 @@ def test_triton_killed_mid_run_fails_the_level_with_either_engine(
 def test_perf_analyzers_server_split_agrees_with_tritons_statistics(
     served: LocalTritonServer, analyzer: PerfAnalyzer
 ) -> None:
-    """perf_analyzer's split covers its stable windows; the statistics API's delta its whole
-    run. On the same steady load, per-request phases agree (the model's 2 ms sleep dominates)."""
+    """perf_analyzer reads Triton's statistics itself; the statistics API's delta around its
+    whole run, read here, gives the same per-request phases."""
     before = statistics(served.grpc_url)
     target = LoadTarget("mlp", INPUTS, Objectives(concurrency=[4]))
     measured = measure_with_perf_analyzer(
@@ -217,14 +217,19 @@ def test_perf_analyzers_server_split_agrees_with_tritons_statistics(
     assert not isinstance(measured, str | None)
     assert measured.stable
     split = measured.server_split
-    delta = {key: after[key] - before[key] for key in after}
+    delta = {key: after[key] - before.get(key, 0) for key in after}
     assert 0 < split["requests"] <= delta["success_count"]
     assert split["requests"] == measured.requests
-    for phase in ("compute_infer", "queue"):
-        whole_run_us = delta[f"{phase}_ns"] / delta[f"{phase}_count"] / 1000
-        assert split[f"{phase}_us"] == pytest.approx(whole_run_us, rel=0.35), phase
-    whole_run_request_us = delta["success_ns"] / delta["success_count"] / 1000
-    assert split["request_us"] == pytest.approx(whole_run_request_us, rel=0.35)
+    whole_run = {
+        phase: delta[f"{phase}_ns"] / delta[f"{phase}_count"] / 1000
+        for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    }
+    print("perf_analyzer:", split, "statistics API, whole run:", whole_run)
+    # perf_analyzer 2.51's figures match the whole run's to the microsecond here; the margin is
+    # for requests of other clients that end inside the run's span.
+    for phase, ours in whole_run.items():
+        theirs = split["request_us" if phase == "success" else f"{phase}_us"]
+        assert theirs == pytest.approx(ours, rel=0.2, abs=20), phase
     assert split["batch_size"] > 1  # the dynamic batcher batched the 4 concurrent requests
     phases = sum(
         split[f"{p}_us"] for p in ("queue", "compute_input", "compute_infer", "compute_output")
