@@ -281,6 +281,17 @@ class LoadEngine:
         return "python (tritonclient's asyncio gRPC client, this process)"
 
 
+# What the report says of the Python engine next to perf_analyzer (bench/engines.py measured it
+# on one Triton, alternating; bench/results/engines.json has the figures).
+PYTHON_ENGINE_GAP = (
+    "gpufleet's Python client (grpcio's asyncio stack) spends about 1.2 to 2.5 times "
+    "perf_analyzer's CPU per request (bench/results/engines.json); where the client is short "
+    "of CPU (beside Triton on a small host, a busy machine) it reads lower throughput and a "
+    "higher p99 than perf_analyzer would: the report's client_cpu_per_request_ms and "
+    "client_overhead_ms show how much of the latency is the client's"
+)
+
+
 def choose_engine(
     requested: str | None,
     grpc_url: str,
@@ -293,13 +304,15 @@ def choose_engine(
     ``find``: where perf_analyzer comes from (validation/perf_analyzer.py's search).
     """
     if requested == "python":
-        return LoadEngine("python", note="chosen with --engine python")
+        return LoadEngine("python", note=f"chosen with --engine python; {PYTHON_ENGINE_GAP}")
     found = find()
     if found is None:
         why = f"no perf_analyzer that runs here; {INSTALL_HINT}"
         if requested == ENGINE:
             return LoadEngine(ENGINE, problem=f"--engine perf_analyzer: {why}")
-        return LoadEngine("python", note=f"the Python engine, because there is {why}")
+        return LoadEngine(
+            "python", note=f"the Python engine, because there is {why}; {PYTHON_ENGINE_GAP}"
+        )
     if statistics_restricted(grpc_url):
         why = (
             f"this Triton restricts its statistics to the admin key, which {found.describe()} "
@@ -307,7 +320,7 @@ def choose_engine(
         )
         if requested == ENGINE:
             return LoadEngine(ENGINE, found, problem=f"--engine perf_analyzer: {why}")
-        return LoadEngine("python", note=f"the Python engine, because {why}")
+        return LoadEngine("python", note=f"the Python engine, because {why}; {PYTHON_ENGINE_GAP}")
     note = "chosen with --engine perf_analyzer" if requested == ENGINE else "found, so the default"
     return LoadEngine(ENGINE, found, note=note)
 
