@@ -147,26 +147,33 @@ def test_either_engine_passes_and_fails_the_same_objectives(
         report = run_load_gate(
             served.grpc_url, targets, SETTINGS, engine=engine_named(name, analyzer)
         )
-        verdicts[name] = [check.status for check in report.checks]
-        messages = [check.message for check in report.checks]
-        assert verdicts[name] == ["pass", "pass", "fail", "fail"], (name, messages)
-        assert messages[2].startswith("p99 latency ")
-        assert messages[3].startswith("throughput ")
-        for check in report.checks:
-            assert check.measurements["engine"] == name
-            assert check.measurements["stable"] is True
-            assert check.measurements["requests"] > 0
-            assert 0 < check.measurements["p50_ms"] <= check.measurements["p99_ms"]
-            assert check.measurements["client_cpu_per_request_ms"] > 0
-            assert check.measurements["server_split"]["compute_infer_us"] >= 2000
+        checks = report.checks
+        # A busy machine may keep either engine from stabilising: then a level that meets its
+        # objectives warns instead of passing. A missed objective fails either way.
+        verdicts[name] = ["fail" if check.status == "fail" else "met" for check in checks]
+        messages = [check.message for check in checks]
+        assert verdicts[name] == ["met", "met", "fail", "fail"], (name, messages)
+        for check in checks[:2]:
+            assert check.status == ("pass" if check.measurements["stable"] else "warn"), check
+        assert messages[2].startswith(("p99 latency ", "mean latency ")), messages[2]
+        assert messages[3].startswith("throughput "), messages[3]
+        for check in checks:
+            measured = check.measurements
+            assert measured["engine"] == name
+            assert measured["requests"] > 0
+            assert measured["client_cpu_per_request_ms"] > 0
+            if measured["stable"]:
+                assert 0 < measured["p50_ms"] <= measured["p99_ms"]
+                assert measured["server_split"]["compute_infer_us"] >= 2000
         if name == "python":  # the report says how far it is from perf_analyzer, and where
             assert (
                 "times perf_analyzer's CPU per request (bench/results/engines.json)"
-                in (report.checks[0].measurements["engine_note"])
+                in (checks[0].measurements["engine_note"])
             )
-        version = report.checks[0].measurements["engine_version"]
-        assert version == ("2.51.0" if name == "perf_analyzer" else version)
-        assert version.startswith("2.51.0" if name == "perf_analyzer" else "tritonclient ")
+        version = checks[0].measurements["engine_version"]
+        assert (
+            version == "2.51.0" if name == "perf_analyzer" else version.startswith("tritonclient ")
+        )
     assert verdicts["perf_analyzer"] == verdicts["python"]
 
 
@@ -211,30 +218,38 @@ def test_triton_killed_mid_run_fails_the_level_with_either_engine(
 def test_perf_analyzers_server_split_agrees_with_tritons_statistics(
     served: LocalTritonServer, analyzer: PerfAnalyzer
 ) -> None:
-    """perf_analyzer reads Triton's statistics itself; the statistics API's delta around its
-    whole run, read here, gives the same per-request phases."""
-    before = statistics(served.grpc_url)
+    """perf_analyzer reads Triton's statistics itself, over its last 3 windows; the statistics
+    API's delta around its whole run, read here, covers the same span when those 3 windows are
+    all it measured (a loose stability criterion makes that the usual case), and then gives the
+    same per-request phases."""
+    settings = LoadGateSettings(window_s=0.3, stability_percent=100, max_windows=10)
     target = LoadTarget("mlp", INPUTS, Objectives(concurrency=[4]))
-    measured = measure_with_perf_analyzer(
-        analyzer, served.grpc_url, target, 4, SETTINGS, deadline_s=120
-    )
-    after = statistics(served.grpc_url)
-    assert not isinstance(measured, str | None)
+    for _ in range(4):  # a run of exactly 3 windows; the busy machine may stretch one
+        before = statistics(served.grpc_url)
+        measured = measure_with_perf_analyzer(
+            analyzer, served.grpc_url, target, 4, settings, deadline_s=120
+        )
+        after = statistics(served.grpc_url)
+        assert not isinstance(measured, str | None)
+        if measured.windows == 3:
+            break
     assert measured.stable
+    assert measured.windows == 3
     split = measured.server_split
     delta = {key: after[key] - before.get(key, 0) for key in after}
     assert 0 < split["requests"] <= delta["success_count"]
-    assert split["requests"] == measured.requests
+    # Triton's count and perf_analyzer's own differ by the requests in flight at the edges.
+    assert split["requests"] == pytest.approx(measured.requests, abs=2 * 4)
     whole_run = {
         phase: delta[f"{phase}_ns"] / delta[f"{phase}_count"] / 1000
         for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output")
     }
     print("perf_analyzer:", split, "statistics API, whole run:", whole_run)
-    # perf_analyzer 2.51's figures match the whole run's to the microsecond here; the margin is
-    # for requests of other clients that end inside the run's span.
+    # Same span: perf_analyzer 2.51's figures match to a few microseconds (the margin is for
+    # requests in flight at the edges).
     for phase, ours in whole_run.items():
         theirs = split["request_us" if phase == "success" else f"{phase}_us"]
-        assert theirs == pytest.approx(ours, rel=0.2, abs=20), phase
+        assert theirs == pytest.approx(ours, rel=0.05, abs=20), phase
     assert split["batch_size"] > 1  # the dynamic batcher batched the 4 concurrent requests
     phases = sum(
         split[f"{p}_us"] for p in ("queue", "compute_input", "compute_infer", "compute_output")
@@ -261,13 +276,28 @@ def test_unstable_perf_analyzer_run_warns_in_its_own_words(
         "perf_analyzer could not stabilise: no 3 consecutive windows of 0.2 s agreed within "
         "1e-06% in 3 windows (its last 3: "
     )
-    assert check.message.endswith(
-        "it reports no percentiles for an unstable run, so the objectives are not checked"
-    )
+    assert check.message.endswith("it reports no percentiles for an unstable run")
     assert check.measurements["stable"] is False
     assert check.measurements["throughput_per_s"] > 0
     assert check.measurements["engine_note"].endswith(
         "perf_analyzer compares its last 3 windows, not the spec's stable_windows (2)"
+    )
+    # What it printed already misses these objectives: a failure, as with the Python engine.
+    unmeetable = Objectives(p99_latency_ms=0.001, concurrency=[2], min_throughput_per_s=1e6)
+    [missed] = run_load_gate(
+        served.grpc_url,
+        [LoadTarget("mlp", INPUTS, unmeetable)],
+        settings,
+        engine=engine_named("perf_analyzer", analyzer),
+    ).checks
+    assert missed.status == "fail"
+    assert missed.message.startswith("mean latency ")
+    assert " ms of the last windows is already above the p99 objective of 0.001 ms; " in (
+        missed.message
+    )
+    assert "; throughput " in missed.message
+    assert "is below the objective of 1e+06/s (perf_analyzer could not stabilise: " in (
+        missed.message
     )
 
 

@@ -335,6 +335,23 @@ def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
     assert check["measurements"]["p99_ms"] > 0.001
 
 
+def test_engine_option_chooses_the_load_gates_engine(project: Project) -> None:
+    """`--engine python` on the stack that perf_analyzer measures by default: the report names
+    the engine, its version and why, and the verdict is the same kind."""
+    result = project.gpufleet("validate", "--only", "load", "--json", "--engine", "python")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [load] = json.loads(result.stdout)["gates"]
+    for check in load["checks"]:
+        assert check["status"] == "pass" or _says_the_client_limited_it(check["message"]), check
+        assert check["measurements"]["engine"] == "python"
+        assert check["measurements"]["engine_version"].startswith("tritonclient ")
+        assert check["measurements"]["engine_note"].startswith("chosen with --engine python; ")
+    assert "engine: python " in result.stderr  # the progress line says which and why
+    bad = project.gpufleet("validate", "--only", "load", "--engine", "locust")
+    assert bad.returncode == 2
+    assert "locust" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [

@@ -1,9 +1,12 @@
 """The load gate: latency and throughput of served models against their spec's objectives.
 
-Measured with perf_analyzer's method, written on tritonclient's asyncio gRPC client so that it
-runs wherever gpufleet runs. For one model and one concurrency level ``c``:
+This module is the gate and its Python engine; validation/load_perf_analyzer.py is the other
+engine, Triton's perf_analyzer, chosen by default where it is found (docs/load-gate.md). The
+Python engine measures with perf_analyzer's method on grpcio's asyncio channel, so that it runs
+wherever gpufleet runs. For one model and one concurrency level ``c``:
 
-- ``c`` workers (coroutines on one asyncio thread) each send the given request back to back;
+- ``c`` workers (coroutines on one asyncio thread) each send the given request back to back
+  (the ModelInferRequest tritonclient builds, serialized once; responses are not parsed);
 - time is cut into windows of ``window_s``; a request belongs to the window it completes in;
 - a window gives throughput (successful requests / s), latencies, errors, client CPU time, and
   Triton's statistics (``get_inference_statistics``) are read at every window boundary;
@@ -447,26 +450,25 @@ async def _measure(
     settings: LoadGateSettings,
 ) -> LevelMeasurement:
     recorder = _Recorder()
-    # Inference on a channel of its own (tritonclient's options), statistics on the client's.
-    channel = grpc.aio.insecure_channel(request.grpc_url, options=CHANNEL_OPTIONS)
-    infer = _infer_call(channel)
-    boundaries = [await _boundary(client, request)]
-    tasks = [
-        asyncio.create_task(_send_back_to_back(infer, request, recorder))
-        for _ in range(concurrency)
-    ]
-    tasks.append(asyncio.create_task(_watch_loop_lag(recorder)))
     windows: list[Window] = []
-    try:
-        while not measurement_done(windows, settings):
-            next_boundary = boundaries[-1].time_s + settings.window_s
-            await asyncio.sleep(max(next_boundary - time.perf_counter(), 0.0))
-            windows.append(await _close_window(client, request, recorder, boundaries))
-    finally:  # also on cancellation by the level's deadline: no request outlives the level
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await channel.close()
+    # Inference on a channel of its own (tritonclient's options), statistics on the client's.
+    async with grpc.aio.insecure_channel(request.grpc_url, options=CHANNEL_OPTIONS) as channel:
+        infer = _infer_call(channel)
+        boundaries = [await _boundary(client, request)]
+        tasks = [
+            asyncio.create_task(_send_back_to_back(infer, request, recorder))
+            for _ in range(concurrency)
+        ]
+        tasks.append(asyncio.create_task(_watch_loop_lag(recorder)))
+        try:
+            while not measurement_done(windows, settings):
+                next_boundary = boundaries[-1].time_s + settings.window_s
+                await asyncio.sleep(max(next_boundary - time.perf_counter(), 0.0))
+                windows.append(await _close_window(client, request, recorder, boundaries))
+        finally:  # also on cancellation by the level's deadline: no request outlives the level
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     count, _ = counted_windows(windows, settings)
     first, last = boundaries[-1 - count].statistics, boundaries[-1].statistics
     split = server_split(first, last) if first is not None and last is not None else {}
@@ -667,10 +669,13 @@ async def _check_level(
     measurement = outcome
     highest = level.concurrency == max(objectives.concurrency)
     if measurement.engine == "perf_analyzer" and not measurement.stable and not measurement.errors:
-        from validation.load_perf_analyzer import unstable_message
+        from validation.load_perf_analyzer import unstable_message, unstable_misses
 
-        status: Status = "warn"
+        misses = unstable_misses(measurement, objectives, highest=highest)
+        status: Status = "fail" if misses else "warn"
         message = unstable_message(measurement, settings)
+        if misses:
+            message = "; ".join(misses) + f" ({message})"
     else:
         status, message = evaluate_level(measurement, objectives, settings, highest=highest)
     measurements = {

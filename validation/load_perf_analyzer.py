@@ -15,7 +15,8 @@ Outcomes, as the Python engine's:
 - measured: a ``LevelMeasurement`` (engine ``perf_analyzer``, its version);
 - not stable within ``max_windows``: perf_analyzer gives up without a result; the measurement
   is marked unstable and carries the last windows' throughput and mean latency it printed (no
-  percentiles: it computes none for an unstable run);
+  percentiles: it computes none for an unstable run). The gate warns in perf_analyzer's words,
+  and fails where those numbers already miss an objective (``unstable_misses``);
 - requests failed (perf_analyzer stops at the first failure) or the run outlived the level's
   deadline (a frozen Triton): an error outcome; whether Triton is still live is checked after;
 - perf_analyzer cannot read Triton's statistics (a deployed Triton restricts them to the admin
@@ -47,6 +48,7 @@ import tritonclient.grpc as triton_grpc
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from gpufleet.spec.model import Objectives
 from gpufleet.spec.stack import LoadGateSettings
 from validation.load import PROBE_TIMEOUT_S, LevelMeasurement, LoadTarget
 from validation.perf_analyzer import INSTALL_HINT, PerfAnalyzer, find_perf_analyzer
@@ -462,8 +464,30 @@ def unstable_message(measurement: LevelMeasurement, settings: LoadGateSettings) 
         f"{settings.window_s:g} s agreed within {settings.stability_percent:g}% in "
         f"{measurement.windows} windows (its last {measurement.counted_windows}: "
         f"{measurement.throughput_per_s:.0f}/s, mean latency {measurement.mean_latency_ms:.2f} "
-        "ms); it reports no percentiles for an unstable run, so the objectives are not checked"
+        "ms); it reports no percentiles for an unstable run"
     )
+
+
+def unstable_misses(
+    measurement: LevelMeasurement, objectives: Objectives, *, highest: bool
+) -> list[str]:
+    """The objectives an unstable perf_analyzer run misses on what it printed: the last
+    windows' throughput (the highest level), and their mean latency against the p99 objective
+    (without percentiles only a mean above it is a miss)."""
+    misses = []
+    limit = objectives.p99_latency_ms
+    if limit is not None and measurement.mean_latency_ms > limit:
+        misses.append(
+            f"mean latency {measurement.mean_latency_ms:.2f} ms of the last windows is already "
+            f"above the p99 objective of {limit:g} ms"
+        )
+    minimum = objectives.min_throughput_per_s
+    if highest and minimum is not None and measurement.throughput_per_s < minimum:
+        misses.append(
+            f"throughput {measurement.throughput_per_s:.0f}/s at the highest concurrency "
+            f"({measurement.concurrency}) is below the objective of {minimum:g}/s"
+        )
+    return misses
 
 
 def windows_note(settings: LoadGateSettings) -> str:
