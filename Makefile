@@ -4,8 +4,12 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# perf_analyzer (the load gate's engine) in a venv of its own: see scripts/perf-analyzer-requirements.txt.
+PERF_VENV  := .venv-perf
+PERF_REQS  := scripts/perf-analyzer-requirements.txt
+PERF_STAMP := $(PERF_VENV)/.installed-stamp
 
-.PHONY: setup demo down test lint bench schemas golden system-packages demo-packages
+.PHONY: setup perf-analyzer demo down test lint bench schemas golden system-packages demo-packages
 
 setup: $(STAMP)
 
@@ -23,13 +27,20 @@ $(STAMP): pyproject.toml | demo-packages
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
-demo: demo-packages setup
+perf-analyzer: $(PERF_STAMP)
+
+$(PERF_STAMP): $(PERF_REQS) | demo-packages
+	test -x $(PERF_VENV)/bin/python || python3 -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/python -m pip install --quiet -r $(PERF_REQS)
+	touch $(PERF_STAMP)
+
+demo: demo-packages setup perf-analyzer
 	$(VENV)/bin/gpufleet up --stack local
 
 down: setup
 	$(VENV)/bin/gpufleet down --stack local
 
-test: system-packages setup
+test: system-packages setup perf-analyzer
 	$(PY) -m pytest
 
 lint: setup
@@ -39,7 +50,7 @@ lint: setup
 	$(VENV)/bin/yamllint --strict ansible .ansible-lint .yamllint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/ansible-lint --profile production ansible
 
-bench: setup
+bench: setup perf-analyzer
 	$(PY) bench/generate.py
 	$(PY) bench/loadgen.py
 	$(PY) bench/serving.py
@@ -47,6 +58,7 @@ bench: setup
 	$(PY) bench/azure_preview.py
 	$(PY) bench/serving_stack.py
 	$(PY) bench/environment_up.py
+	$(PY) bench/engines.py
 
 schemas: setup
 	$(VENV)/bin/gpufleet schema --out schemas

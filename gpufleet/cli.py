@@ -85,6 +85,24 @@ GateOption = Annotated[
     list[Gate] | None,
     typer.Option("--only", help="Run only this gate (repeatable): host, correctness, load."),
 ]
+
+
+class Engine(enum.StrEnum):
+    """The load gate's engines (`--engine`)."""
+
+    perf_analyzer = "perf_analyzer"
+    python = "python"
+
+
+EngineOption = Annotated[
+    Engine | None,
+    typer.Option(
+        "--engine",
+        help="What the load gate measures with: Triton's perf_analyzer or gpufleet's Python "
+        "client (default: perf_analyzer where found and able to read Triton's statistics; the "
+        "report names the engine, its version and why).",
+    ),
+]
 OutputsOption = Annotated[
     Path | None,
     typer.Option(
@@ -310,6 +328,10 @@ def _gate_names(only: list[Gate] | None) -> list[GateName] | None:
     return [gate.value for gate in only] if only else None
 
 
+def _engine_name(engine: Engine | None) -> str | None:
+    return engine.value if engine else None
+
+
 def _say(line: str) -> None:
     out.print(line, markup=False, highlight=False)
 
@@ -364,6 +386,7 @@ def up(
     outputs: OutputsOption = None,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
+    engine: EngineOption = None,
 ) -> None:
     """Bring a stack to its spec, then gate it.
 
@@ -377,10 +400,10 @@ def up(
     Exit codes: 0 all gates passed, 1 a step or gate failed, 2 bad input or could not run.
     """
     if _environment_kind(stack, stacks_dir) != "local":
-        _run_on_hosts("up", stack, only, as_json, outputs, specs_dir, stacks_dir)
+        _run_on_hosts("up", stack, only, as_json, outputs, specs_dir, stacks_dir, engine)
     local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
-        reports = local_stack.up(_gate_names(only))
+        reports = local_stack.up(_gate_names(only), load_engine=_engine_name(engine))
     _finish_with_gates(reports, local_stack.paths.reports, as_json)
 
 
@@ -392,18 +415,20 @@ def validate(
     outputs: OutputsOption = None,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
+    engine: EngineOption = None,
 ) -> None:
     """Run the stack's validation gates against what runs now; write JSON and JUnit reports.
 
     Gates: host (processes, loopback-only ports, repository, disk, file checksums),
-    correctness (the registry's golden examples replayed through Triton), load (perf_analyzer's
-    method against the specs' service objectives).
+    correctness (the registry's golden examples replayed through Triton), load (Triton's
+    perf_analyzer, or gpufleet's Python client with its method, against the specs' service
+    objectives; see --engine).
     """
     if _environment_kind(stack, stacks_dir) != "local":
-        _run_on_hosts("validate", stack, only, as_json, outputs, specs_dir, stacks_dir)
+        _run_on_hosts("validate", stack, only, as_json, outputs, specs_dir, stacks_dir, engine)
     local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
     with _could_not_run():
-        reports = local_stack.validate(_gate_names(only))
+        reports = local_stack.validate(_gate_names(only), load_engine=_engine_name(engine))
     _finish_with_gates(reports, local_stack.paths.reports, as_json)
 
 
@@ -422,6 +447,7 @@ def _run_on_hosts(
     outputs: Path | None,
     specs_dir: Path,
     stacks_dir: Path,
+    engine: Engine | None = None,
 ) -> NoReturn:
     """`up` or `validate` on a static, proxmox or azure stack (gpufleet/lifecycle/)."""
     from gpufleet.environment_cli import open_environment, run_environment_command
@@ -430,7 +456,13 @@ def _run_on_hosts(
         stack, specs_dir=specs_dir, stacks_dir=stacks_dir, outputs_file=outputs, err=err
     )
     run_environment_command(
-        command, environment, gates=_gate_names(only), as_json=as_json, out=out, err=err
+        command,
+        environment,
+        gates=_gate_names(only),
+        as_json=as_json,
+        out=out,
+        err=err,
+        load_engine=_engine_name(engine),
     )
 
 

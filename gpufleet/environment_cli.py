@@ -61,6 +61,7 @@ def run_environment_command(
     as_json: bool,
     out: Console,
     err: Console,
+    load_engine: str | None = None,
 ) -> NoReturn:
     """`up` or `validate` on every host; the table, the reports, the exit code."""
     console = err if as_json else out
@@ -72,7 +73,7 @@ def run_environment_command(
         up_environment if command == "up" else validate_environment
     )
     try:
-        report = run(environment, say=say, gates=gates)
+        report = run(environment, say=say, gates=gates, load_engine=load_engine)
     except (EnvironmentLocked, InventoryError, ConfigureError, OSError) as error:
         _fail([str(error)], err)
     if as_json:

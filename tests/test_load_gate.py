@@ -157,7 +157,7 @@ def test_gate_passes_with_the_numbers_in_message_and_measurements(
     assert high.measurements["concurrency"] == 4
     assert high.measurements["objective_min_throughput_per_s"] == 10
     assert high.measurements["server_split"]["compute_infer_us"] > 0
-    assert lines[0] == "mlp c=1: measuring (windows of 0.3 s)"
+    assert lines[0] == "mlp c=1: measuring with python (windows of 0.3 s)"
     assert lines[1].startswith("mlp c=1: pass: p99 ")
     assert len(lines) == 4
 

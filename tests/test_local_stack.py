@@ -142,6 +142,9 @@ def test_first_up_seeds_serves_and_passes_every_gate(project: Project) -> None:
     assert load["status"] in ("pass", "warn"), load
     for check in load["checks"]:
         assert check["status"] == "pass" or _says_the_client_limited_it(check["message"]), check
+        # `make test` built .venv-perf: the default engine is perf_analyzer, named with its version.
+        assert check["measurements"]["engine"] == "perf_analyzer", check
+        assert check["measurements"]["engine_version"] == "2.51.0"
     for gate in ("host", "correctness", "load"):
         assert (project.state_dir / "reports" / f"{gate}.junit.xml").is_file()
     version_dir = project.repository / "tabular_mlp" / "1"
@@ -157,8 +160,12 @@ def test_first_up_seeds_serves_and_passes_every_gate(project: Project) -> None:
 
 
 def _says_the_client_limited_it(message: str) -> bool:
-    """A load check's warning that blames the load generator, not Triton."""
-    return "the client may be the bottleneck" in message or "; unstable: " in message
+    """A load check's warning that blames the load generator or the busy machine, not Triton."""
+    return (
+        "the client may be the bottleneck" in message
+        or "; unstable: " in message
+        or message.startswith("perf_analyzer could not stabilise: ")
+    )
 
 
 def test_second_up_changes_nothing(project: Project) -> None:
@@ -326,6 +333,23 @@ def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
     [check] = load["checks"]
     assert "above the objective of 0.001 ms" in check["message"]
     assert check["measurements"]["p99_ms"] > 0.001
+
+
+def test_engine_option_chooses_the_load_gates_engine(project: Project) -> None:
+    """`--engine python` on the stack that perf_analyzer measures by default: the report names
+    the engine, its version and why, and the verdict is the same kind."""
+    result = project.gpufleet("validate", "--only", "load", "--json", "--engine", "python")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [load] = json.loads(result.stdout)["gates"]
+    for check in load["checks"]:
+        assert check["status"] == "pass" or _says_the_client_limited_it(check["message"]), check
+        assert check["measurements"]["engine"] == "python"
+        assert check["measurements"]["engine_version"].startswith("tritonclient ")
+        assert check["measurements"]["engine_note"].startswith("chosen with --engine python; ")
+    assert "engine: python " in result.stderr  # the progress line says which and why
+    bad = project.gpufleet("validate", "--only", "load", "--engine", "locust")
+    assert bad.returncode == 2
+    assert "locust" in bad.stderr
 
 
 @pytest.mark.parametrize(

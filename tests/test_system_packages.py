@@ -115,6 +115,8 @@ def test_make_checks_the_packages_before_anything_else(
     """make's dry run (-n: nothing is executed) on a fresh copy of the Makefile: no .venv yet."""
     (tmp_path / "Makefile").write_text((PROJECT_ROOT / "Makefile").read_text())
     (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "perf-analyzer-requirements.txt").write_text("")
     # As a top-level make: under `make test` the parent's MAKEFLAGS and MAKELEVEL would make
     # this one a sub-make that prints "Entering directory" first.
     environment = {
@@ -136,3 +138,20 @@ def test_make_checks_the_packages_before_anything_else(
     assert "python3 -m venv" in result.stdout  # the venv is built after the check
     if then is not None:
         assert lines[-1] == then
+        # perf_analyzer's own venv (the load gate's engine) is set up before demo and test run.
+        perf = lines.index("test -x .venv-perf/bin/python || python3 -m venv .venv-perf")
+        assert lines[perf + 1] == (
+            ".venv-perf/bin/python -m pip install --quiet -r scripts/perf-analyzer-requirements.txt"
+        )
+        assert perf < len(lines) - 1
+    else:
+        assert ".venv-perf" not in result.stdout
+
+
+@pytest.mark.parametrize("what", ["demo", "test"])
+def test_perf_analyzers_libb64_is_in_the_demo_and_test_sets(fake_bin: Path, what: str) -> None:
+    """perf_analyzer (the load gate's engine, from the tritonclient wheel) links libb64."""
+    fake_system(fake_bin, uid=1000, statuses={"libb64-0d": "not-installed"})
+    result = run_script(fake_bin, what)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "sudo apt-get install -y libb64-0d"

@@ -26,6 +26,7 @@ from gpufleet.spec.stack import GateName, StackSpec
 from validation.correctness import CorrectnessTarget, run_correctness_gate
 from validation.host import ExpectedProcess, HostExpectations, run_host_gate
 from validation.load import LoadTarget, run_load_gate
+from validation.load_perf_analyzer import choose_engine
 from validation.report import CheckResult, GateReport, write_reports
 
 Say = Callable[[str], None]
@@ -45,6 +46,8 @@ class GateContext:
     reports_dir: Path
     # Triton's admin key as a gRPC header: its statistics and repository index are restricted.
     admin_headers: dict[str, str] | None = None
+    # The load gate's engine: "perf_analyzer", "python", or None: perf_analyzer where found.
+    load_engine: str | None = None
 
 
 def run_gates(context: GateContext, gates: Sequence[GateName], *, say: Say) -> list[GateReport]:
@@ -133,6 +136,7 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
                 model=spec.name,
                 inputs=_one_request(examples[0], batching=spec.max_batch_size > 0),
                 objectives=spec.objectives or Objectives(),
+                batched=spec.max_batch_size > 0,
             )
         )
     report = run_load_gate(
@@ -142,6 +146,7 @@ def _load_gate(context: GateContext, say: Say) -> GateReport:
         stack=context.stack,
         progress=lambda line: say(f"  {line}"),
         statistics_headers=context.admin_headers,
+        engine=choose_engine(context.load_engine, context.grpc_url),
     )
     return GateReport(report.gate, [*problems, *report.checks], report.stack)
 

@@ -1,9 +1,12 @@
 """The load gate: latency and throughput of served models against their spec's objectives.
 
-Measured with perf_analyzer's method, written on tritonclient's asyncio gRPC client so that it
-runs wherever gpufleet runs. For one model and one concurrency level ``c``:
+This module is the gate and its Python engine; validation/load_perf_analyzer.py is the other
+engine, Triton's perf_analyzer, chosen by default where it is found (docs/load-gate.md). The
+Python engine measures with perf_analyzer's method on grpcio's asyncio channel, so that it runs
+wherever gpufleet runs. For one model and one concurrency level ``c``:
 
-- ``c`` workers (coroutines on one asyncio thread) each send the given request back to back;
+- ``c`` workers (coroutines on one asyncio thread) each send the given request back to back
+  (the ModelInferRequest tritonclient builds, serialized once; responses are not parsed);
 - time is cut into windows of ``window_s``; a request belongs to the window it completes in;
 - a window gives throughput (successful requests / s), latencies, errors, client CPU time, and
   Triton's statistics (``get_inference_statistics``) are read at every window boundary;
@@ -36,7 +39,7 @@ rather than Triton: when the client process (all its threads, gRPC's included) u
 whole CPU core over the counted windows, or when most of the client latency (and at least 1 ms
 of it) is spent outside Triton's request statistics. That second sign also shows a server whose
 gRPC frontend waits for CPU (Triton's request time starts once the frontend has handed the
-request on), so the warning says which sign it saw, with the event loop's lag (how late a 5 ms
+request on), so the warning says which sign it saw, with the event loop's lag (how late a 20 ms
 timer fires, on average): a few tenths of a millisecond when the client keeps up, milliseconds
 when responses queue in it.
 
@@ -48,20 +51,26 @@ when responses queue in it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from numpy.typing import NDArray
+from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import np_to_triton_dtype
 
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.stack import LoadGateSettings
 from validation.report import CheckResult, GateReport, Status
+
+if TYPE_CHECKING:
+    from validation.load_perf_analyzer import LoadEngine
 
 GATE = "load"
 REQUEST_TIMEOUT_S = 10.0
@@ -77,8 +86,12 @@ CLIENT_CPU_BUSY_FRACTION = 0.9
 # matter: a fast model's latency is half gRPC's fixed cost (~0.4 ms here) and that is no news.
 CLIENT_OVERHEAD_SHARE = 0.5
 CLIENT_OVERHEAD_MIN_MS = 1.0
-LOOP_LAG_PROBE_S = 0.005
+# 20 ms: at 5 ms the probe cost a tenth of the client's CPU at concurrency 1 (bench/engines.py).
+LOOP_LAG_PROBE_S = 0.02
 SERVER_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# tritonclient's channel options: no message size limit either way.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 Progress = Callable[[str], None]
 
@@ -127,6 +140,9 @@ class LevelMeasurement:
     client_cpu_fraction: float = 0.0
     client_loop_lag_ms: float = 0.0
     server_lost: bool = False  # Triton stopped answering (liveness failed after the errors)
+    engine: str = "python"  # what measured: "python" (this module) or "perf_analyzer"
+    engine_version: str = ""
+    client_cpu_per_request_ms: float | None = None  # the load generator's CPU per request
 
     @property
     def client_bottleneck(self) -> str:
@@ -142,6 +158,7 @@ class LoadTarget:
     inputs: dict[str, NDArray[Any]]
     objectives: Objectives
     version: str = ""  # "" lets Triton pick (its version policy's latest)
+    batched: bool = True  # the model batches: the tensors' first dimension is the batch (1)
 
 
 # -- pure functions: windows, percentiles, stability, statistics -----------------------------
@@ -251,6 +268,7 @@ def summarize(
     split = split or {}
     overhead = mean - split["request_us"] / 1000 if latencies and "request_us" in split else None
     errors = sum(window.errors for window in windows)
+    cpu_s = sum(w.client_cpu_s for w in counted)
     return LevelMeasurement(
         concurrency=concurrency,
         throughput_per_s=len(latencies) / duration if duration > 0 else 0.0,
@@ -269,9 +287,10 @@ def summarize(
         window_s=settings.window_s,
         server_split=split,
         client_overhead_ms=overhead,
-        client_cpu_fraction=sum(w.client_cpu_s for w in counted) / duration if duration else 0.0,
+        client_cpu_fraction=cpu_s / duration if duration else 0.0,
         client_loop_lag_ms=sum(w.loop_lag_ms for w in counted) / count if count else 0.0,
         server_lost=server_lost,
+        client_cpu_per_request_ms=cpu_s * 1000 / len(latencies) if latencies else None,
     )
 
 
@@ -339,10 +358,29 @@ class _Request:
     inputs: list[triton_grpc.InferInput]
     timeout_s: float
     statistics_headers: dict[str, str] | None = None  # the admin key, where statistics need it
+    grpc_url: str = ""
 
     @property
     def probe_timeout_s(self) -> float:
         return min(PROBE_TIMEOUT_S, self.timeout_s)
+
+    @functools.cached_property
+    def serialized(self) -> bytes:
+        """The ModelInferRequest as tritonclient builds it, serialized once for every send."""
+        request = _get_inference_request(
+            model_name=self.model,
+            inputs=self.inputs,
+            model_version=self.version,
+            request_id="",
+            outputs=None,
+            sequence_id=0,
+            sequence_start=False,
+            sequence_end=False,
+            priority=0,
+            timeout=None,
+            parameters=None,
+        )
+        return bytes(request.SerializeToString())
 
 
 def request_inputs(inputs: dict[str, NDArray[Any]]) -> list[triton_grpc.InferInput]:
@@ -375,7 +413,9 @@ async def measure_level_async(
 ) -> LevelMeasurement:
     """Measure one level (see the module docstring) with a client of its own."""
     async with triton_aio.InferenceServerClient(grpc_url) as client:
-        request = _Request(model, version, request_inputs(inputs), request_timeout_s)
+        request = _Request(
+            model, version, request_inputs(inputs), request_timeout_s, grpc_url=grpc_url
+        )
         return await _measure(client, request, concurrency, settings)
 
 
@@ -410,22 +450,25 @@ async def _measure(
     settings: LoadGateSettings,
 ) -> LevelMeasurement:
     recorder = _Recorder()
-    boundaries = [await _boundary(client, request)]
-    tasks = [
-        asyncio.create_task(_send_back_to_back(client, request, recorder))
-        for _ in range(concurrency)
-    ]
-    tasks.append(asyncio.create_task(_watch_loop_lag(recorder)))
     windows: list[Window] = []
-    try:
-        while not measurement_done(windows, settings):
-            next_boundary = boundaries[-1].time_s + settings.window_s
-            await asyncio.sleep(max(next_boundary - time.perf_counter(), 0.0))
-            windows.append(await _close_window(client, request, recorder, boundaries))
-    finally:  # also on cancellation by the level's deadline: no request outlives the level
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    # Inference on a channel of its own (tritonclient's options), statistics on the client's.
+    async with grpc.aio.insecure_channel(request.grpc_url, options=CHANNEL_OPTIONS) as channel:
+        infer = _infer_call(channel)
+        boundaries = [await _boundary(client, request)]
+        tasks = [
+            asyncio.create_task(_send_back_to_back(infer, request, recorder))
+            for _ in range(concurrency)
+        ]
+        tasks.append(asyncio.create_task(_watch_loop_lag(recorder)))
+        try:
+            while not measurement_done(windows, settings):
+                next_boundary = boundaries[-1].time_s + settings.window_s
+                await asyncio.sleep(max(next_boundary - time.perf_counter(), 0.0))
+                windows.append(await _close_window(client, request, recorder, boundaries))
+        finally:  # also on cancellation by the level's deadline: no request outlives the level
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     count, _ = counted_windows(windows, settings)
     first, last = boundaries[-1 - count].statistics, boundaries[-1].statistics
     split = server_split(first, last) if first is not None and last is not None else {}
@@ -478,25 +521,33 @@ async def _statistics(
     return statistics_totals(statistics)
 
 
+def _infer_call(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+    """ModelInfer on bytes: the request is serialized once, the response is not parsed (the
+    load gate checks no outputs, as perf_analyzer checks none). See bench/engines.py for what
+    this saves per request over tritonclient's ``infer``."""
+    return channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+
+
 async def _send_back_to_back(
-    client: triton_aio.InferenceServerClient, request: _Request, recorder: _Recorder
+    infer: grpc.aio.UnaryUnaryMultiCallable, request: _Request, recorder: _Recorder
 ) -> None:
     """One worker: the next request as soon as the previous one is answered."""
+    payload, timeout_s, clock = request.serialized, request.timeout_s, time.perf_counter
     while True:
-        started = time.perf_counter()
+        started = clock()
         try:
-            await client.infer(
-                request.model,
-                request.inputs,
-                model_version=request.version,
-                client_timeout=request.timeout_s,
-            )
+            await infer(payload, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:  # worded as tritonclient words it
+            recorder.errors += 1
+            details = _first_line(error.details() or "")
+            recorder.first_error = recorder.first_error or f"[{error.code()}] {details}"
+            await asyncio.sleep(ERROR_BACKOFF_S)
         except Exception as error:  # any failure counts as an error of this request
             recorder.errors += 1
             recorder.first_error = recorder.first_error or _first_line(error)
             await asyncio.sleep(ERROR_BACKOFF_S)
         else:
-            recorder.latencies_ms.append((time.perf_counter() - started) * 1000)
+            recorder.latencies_ms.append((clock() - started) * 1000)
 
 
 async def _is_live(client: triton_aio.InferenceServerClient, timeout_s: float) -> bool:
@@ -518,18 +569,29 @@ def run_load_gate(
     progress: Progress | None = None,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     statistics_headers: dict[str, str] | None = None,
+    engine: LoadEngine | None = None,
 ) -> GateReport:
     """Measure every target at each of its concurrency levels; one check per model and level.
 
     ``statistics_headers`` go with the statistics requests only (a deployed Triton restricts
-    its statistics API to the admin key; inference needs none).
+    its statistics API to the admin key; inference needs none). ``engine``: what measures
+    (validation/load_perf_analyzer.py's ``choose_engine``); None is this module's Python engine.
 
     ``progress`` is called with a line before and after each level. Every level is bounded in
     time (``level_deadline_s``), so a server that dies or hangs cannot hang the gate.
     """
+    from validation.load_perf_analyzer import LoadEngine
+
+    chosen = engine or LoadEngine("python")
     checks = asyncio.run(
         _run_gate(
-            grpc_url, targets, settings, progress or _quiet, request_timeout_s, statistics_headers
+            grpc_url,
+            targets,
+            settings,
+            progress or _quiet,
+            request_timeout_s,
+            statistics_headers,
+            chosen,
         )
     )
     return GateReport(GATE, checks, stack)
@@ -542,8 +604,11 @@ async def _run_gate(
     progress: Progress,
     request_timeout_s: float,
     statistics_headers: dict[str, str] | None,
+    engine: LoadEngine,
 ) -> list[CheckResult]:
     checks = []
+    if engine.note or engine.problem:
+        progress(f"engine: {engine.describe()}: {engine.problem or engine.note}")
     async with triton_aio.InferenceServerClient(grpc_url) as client:
         for target in targets:
             request = _Request(
@@ -552,47 +617,109 @@ async def _run_gate(
                 request_inputs(target.inputs),
                 request_timeout_s,
                 statistics_headers,
+                grpc_url,
             )
             levels = target.objectives.concurrency
             for concurrency in levels:
                 name = f"{target.model} c={concurrency}"
-                progress(f"{name}: measuring (windows of {settings.window_s:g} s)")
-                check = await _check_level(
-                    client, grpc_url, request, target.objectives, concurrency, settings
+                if engine.problem:
+                    checks.append(
+                        CheckResult(name, "error", engine.problem, _engine_fields(engine, settings))
+                    )
+                    continue
+                progress(
+                    f"{name}: measuring with {engine.name} (windows of {settings.window_s:g} s)"
                 )
+                level = _Level(target, request, concurrency, settings, engine)
+                check = await _check_level(client, grpc_url, level)
                 checks.append(check)
                 progress(f"{name}: {check.status}: {check.message}")
     return checks
 
 
+@dataclass(frozen=True)
+class _Level:
+    target: LoadTarget
+    request: _Request
+    concurrency: int
+    settings: LoadGateSettings
+    engine: LoadEngine
+
+
 async def _check_level(
-    client: triton_aio.InferenceServerClient,
-    grpc_url: str,
-    request: _Request,
-    objectives: Objectives,
-    concurrency: int,
-    settings: LoadGateSettings,
+    client: triton_aio.InferenceServerClient, grpc_url: str, level: _Level
 ) -> CheckResult:
-    name = f"{request.model} c={concurrency}"
+    request, objectives, settings = level.request, level.target.objectives, level.settings
+    name = f"{request.model} c={level.concurrency}"
     started = time.monotonic()
     not_ready = await _not_ready(client, grpc_url, request)
+    engine_fields = _engine_fields(level.engine, settings)
     if not_ready:
-        return CheckResult(name, "error", not_ready, duration_s=time.monotonic() - started)
+        return CheckResult(name, "error", not_ready, engine_fields, time.monotonic() - started)
     deadline = level_deadline_s(settings, request.timeout_s)
-    try:
-        measurement = await asyncio.wait_for(
-            _measure(client, request, concurrency, settings), deadline
-        )
-    except TimeoutError:
+    outcome = await _measure_with_engine(client, grpc_url, level, deadline)
+    if isinstance(outcome, str):
+        return CheckResult(name, "error", outcome, engine_fields, time.monotonic() - started)
+    if outcome is None:
         message = (
             f"Triton stopped answering during the load test: the measurement did not finish "
             f"within {deadline:g} s"
         )
-        return CheckResult(name, "fail", message, duration_s=time.monotonic() - started)
-    highest = concurrency == max(objectives.concurrency)
-    status, message = evaluate_level(measurement, objectives, settings, highest=highest)
-    measurements = {**asdict(measurement), **_objective_numbers(objectives, highest)}
+        return CheckResult(name, "fail", message, engine_fields, time.monotonic() - started)
+    measurement = outcome
+    highest = level.concurrency == max(objectives.concurrency)
+    if measurement.engine == "perf_analyzer" and not measurement.stable and not measurement.errors:
+        from validation.load_perf_analyzer import unstable_message, unstable_misses
+
+        misses = unstable_misses(measurement, objectives, highest=highest)
+        status: Status = "fail" if misses else "warn"
+        message = unstable_message(measurement, settings)
+        if misses:
+            message = "; ".join(misses) + f" ({message})"
+    else:
+        status, message = evaluate_level(measurement, objectives, settings, highest=highest)
+    measurements = {
+        **asdict(measurement),
+        **_objective_numbers(objectives, highest),
+        **engine_fields,
+    }
     return CheckResult(name, status, message, measurements, time.monotonic() - started)
+
+
+async def _measure_with_engine(
+    client: triton_aio.InferenceServerClient, grpc_url: str, level: _Level, deadline: float
+) -> LevelMeasurement | str | None:
+    """The level measured by the chosen engine; str: it could not run; None: past deadline."""
+    if level.engine.analyzer is not None and level.engine.name == "perf_analyzer":
+        from validation.load_perf_analyzer import measure_with_perf_analyzer
+
+        return await asyncio.to_thread(
+            measure_with_perf_analyzer,
+            level.engine.analyzer,
+            grpc_url,
+            level.target,
+            level.concurrency,
+            level.settings,
+            deadline_s=deadline,
+        )
+    try:
+        return await asyncio.wait_for(
+            _measure(client, level.request, level.concurrency, level.settings), deadline
+        )
+    except TimeoutError:
+        return None
+
+
+def _engine_fields(engine: LoadEngine, settings: LoadGateSettings) -> dict[str, Any]:
+    """What the report says about the engine: its name, version, path and why it was chosen."""
+    from validation.load_perf_analyzer import windows_note
+
+    fields: dict[str, Any] = {"engine": engine.name, "engine_version": engine.version}
+    if engine.analyzer is not None:
+        fields["engine_path"] = str(engine.analyzer.path)
+    notes = [engine.note, windows_note(settings) if engine.name == "perf_analyzer" else ""]
+    fields["engine_note"] = "; ".join(note for note in notes if note)
+    return fields
 
 
 async def _not_ready(
@@ -681,7 +808,11 @@ def _numbers_text(measurement: LevelMeasurement, objectives: Objectives, *, high
 
 
 def _errors_message(measurement: LevelMeasurement) -> str:
-    counts = f"{measurement.errors} of {measurement.total_requests} requests failed"
+    counts = (
+        f"{measurement.errors} of {measurement.total_requests} requests failed"
+        if measurement.total_requests
+        else f"{measurement.engine} stops at the first failed request"
+    )
     if measurement.server_lost:
         return f"Triton stopped answering during the load test: {measurement.first_error}; {counts}"
     return f"{counts}: {measurement.first_error}"

@@ -34,10 +34,12 @@ def gate(
     *,
     say: Say,
     gates: Sequence[GateName] | None = None,
+    load_engine: str | None = None,
 ) -> list[StepOutcome]:
-    """Run the stack's gates (or `gates`) on each of `hosts`; one outcome per host."""
+    """Run the stack's gates (or `gates`) on each of `hosts`; one outcome per host.
+    `load_engine`: the load gate's ("perf_analyzer", "python"; None: perf_analyzer where found)."""
     wanted = list(gates or environment.spec.gates)
-    return [_gate_host(environment, host, wanted, say) for host in hosts]
+    return [_gate_host(environment, host, wanted, say, load_engine) for host in hosts]
 
 
 def triton_grpc_url(environment: Environment, host: str) -> str:
@@ -51,7 +53,13 @@ def triton_grpc_url(environment: Environment, host: str) -> str:
     return f"{url_host(address)}:{environment.spec.ports.triton_grpc}"
 
 
-def _gate_host(environment: Environment, host: str, gates: list[GateName], say: Say) -> StepOutcome:
+def _gate_host(
+    environment: Environment,
+    host: str,
+    gates: list[GateName],
+    say: Say,
+    load_engine: str | None = None,
+) -> StepOutcome:
     started = time.monotonic()
     reports_dir = environment.reports_dir / host
     label = f"{environment.name}/{host}"
@@ -81,6 +89,7 @@ def _gate_host(environment: Environment, host: str, gates: list[GateName], say: 
                 grpc_url=grpc_url,
                 reports_dir=reports_dir,
                 admin_headers=admin_key_headers(environment),
+                load_engine=load_engine,
             )
             reports += run_gates(context, service_gates, say=lambda line: say(f"  {host}:{line}"))
     status, reasons = _judge(reports)

@@ -103,7 +103,11 @@ class EnvironmentReport:
 
 
 def up_environment(
-    environment: Environment, *, say: Say, gates: Sequence[GateName] | None = None
+    environment: Environment,
+    *,
+    say: Say,
+    gates: Sequence[GateName] | None = None,
+    load_engine: str | None = None,
 ) -> EnvironmentReport:
     """Configure, deploy and gate every host; a host stops at its first failed step."""
     report = EnvironmentReport(environment.name, "up", environment.host_names, [])
@@ -118,7 +122,7 @@ def up_environment(
             elif title == "deploy":
                 outcomes = deploy(environment, going, say=say)
             else:
-                outcomes = gate(environment, going, say=say, gates=gates)
+                outcomes = gate(environment, going, say=say, gates=gates, load_engine=load_engine)
             report.outcomes += outcomes
             for outcome in outcomes:
                 say(f"[{title}] {outcome.host}: {outcome.status} in {outcome.seconds:.1f} s")
@@ -128,10 +132,16 @@ def up_environment(
 
 
 def validate_environment(
-    environment: Environment, *, say: Say, gates: Sequence[GateName] | None = None
+    environment: Environment,
+    *,
+    say: Say,
+    gates: Sequence[GateName] | None = None,
+    load_engine: str | None = None,
 ) -> EnvironmentReport:
     """The gate step on every host, against what runs now."""
-    outcomes = gate(environment, environment.host_names, say=say, gates=gates)
+    outcomes = gate(
+        environment, environment.host_names, say=say, gates=gates, load_engine=load_engine
+    )
     report = EnvironmentReport(environment.name, "validate", environment.host_names, outcomes)
     report.write(environment.reports_dir)
     return report

@@ -110,7 +110,9 @@ class LocalStack:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def up(self, gates: Sequence[GateName] | None = None) -> list[GateReport]:
+    def up(
+        self, gates: Sequence[GateName] | None = None, *, load_engine: str | None = None
+    ) -> list[GateReport]:
         """Bring the stack up (changing only what differs), then run its gates."""
         with self._locked():
             state = self._load_state()
@@ -126,7 +128,7 @@ class LocalStack:
             except BaseException:
                 self._stop_started(state)
                 raise
-        return self.validate(gates, state=state, registry=registry)
+        return self.validate(gates, state=state, registry=registry, load_engine=load_engine)
 
     def validate(
         self,
@@ -134,6 +136,7 @@ class LocalStack:
         *,
         state: RunState | None = None,
         registry: ModelRegistry | None = None,
+        load_engine: str | None = None,
     ) -> list[GateReport]:
         """Run the stack's gates (or `gates`) against what runs now; write their reports."""
         state = state or self._load_state()
@@ -156,6 +159,7 @@ class LocalStack:
             grpc_url=f"127.0.0.1:{triton.ports['grpc']}",
             reports_dir=self.paths.reports,
             admin_headers=self._admin_headers(),
+            load_engine=load_engine,
         )
         with self._step("gates"):
             return run_gates(context, gates or self.stack.spec.gates, say=self.say)
