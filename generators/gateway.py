@@ -118,6 +118,9 @@ def _http_block(settings: GatewaySettings, routes: list[ModelRoute]) -> list[dic
         _d("client_max_body_size", f"{settings.max_body_mb}m"),
         _d("client_body_buffer_size", "1m"),  # Triton's JSON bodies stay in memory
         _d("server_tokens", "off"),
+        # The log's variables are set only where a location names a model; no server-level
+        # default, because a mirror subrequest shares its parent's variables and would reset them.
+        _d("uninitialized_variable_warn", "off"),
         _d("log_format", ACCESS_LOG_FORMAT, "escape=json", ACCESS_LOG_FIELDS),
         _d("log_format", SHADOW_LOG_FORMAT, "escape=json", SHADOW_LOG_FIELDS),
         _d("access_log", "off"),
@@ -155,7 +158,7 @@ def _canary_split(index: int, route: ModelRoute) -> list[dict[str, Any]]:
     directives.append(
         _d(
             "split_clients",
-            f"{route.model}:${{{source[1:]}}}",
+            f"{route.model}:{source}",
             version,
             block=[
                 _d(f"{_percent(route.candidate_percent)}%", str(route.candidate)),
@@ -170,10 +173,22 @@ def _http_server(settings: GatewaySettings, routes: list[ModelRoute]) -> dict[st
     block = [
         _d("listen", settings.http_listen),
         _d("access_log", settings.access_log, ACCESS_LOG_FORMAT),
-        _d("set", "$gpufleet_model", ""),
-        _d("set", "$gpufleet_version", ""),
-        _d("set", "$gpufleet_shadow_version", ""),
         *_proxy_settings(),
+        # Declares the log's variables (nginx wants every variable a log_format names to be
+        # set somewhere); the location itself is never reached from outside.
+        _d(
+            "location",
+            "=",
+            "/_gpufleet_declare",
+            block=[
+                _d("internal"),
+                *(
+                    _d("set", f"$gpufleet_{name}", "")
+                    for name in ("model", "version", "shadow_version")
+                ),
+                _d("return", "404"),
+            ],
+        ),
         # Triton's model-repository API (load, unload) is for operators, not callers.
         _d("location", "^~", "/v2/repository", block=[_d("return", "403")]),
     ]
@@ -254,8 +269,6 @@ def _grpc_server(settings: GatewaySettings) -> dict[str, Any]:
         block=[
             _d("listen", settings.grpc_listen, "http2"),
             _d("access_log", settings.access_log, ACCESS_LOG_FORMAT),
-            _d("set", "$gpufleet_model", ""),
-            _d("set", "$gpufleet_version", ""),
             _d("grpc_read_timeout", "300s"),
             # Repository (load/unload) and shared-memory calls are for operators only.
             _d(

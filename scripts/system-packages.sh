@@ -11,8 +11,9 @@ set -euo pipefail
 # `make demo` (gpufleet up --stack local):
 # python3-venv: `make` builds .venv with it. libpython3.11: Triton's python-backend stub links
 # the system's libpython. git: the lineage manifest records the project's commit. iproute2 (ss),
-# procps (ps): testinfra's socket and process checks in the host gate.
-demo_packages=(python3-venv libpython3.11 git iproute2 procps)
+# procps (ps): testinfra's socket and process checks in the host gate. nginx: the gateway in
+# front of Triton that splits, mirrors and switches traffic for `gpufleet rollout`.
+demo_packages=(python3-venv libpython3.11 git iproute2 procps nginx)
 
 # `make test`, besides those:
 # util-linux (taskset, unshare): bench/serving.py pins server and load generator to a core each;

@@ -1,7 +1,7 @@
 """What each version of a model answered during a rollout, from two sources that agree:
 
 - the gateway's access log (one JSON object per request, generators/gateway.py): requests,
-  failures (status >= 500, or no answer) and latency percentiles per version, as callers saw
+  failures (status >= 400, or no answer) and latency percentiles per version, as callers saw
   them;
 - Triton's per-version statistics (`GET /v2/models/<m>/stats`): successes and failures each
   version counted itself, which includes the mirrored requests of a shadow the gateway does not
@@ -22,8 +22,9 @@ from typing import Any
 
 from validation.loopback import http_request
 
-# A version answering 4xx refused a request (bad input): the caller's fault, not the version's.
-FAILED_STATUS = 500
+# Any answer but a success counts as a failure of the version that gave it: a version that is
+# not loaded answers 400 too, and a caller's malformed request fails on every version alike.
+FAILED_STATUS = 400
 
 
 @dataclass
