@@ -85,12 +85,19 @@ class GatewaySettings:
     error_log: str
     worker_processes: int = 2
     max_body_mb: int = 64
+    # In a container, nginx listens on the container's own interfaces (port only); the host
+    # side is published on the host's private address by compose.
+    in_container: bool = False
 
 
 def render_gateway_config(settings: GatewaySettings, routes: Sequence[ModelRoute]) -> str:
     """The nginx.conf text for `routes` (sorted by model: same input, same bytes)."""
     for address in (settings.http_listen, settings.grpc_listen):
-        _check_listen(address)
+        if settings.in_container:
+            if not address.isdigit():
+                raise GatewayConfigError(f"in a container, listen on a port, not {address!r}")
+        else:
+            _check_listen(address)
     ordered = sorted(routes, key=lambda route: route.model)
     models = [route.model for route in ordered]
     if len(set(models)) != len(models):

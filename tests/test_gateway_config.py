@@ -14,6 +14,7 @@ from typing import Any
 
 import crossplane
 import pytest
+import yaml
 
 from generators.gateway import (
     GatewayConfigError,
@@ -21,6 +22,9 @@ from generators.gateway import (
     ModelRoute,
     render_gateway_config,
 )
+from generators.serving_stack.files import render_serving_files
+from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
+from tests.conftest import SAMPLE_SPECS
 
 ROUTES = {
     "none": [],
@@ -76,8 +80,16 @@ def test_nginx_accepts_every_strategy(tmp_path: Path, name: str) -> None:
     text = render_gateway_config(settings(tmp_path), ROUTES[name])
     (tmp_path / "nginx.conf").write_text(text)
     checked = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log")]
-        + ["-c", str(tmp_path / "nginx.conf")],
+        [
+            "nginx",
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -121,7 +133,8 @@ def test_blue_green_sends_everything_to_one_version(
     config = parsed(tmp_path, render_gateway_config(settings(tmp_path), ROUTES[name]))
     (location,) = find(config, "location", "=", "/v2/models/m/infer")
     assert find(location["block"], "set", "$gpufleet_version", version)
-    assert not find(config, "split_clients") and not find(config, "mirror")
+    assert not find(config, "split_clients")
+    assert not find(config, "mirror")
 
 
 def test_grpc_passes_through_and_operator_apis_are_closed(tmp_path: Path) -> None:
@@ -141,14 +154,14 @@ def test_grpc_passes_through_and_operator_apis_are_closed(tmp_path: Path) -> Non
 def test_the_same_routes_give_the_same_bytes(tmp_path: Path) -> None:
     routes = list(ROUTES["all"])
     first = render_gateway_config(settings(tmp_path), routes)
-    random.Random(7).shuffle(routes)
+    random.Random(7).shuffle(routes)  # noqa: S311 - an order, not a secret
     assert render_gateway_config(settings(tmp_path), routes) == first
 
 
 @pytest.mark.parametrize(
     ("route", "listen", "expected"),
     [
-        (ModelRoute("m"), "0.0.0.0", "bind the gateway to loopback or a private address"),
+        (ModelRoute("m"), "0.0.0.0", "bind the gateway to loopback or a private address"),  # noqa: S104
         (ModelRoute("m"), "8.8.8.8", "bind the gateway to loopback or a private address"),
         (ModelRoute("m"), "localhost", "is not IP:port"),
         (ModelRoute("m; evil"), "127.0.0.1", "is not a Triton model name"),
@@ -164,3 +177,68 @@ def test_routes_nginx_cannot_express_safely_are_refused(
 ) -> None:
     with pytest.raises(GatewayConfigError, match=expected):
         render_gateway_config(settings(tmp_path, listen), [route])
+
+
+# --- The generated serving stack's gateway --------------------------------------------------
+
+
+def test_a_serving_stack_gateway_is_published_on_the_private_address_and_nginx_accepts_it(
+    tmp_path: Path,
+) -> None:
+    """The generated stack's nginx.conf, its container directories mapped into a scratch
+    directory, passes `nginx -t`; compose publishes it on the host's private address only."""
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    fields = {
+        "environment": "static",
+        "models": ["tabular_mlp"],
+        "hosts": [{"name": "cpu-a", "address": "10.1.2.3"}],
+        "serving": {
+            "gateway": {"http_port": 8080},
+            "publish": ["gateway_http", "gateway_grpc", "triton_grpc"],
+        },
+        "registry": {"tracking_uri": "https://mlflow.example.internal"},
+    }
+    (stacks / "Pulumi.svc.yaml").write_text(
+        yaml.safe_dump({"config": {f"gpufleet:{k}": v for k, v in fields.items()}})
+    )
+    loaded = load_stack_spec(stacks, "svc")
+    files = render_serving_files(
+        loaded, select_stack_models(loaded, load_model_specs(SAMPLE_SPECS))
+    )
+    compose = yaml.safe_load(files["cpu-a/docker-compose.yml"])
+    gateway = compose["services"]["gateway"]
+    assert gateway["ports"] == ["10.1.2.3:8080:8080", "10.1.2.3:8081:8081"]
+    assert "ports" not in compose["services"]["triton"] or all(
+        port.startswith("10.1.2.3:") for port in compose["services"]["triton"]["ports"]
+    )
+    assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert "nginx" in files["cpu-a/images/gateway/Dockerfile"]
+
+    text = files["cpu-a/gateway/nginx.conf"]
+    config = parsed(tmp_path, text)
+    assert find(config, "server", "triton:8000")
+    assert find(config, "grpc_pass", "grpc://triton_grpc")
+    assert [node["args"] for node in find(config, "listen")] == [["8080"], ["8081", "http2"]]
+    for container_dir in ("/var/lib/gpufleet-gateway", "/var/log/gpufleet-gateway"):
+        text = text.replace(container_dir, str(tmp_path))
+    # `triton` resolves inside the stack's network only: here it is this machine.
+    text = text.replace("triton:", "127.0.0.1:")
+    (tmp_path / "nginx.conf").write_text(text)
+    checked = subprocess.run(
+        [
+            "nginx",
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-c",
+            str(tmp_path / "nginx.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
