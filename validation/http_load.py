@@ -2,7 +2,14 @@
 
 Threads on keep-alive connections send one request each at a time (closed loop) until stopped
 or until a total is reached; every answer is recorded with its status, the `model_version`
-Triton names in the body, the request's sticky-key value and its latency. The rollout tests
+Triton names in the body, the request's sticky-key value and its latency.
+
+The senders treat keep-alive as HTTP clients do (urllib3, Go's net/http): a server may close an
+idle keep-alive connection at any time (nginx does on every graceful reload, when its old
+workers exit), so a connection the server has closed is not reused, and a request that fails on
+a reused connection before any byte of an answer came back is sent once more on a new one (the
+server never saw it). Such resends are counted (`LoadResult.resent`); any other error is a
+failed request. The rollout tests
 use it as the steady load under which versions are switched, and bench/gateway.py to compare
 the gateway with Triton directly.
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import threading
 import time
 from collections import Counter
@@ -56,6 +64,7 @@ class Answer:
 @dataclass
 class LoadResult:
     answers: list[Answer] = field(default_factory=list)
+    resent: int = 0  # requests sent again: their reused connection had been closed
 
     @property
     def failures(self) -> list[Answer]:
@@ -131,29 +140,55 @@ class SteadyLoad:
 
     def _run(self) -> None:
         host, port = self.address.rsplit(":", 1)
-        connection = http.client.HTTPConnection(host, int(port), timeout=_TIMEOUT_S)
+
+        def connect() -> http.client.HTTPConnection:
+            return http.client.HTTPConnection(host, int(port), timeout=_TIMEOUT_S)
+
+        connection = connect()
         try:
             while (index := self._next_index()) is not None:
                 key = self.key_of(index) if self.key_of is not None else None
                 headers = {"Content-Type": "application/json"}
                 if key is not None and self.key_header is not None:
                     headers[self.key_header] = key
-                answer = self._send(connection, headers, key)
+                if _closed_by_server(connection):
+                    connection.close()
+                    connection = connect()
+                started = time.monotonic()
+                reused = connection.sock is not None
+                answer = self._send(connection, headers, key, started)
+                if answer is None and reused:  # closed under us before any answer: resend
+                    with self._lock:
+                        self.result.resent += 1
+                    connection.close()
+                    connection = connect()
+                    answer = self._send(connection, headers, key, started)
+                if answer is None:
+                    answer = Answer(0, "", key, time.monotonic() - started, started)
                 if answer.status == 0:  # the connection broke: a new one for the next request
                     connection.close()
-                    connection = http.client.HTTPConnection(host, int(port), timeout=_TIMEOUT_S)
+                    connection = connect()
                 with self._lock:
                     self.result.answers.append(answer)
         finally:
             connection.close()
 
     def _send(
-        self, connection: http.client.HTTPConnection, headers: dict[str, str], key: str | None
-    ) -> Answer:
-        started = time.monotonic()
+        self,
+        connection: http.client.HTTPConnection,
+        headers: dict[str, str],
+        key: str | None,
+        started: float,
+    ) -> Answer | None:
+        """The answer; None when the connection failed before any byte of an answer came."""
         try:
             connection.request("POST", self.path, body=self.body, headers=headers)
             response = connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            return None
+        except (OSError, http.client.HTTPException):
+            return Answer(0, "", key, time.monotonic() - started, started)
+        try:
             payload = response.read()
             status = response.status
         except (OSError, http.client.HTTPException):
@@ -163,3 +198,13 @@ class SteadyLoad:
         if status == 200:
             version = str(json.loads(payload).get("model_version", ""))
         return Answer(status, version, key, latency, started)
+
+
+def _closed_by_server(connection: http.client.HTTPConnection) -> bool:
+    """Whether the server closed this idle keep-alive connection (urllib3's check): an idle
+    connection that is readable has nothing to say but its end."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
