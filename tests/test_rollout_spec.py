@@ -169,3 +169,36 @@ def test_a_gateway_port_taken_by_another_server_is_refused(tmp_path: Path) -> No
         load_stack_spec(_stack(tmp_path, "{http: 18000, grpc: 18081}"), "s")
     (problem,) = caught.value.problems
     assert "gateway.http: port 18000 is also ports.triton_http" in str(problem)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "rollout", "expected"),
+    [
+        ("", CANARY, "stack 's' has no gateway to split traffic with; add gpufleet:gateway"),
+        ("  gpufleet:gateway: {http: 18080, grpc: 18081}\n", "", "m has no rollout section"),
+    ],
+)
+def test_rollout_commands_refuse_what_they_cannot_do_with_exit_2(
+    tmp_path: Path, gateway: str, rollout: str, expected: str
+) -> None:
+    """Refused before any server or registry is contacted: none runs here."""
+    write_spec(tmp_path / "modelconfigs", "m", BASE + rollout)
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    (stacks / "Pulumi.s.yaml").write_text(
+        "config:\n  gpufleet:environment: local\n"
+        f"  gpufleet:state_dir: {tmp_path / 'state'}\n"
+        f"  gpufleet:model_repository: {tmp_path / 'repository'}\n" + gateway
+    )
+    for verb in ("start", "status", "promote", "rollback"):
+        result = CliRunner().invoke(
+            app,
+            [
+                *("rollout", verb, "--stack", "s", "--model", "m"),
+                *("--specs", str(tmp_path / "modelconfigs"), "--stacks-dir", str(stacks)),
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        if verb == "start":
+            assert expected in result.output, result.output
+    assert not (tmp_path / "state" / "rollout").exists()
