@@ -31,6 +31,7 @@ from generators.serving_stack.files import (
     render_serving_files,
     serving_directory,
 )
+from gpufleet.rollout_cli import rollout_app
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
@@ -54,6 +55,7 @@ registry_app = typer.Typer(
     help="The stack's MLflow model registry.", no_args_is_help=True, add_completion=False
 )
 app.add_typer(registry_app, name="registry")
+app.add_typer(rollout_app, name="rollout")
 # soft_wrap: long paths and diffs must stay on one line for CI logs and grep.
 # emoji=False: rich would turn `file.yaml:100:` into an emoji.
 out = Console(soft_wrap=True, emoji=False)

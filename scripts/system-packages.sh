@@ -12,8 +12,9 @@ set -euo pipefail
 # python3-venv: `make` builds .venv with it. libpython3.11: Triton's python-backend stub links
 # the system's libpython. git: the lineage manifest records the project's commit. iproute2 (ss),
 # procps (ps): testinfra's socket and process checks in the host gate. libb64-0d: perf_analyzer
-# (the load gate's engine, from the tritonclient wheel in .venv-perf) links it.
-demo_packages=(python3-venv libpython3.11 git iproute2 procps libb64-0d)
+# (the load gate's engine, from the tritonclient wheel in .venv-perf) links it. nginx: the
+# gateway in front of Triton that splits, mirrors and switches traffic for `gpufleet rollout`.
+demo_packages=(python3-venv libpython3.11 git iproute2 procps libb64-0d nginx)
 
 # `make test`, besides those:
 # util-linux (taskset, unshare): bench/serving.py pins server and load generator to a core each;

@@ -101,6 +101,14 @@ def test_the_demo_needs_fewer_packages_than_the_tests(fake_bin: Path) -> None:
     assert demo.stderr.splitlines()[-1] == "sudo apt-get install -y python3-venv"
 
 
+def test_the_demo_needs_nginx_for_its_gateway(fake_bin: Path) -> None:
+    fake_system(fake_bin, uid=1000, statuses={"nginx": "not-installed"})
+    for what in ("demo", "test"):
+        result = run_script(fake_bin, what)
+        assert result.returncode == 2
+        assert result.stderr.splitlines()[-1] == "sudo apt-get install -y nginx"
+
+
 @pytest.mark.parametrize(
     ("target", "check", "then"),
     [

@@ -14,10 +14,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from generators.gateway import GatewaySettings, ModelRoute, render_gateway_config
 from generators.serving_stack import secret_args
 from generators.serving_stack.compose import render_compose
 from generators.serving_stack.grafana import render_grafana_files
 from generators.serving_stack.graph import (
+    GATEWAY_GRPC,
+    GATEWAY_HTTP,
+    GATEWAY_LOG_DIR,
+    GATEWAY_WORK_DIR,
+    TRITON_GRPC,
+    TRITON_HTTP,
     TRITON_LAUNCHER_DIR,
     ServiceGraphError,
     build_service_graph,
@@ -39,6 +46,13 @@ RUN pip install --no-cache-dir psycopg2-binary==2.9.10 Flask-WTF==1.2.2 \\
     && useradd --uid 1000 --create-home mlflow \\
     && mkdir -p /mlflow/artifacts /mlflow/auth && chown 1000:1000 /mlflow/artifacts /mlflow/auth
 USER 1000
+"""
+# Debian 12's nginx package, as on the local stack; nginx runs its workers as www-data.
+_GATEWAY_DOCKERFILE = f"""\
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends nginx \\
+    && rm -rf /var/lib/apt/lists/* \\
+    && mkdir -p {GATEWAY_WORK_DIR} {GATEWAY_LOG_DIR}
 """
 
 
@@ -75,6 +89,24 @@ def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec])
         if any(m.source == TRITON_LAUNCHER_DIR for m in graph.service("triton").mounts):
             launcher = Path(secret_args.__file__).read_text(encoding="utf-8")
             host_files[f"{TRITON_LAUNCHER_DIR[2:]}/secret_args.py"] = launcher
+        if graph.has("gateway") and spec.serving.gateway is not None:
+            host_files["gateway/nginx.conf"] = header + render_gateway_config(
+                GatewaySettings(
+                    http_listen=str(GATEWAY_HTTP),
+                    grpc_listen=str(GATEWAY_GRPC),
+                    triton_http=f"triton:{TRITON_HTTP}",
+                    triton_grpc=f"triton:{TRITON_GRPC}",
+                    work_dir=GATEWAY_WORK_DIR,
+                    access_log=f"{GATEWAY_LOG_DIR}/access.log",
+                    error_log=f"{GATEWAY_LOG_DIR}/error.log",
+                    worker_processes=spec.serving.gateway.worker_processes,
+                    in_container=True,
+                ),
+                # Rollout verbs run on local stacks only for now: models pass straight through.
+                [ModelRoute(model.spec.name) for model in models],
+            )
+            if graph.service("gateway").build_context:
+                host_files["images/gateway/Dockerfile"] = _GATEWAY_DOCKERFILE
         if graph.has("mlflow"):
             for path, text in render_mlflow_auth_files(spec.serving, header).items():
                 host_files[f"mlflow/{path}"] = text

@@ -25,6 +25,10 @@ MODELS_MOUNT = "/models"
 # Inside the containers: the ports every image listens on (the host side comes from the spec).
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 MLFLOW_PORT, POSTGRES_PORT, PROMETHEUS_PORT, GRAFANA_PORT = 5000, 5432, 9090, 3000
+GATEWAY_HTTP, GATEWAY_GRPC = 8080, 8081
+# The gateway's configuration (generated beside the compose file) and its working directories.
+GATEWAY_CONFIG_DIR = "/etc/gpufleet-gateway"
+GATEWAY_WORK_DIR, GATEWAY_LOG_DIR = "/var/lib/gpufleet-gateway", "/var/log/gpufleet-gateway"
 POSTGRES_DB = POSTGRES_USER = "mlflow"
 # The secrets each service gets, from `<secrets_dir>/<service>.env` on the host (written by the
 # serving_stack role, never generated): each service sees only its own.
@@ -224,6 +228,30 @@ def build_service_graph(
     )
     # One registry of record per environment: the other hosts serve what it holds.
     services = [triton, postgres, mlflow] if registry_host(spec) == host.name else [triton]
+    if serving.gateway is not None:
+        gateway = serving.gateway
+        services.append(
+            Service(
+                name="gateway",
+                image=gateway.image,
+                command=("nginx", "-c", f"{GATEWAY_CONFIG_DIR}/nginx.conf", "-g", "daemon off;"),
+                ports=(
+                    *publish("gateway_http", gateway.http_port, GATEWAY_HTTP),
+                    *publish("gateway_grpc", gateway.grpc_port, GATEWAY_GRPC),
+                ),
+                mounts=(
+                    Mount("./gateway", GATEWAY_CONFIG_DIR, read_only=True),
+                    Mount("gateway-logs", GATEWAY_LOG_DIR),
+                ),
+                networks=networks("gateway_http", "gateway_grpc"),
+                # Debian's image has bash but neither curl nor python3.
+                healthcheck=HealthCheck(
+                    ("bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{GATEWAY_HTTP}"), start_period_s=10
+                ),
+                depends_on_healthy=("triton",),
+                build_context="./images/gateway" if gateway.image.startswith("gpufleet/") else None,
+            )
+        )
     monitoring = serving.monitoring
     if monitoring.prometheus:
         services.append(

@@ -10,7 +10,12 @@
    already runs, told to reload only the models whose files changed. Each start gets a new
    admin key (its repository and shared-memory APIs need it), kept in
    `<state_dir>/triton-admin-key` (0600) for the next `up`'s reloads;
-5. gates: the stack's validation gates (see validation/gates.py).
+5. gateway (stacks with `gpufleet:gateway`): nginx in front of Triton on loopback, routing each
+   model's requests as its rollout says (gpufleet/rollout/, docs/rollout.md);
+6. gates: the stack's validation gates (see validation/gates.py).
+
+A model with an active rollout (`<state_dir>/rollout/<model>.json`) is served at both its
+stable and its candidate version, whatever its spec's version policy says.
 
 Servers are recorded in `<state_dir>/run-state.json` (gpufleet/local/run_state.py) the moment
 they start; `down` stops what is recorded there and nothing else. A failed `up` stops the servers
@@ -20,6 +25,7 @@ it started itself before it reports the error, so nothing is leaked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -42,7 +48,15 @@ from gpufleet.local.mlflow_server import LocalMlflowServer, requires_authenticat
 from gpufleet.local.run_state import STATE_FILE, RunState, ServerRecord
 from gpufleet.registry.client import ModelRegistry, RegistryVersion, registered_model_name
 from gpufleet.registry.demo import seed_demo
+from gpufleet.rollout.local_gateway import (
+    GatewayError,
+    GatewayFiles,
+    LocalGateway,
+    gateway_settings,
+)
+from gpufleet.rollout.state import RolloutRecord, active_records
 from gpufleet.spec.loading import LoadedModelSpec, LoadedStackSpec
+from gpufleet.spec.model import VersionPolicy
 from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.host import ExpectedProcess
@@ -50,8 +64,12 @@ from validation.report import GateReport
 from validation.tritonserver import GRPC_ADMIN_KEY_HEADER, LocalTritonServer, Ports, TritonError
 
 Say = Callable[[str], None]
-TRITON, MLFLOW = "triton", "mlflow"
-EXECUTABLES = {TRITON: "tritonserver", MLFLOW: "mlflow"}  # what the host gate expects each runs
+TRITON, MLFLOW, GATEWAY = "triton", "mlflow", "gateway"
+EXECUTABLES = {
+    TRITON: "tritonserver",
+    MLFLOW: "mlflow",
+    GATEWAY: "nginx",
+}  # what the host gate expects each runs
 
 
 class StackRunError(Exception):
@@ -83,6 +101,10 @@ class LocalPaths:
     @property
     def triton_admin_key(self) -> Path:
         return self.root / "triton-admin-key"
+
+    @property
+    def gateway(self) -> GatewayFiles:
+        return GatewayFiles(self.root / "gateway")
 
 
 class LocalStack:
@@ -125,10 +147,45 @@ class LocalStack:
                     changed, removed = self._assemble(registry)
                 with self._step("triton"):
                     self._ensure_triton(state, changed, removed)
+                if self.stack.spec.gateway is not None:
+                    with self._step("gateway"):
+                        self._ensure_gateway(state)
             except BaseException:
                 self._stop_started(state)
                 raise
         return self.validate(gates, state=state, registry=registry, load_engine=load_engine)
+
+    def refresh_models(self) -> set[str]:
+        """Bring the running Triton's repository in line with the specs and active rollouts:
+        export the versions now wanted, reload the models whose files changed (Triton keeps
+        serving a model's old versions until its new ones are ready). Returns those models."""
+        with self._locked():
+            state = self._load_state()
+            record = state.running(TRITON)
+            if record is None:
+                raise StackRunError(
+                    f"Triton of stack {self.stack.name!r} is not running; start it with "
+                    f"`gpufleet up --stack {self.stack.name}`"
+                )
+            registry = self._registry(self._tracking_uri(state))
+            changed, removed = self._assemble(registry)
+            self._ensure_triton(state, changed, removed)
+            return changed
+
+    def apply_gateway(self) -> int:
+        """Start or gracefully reload the gateway with the routes of the active rollouts;
+        returns nginx's pid. Raises StackRunError when the stack has no gateway."""
+        with self._locked():
+            state = self._load_state()
+            return self._ensure_gateway(state)
+
+    def running_server(self, name: str) -> ServerRecord | None:
+        """The recorded server `name` (triton, mlflow, gateway) if it runs."""
+        return self._load_state().running(name)
+
+    def registry(self) -> ModelRegistry:
+        """The stack's registry client (with the stack's credentials for its own MLflow)."""
+        return self._registry(self._tracking_uri(self._load_state()))
 
     def validate(
         self,
@@ -186,7 +243,7 @@ class LocalStack:
         with self._locked():
             state = self._load_state()
             lines = []
-            for name in (TRITON, MLFLOW):
+            for name in (GATEWAY, TRITON, MLFLOW):
                 record = state.servers.pop(name, None)
                 if record is None:
                     continue
@@ -231,6 +288,57 @@ class LocalStack:
         self.say(f"  started MLflow at {server.url} (pid {server.pid}, log {server.log_path})")
         return server.url
 
+    def _ensure_gateway(self, state: RunState) -> int:
+        gateway = self.stack.spec.gateway
+        if gateway is None:
+            raise StackRunError(
+                f"stack {self.stack.name!r} has no gateway; add gpufleet:gateway (its http and "
+                "grpc ports) to its stack file, then run `gpufleet up`"
+            )
+        ports = self.stack.spec.ports
+        wanted_ports = {"http": gateway.http, "grpc": gateway.grpc}
+        record = self._running_on(state, GATEWAY, wanted_ports)
+        files = self.paths.gateway
+        settings = gateway_settings(
+            files,
+            http_port=gateway.http,
+            grpc_port=gateway.grpc,
+            triton_http=ports.triton_http,
+            triton_grpc=ports.triton_grpc,
+            worker_processes=gateway.worker_processes,
+        )
+        routes = [record.route() for record in self._active_rollouts()]
+        try:
+            pid = LocalGateway(files, settings).apply(routes, record)
+        except GatewayError as error:
+            raise StackRunError(str(error)) from None
+        if record is None:
+            self._record(state, GATEWAY, pid, ports=wanted_ports, log_path=files.error_log)
+            self.say(f"  started the gateway (nginx, pid {pid}) on 127.0.0.1:{gateway.http}")
+        else:
+            self.say(f"  reloaded the gateway (nginx, pid {pid}): {len(routes)} rollout route(s)")
+        return pid
+
+    def _active_rollouts(self) -> list[RolloutRecord]:
+        try:
+            return active_records(self.paths.root)
+        except ValueError as error:
+            raise StackRunError(str(error)) from None
+
+    def _served_specs(self) -> list[LoadedModelSpec]:
+        """The specs, with each model under an active rollout serving both its versions."""
+        versions = {record.model: record.served_versions for record in self._active_rollouts()}
+        served = []
+        for item in self.specs:
+            wanted = versions.get(item.spec.name)
+            if wanted is not None:
+                policy = VersionPolicy(specific=wanted)
+                item = dataclasses.replace(
+                    item, spec=item.spec.model_copy(update={"version_policy": policy})
+                )
+            served.append(item)
+        return served
+
     def _seed_missing_models(self, registry: ModelRegistry) -> None:
         missing = [
             item.spec
@@ -251,7 +359,7 @@ class LocalStack:
 
     def _assemble(self, registry: ModelRegistry) -> tuple[set[str], set[str]]:
         """Fill the repository; return the models whose files changed, and those removed."""
-        filled = fill_repository(registry, self.specs, self.repository, progress=self.say)
+        filled = fill_repository(registry, self._served_specs(), self.repository, progress=self.say)
         plan, changed = filled.configs, filled.changed
         self.say(
             f"  {self.repository}: configs {len(plan.created)} created, {len(plan.updated)} "

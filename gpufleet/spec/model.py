@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from gpufleet.spec.paths import FileName
+from gpufleet.spec.rollout import Rollout
 
 # Names Triton accepts for a model and that are safe as a directory name.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -406,6 +407,11 @@ class ModelSpec(SpecModel):
     objectives: Objectives | None = None
     gpu_families: list[GpuFamily] = Field(
         default_factory=list, description="GPU families the model may run on; empty means any."
+    )
+    rollout: Rollout | None = Field(
+        default=None,
+        description="A candidate version served beside the source's, and how traffic reaches "
+        "it (`gpufleet rollout start`, docs/rollout.md).",
     )
 
     @field_validator("source")

@@ -8,6 +8,7 @@ that says what to do. Each rule mirrors a refusal of Triton 2.51 that
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ def check_model_spec(spec: ModelSpec) -> list[SpecProblem]:
         _transaction_policy,
         _tensorrt_accelerators,
         _ensemble,
+        _rollout,
     )
     return [problem for check in checks for problem in check(spec)]
 
@@ -110,6 +112,47 @@ def _source_pins(spec: ModelSpec) -> Iterator[SpecProblem]:
             "pins the artifacts of registry versions, but source is not a models:/ URI; "
             "drop source_sha256 or set source to models:/<name>@<alias>",
         )
+
+
+def _rollout(spec: ModelSpec) -> Iterator[SpecProblem]:
+    """A rollout needs a registry source, a candidate of the same model, and its own versions."""
+    rollout = spec.rollout
+    if rollout is None:
+        return
+    source = spec.source or ""
+    if not source.startswith("models:/"):
+        yield SpecProblem(
+            ("rollout",),
+            "a rollout serves a candidate beside the registry version the source names, but "
+            "source is not a models:/ URI; set source to models:/<name>@<alias>",
+        )
+        return
+    registered = re.split(r"[@/]", source.removeprefix("models:/"), maxsplit=1)[0]
+    candidate = re.split(r"[@/]", rollout.candidate.removeprefix("models:/"), maxsplit=1)[0]
+    if candidate != registered:
+        yield SpecProblem(
+            ("rollout", "candidate"),
+            f"names registered model {candidate!r}, but source names {registered!r}; a candidate "
+            f"is another version of the same model (models:/{registered}@candidate)",
+        )
+    if rollout.candidate == source:
+        yield SpecProblem(
+            ("rollout", "candidate"),
+            "is the source itself; name the candidate by another alias or version",
+        )
+    if spec.version_policy is not None:
+        yield SpecProblem(
+            ("version_policy",),
+            "is set together with rollout, which chooses the served versions itself (the "
+            "source's and the candidate's); drop version_policy",
+        )
+    if rollout.strategy != "canary":
+        for field in ("weight", "sticky_header"):
+            if getattr(rollout, field) is not None:
+                yield SpecProblem(
+                    ("rollout", field),
+                    f"applies to strategy canary only, not {rollout.strategy}; drop it",
+                )
 
 
 def _reshape_problem(shape: Sequence[int], reshape: Sequence[int]) -> str | None:

@@ -24,7 +24,14 @@ RestrictedApi = Literal[
     "model-repository", "shared-memory", "model-config", "statistics", "trace", "logging"
 ]
 PublishedService = Literal[
-    "triton_http", "triton_grpc", "triton_metrics", "mlflow", "prometheus", "grafana"
+    "triton_http",
+    "triton_grpc",
+    "triton_metrics",
+    "mlflow",
+    "prometheus",
+    "grafana",
+    "gateway_http",
+    "gateway_grpc",
 ]
 # name[:port]/path:tag or @sha256:digest; a tag is required so a host never drifts to `latest`.
 _IMAGE = re.compile(
@@ -74,6 +81,25 @@ class ServingImages(SpecModel):
     grafana: ImageReference = Field(default="grafana/grafana:11.2.2")
 
     @field_validator("*")
+    @classmethod
+    def _pinned(cls, reference: str) -> str:
+        return check_pinned_image(reference)
+
+
+class ServingGateway(SpecModel):
+    """The nginx gateway in front of Triton on each host (docs/rollout.md): Debian's nginx in an
+    image built on the host; its configuration generated beside the compose file."""
+
+    image: ImageReference = Field(
+        default="gpufleet/gateway-nginx:1.22.1",
+        description="An image with nginx; the default is built on the host from Debian 12's "
+        "nginx package (images/gateway/Dockerfile beside the compose file).",
+    )
+    http_port: Port = Field(default=8080, description="Host port of the gateway's HTTP side.")
+    grpc_port: Port = Field(default=8081, description="Host port of the gateway's gRPC side.")
+    worker_processes: int = Field(default=2, ge=1, le=64)
+
+    @field_validator("image")
     @classmethod
     def _pinned(cls, reference: str) -> str:
         return check_pinned_image(reference)
@@ -198,6 +224,11 @@ class ServingSpec(SpecModel):
         "address. Never 0.0.0.0 or a public address.",
     )
     ports: ServingPorts = Field(default_factory=ServingPorts)
+    gateway: ServingGateway | None = Field(
+        default=None,
+        description="nginx in front of Triton (publish gateway_http / gateway_grpc to reach "
+        "it); routes each model's HTTP requests to the version Triton should answer with.",
+    )
     monitoring: Monitoring = Field(default_factory=Monitoring)
     triton: TritonService = Field(default_factory=TritonService)
     mlflow: MlflowService = Field(default_factory=MlflowService)

@@ -27,7 +27,15 @@ DEFAULT_SERVING_DIRECTORY = "/opt/gpufleet/serving"
 GateName = Literal["host", "correctness", "load"]
 GATE_NAMES: tuple[GateName, ...] = ("host", "correctness", "load")
 # What gpufleet keeps in a stack's state_dir: the model repository must not be (in) one of them.
-STATE_SUBDIRECTORIES = ("ansible", "serving", "mlflow", "triton", "reports")
+STATE_SUBDIRECTORIES = (
+    "ansible",
+    "serving",
+    "mlflow",
+    "triton",
+    "reports",
+    "gateway",
+    "rollout",
+)
 EnvironmentKind = Literal["local", "static", "proxmox", "azure"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -48,6 +56,20 @@ class StackPorts(SpecModel):
             if port in seen:
                 raise ValueError(f"{name} and {seen[port]} are both port {port}; give each its own")
             seen[port] = name
+        return self
+
+
+class GatewaySpec(SpecModel):
+    """The nginx gateway a local stack runs in front of Triton (docs/rollout.md), on loopback."""
+
+    http: Port = Field(description="Port of the gateway's HTTP listener (Triton's HTTP API).")
+    grpc: Port = Field(description="Port of the gateway's gRPC listener (passed through).")
+    worker_processes: int = Field(default=2, ge=1, le=64, description="nginx worker processes.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> GatewaySpec:
+        if self.http == self.grpc:
+            raise ValueError(f"http and grpc are both port {self.http}; give each its own")
         return self
 
 
@@ -92,6 +114,11 @@ class StackSpec(SpecModel):
         "gate reports; default build/<stack>.",
     )
     ports: StackPorts = Field(default_factory=StackPorts)
+    gateway: GatewaySpec | None = Field(
+        default=None,
+        description="Local stacks: the nginx gateway in front of Triton that splits, mirrors and "
+        "switches traffic between a model's versions (`gpufleet rollout`); none without it.",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         description="MLflow tracking server with the model registry of a local stack; default: "
@@ -172,6 +199,26 @@ class StackSpec(SpecModel):
                     f"{repository!r} is inside {state}/{name}, where gpufleet keeps the "
                     "stack's state; use another directory, such as "
                     f"{state}/model_repository",
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_ports_free(self) -> StackSpec:
+        if self.gateway is None:
+            return self
+        if self.environment != "local":
+            raise FieldValueError(
+                ("gateway",),
+                f"is for local stacks; a {self.environment} stack's hosts run the gateway in "
+                "their serving stack (gpufleet:serving)",
+            )
+        taken = {port: name for name, port in self.ports.model_dump().items()}
+        for name in ("http", "grpc"):
+            port = getattr(self.gateway, name)
+            if port in taken:
+                raise FieldValueError(
+                    ("gateway", name),
+                    f"port {port} is also ports.{taken[port]}; give the gateway its own port",
                 )
         return self
 
