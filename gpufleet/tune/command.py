@@ -90,7 +90,7 @@ def run_tune(request: TuneRequest, say: Say) -> TuneOutcome:
     )
     local = LocalStack(stack, specs, say=say)
     with local.serving_triton() as control:
-        target = TritonTarget(control, control.grpc_url)
+        target = TritonTarget(control, control.grpc_url, control.model_repository)
         try:
             result = tune(
                 spec,

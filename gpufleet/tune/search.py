@@ -35,7 +35,7 @@ from gpufleet.tune.objective import (
     measure_noise,
 )
 from gpufleet.tune.space import AXES, Candidate, SearchSpace
-from gpufleet.tune.trial import Trial, TritonTarget, run_trial
+from gpufleet.tune.trial import Trial, TritonTarget, repository_config_override, run_trial
 
 Progress = Callable[[str], None]
 
@@ -270,7 +270,8 @@ def _measure_top_again(runner: _Runner) -> None:
 def _restore(target: TritonTarget, spec: ModelSpec, progress: Progress) -> None:
     """Triton back on the repository's config.pbtxt (the spec as deployed)."""
     try:
-        target.control.load_model(spec.name)
+        config = repository_config_override(target.repository, spec.name)
+        target.control.load_model(spec.name, config=config)
     except Exception as error:
         progress(f"warning: could not reload {spec.name} with its repository config: {error}")
     else:

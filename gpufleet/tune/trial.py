@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as pb
 
 from generators.triton_config import render_model_config
 from gpufleet.spec.model import ModelSpec
@@ -52,10 +54,24 @@ class ModelLoader(Protocol):
 
 @dataclass(frozen=True)
 class TritonTarget:
-    """The Triton a tuning run works on: its control API and its gRPC address."""
+    """The Triton a tuning run works on: its control API, its gRPC address and the model
+    repository whose config it is put back on at the end."""
 
     control: ModelLoader
     grpc_url: str
+    repository: Path
+
+
+def repository_config_override(repository: Path, model: str) -> str:
+    """The repository's ``config.pbtxt`` of ``model`` as a load override.
+
+    A plain load after a load with an override leaves the override in place (Triton 2.51 sees
+    unchanged files and keeps the model as it is), so the config is put back explicitly.
+    """
+    message = text_format.Parse(
+        (repository / model / "config.pbtxt").read_text(encoding="utf-8"), pb.ModelConfig()
+    )
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
 @dataclass(frozen=True)
