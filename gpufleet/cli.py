@@ -625,6 +625,10 @@ def tune_command(
     delays_us: Annotated[
         str | None, typer.Option(help="max_queue_delay_us values to try, e.g. 0,500,2000.")
     ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(min=2, max=10, help="Measurements of each top candidate (the noise)."),
+    ] = 3,
     specs_dir: SpecsOption = Path("modelconfigs"),
     stacks_dir: StacksOption = Path("stacks"),
 ) -> None:
@@ -648,7 +652,7 @@ def tune_command(
         delays_us=_numbers(delays_us, "--delays-us"),
     )
     request = TuneRequest(
-        model, stack, specs_dir, stacks_dir, exhaustive, write, out_dir, window_s, limits
+        model, stack, specs_dir, stacks_dir, exhaustive, write, out_dir, window_s, limits, repeats
     )
     with _could_not_run():
         try:

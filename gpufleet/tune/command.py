@@ -46,6 +46,7 @@ class TuneRequest:
     out_dir: Path | None = None
     window_s: float | None = None
     limits: SpaceLimits = field(default_factory=SpaceLimits)
+    repeats: int = 3
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def run_tune(request: TuneRequest, say: Say) -> TuneOutcome:
                 space,
                 target,
                 inputs,
-                TuneOptions(exhaustive=request.exhaustive, settings=settings),
+                TuneOptions(
+                    exhaustive=request.exhaustive, settings=settings, repeats=request.repeats
+                ),
                 progress=say,
             )
         except SpaceError as error:

@@ -182,8 +182,10 @@ class Choice:
 
 
 def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
-    """The objective applied to every candidate (see the module docstring)."""
-    loaded = [assessment for assessment in assessments if assessment.loaded]
+    """The objective applied to every grid candidate (see the module docstring). The spec as
+    written is a reference only (its preferred sizes may be off the grid): when it is as good,
+    the grid point with its values wins and the diff is empty."""
+    loaded = [item for item in assessments if item.loaded and not item.baseline]
     if not loaded:
         return Choice(None, None, "no candidate loaded")
     meeting = [assessment for assessment in loaded if assessment.meets]
