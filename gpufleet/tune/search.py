@@ -38,6 +38,7 @@ from gpufleet.tune.space import AXES, Candidate, SearchSpace
 from gpufleet.tune.trial import Trial, TritonTarget, repository_config_override, run_trial
 
 Progress = Callable[[str], None]
+MAX_RANKING_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -255,16 +256,29 @@ def _first_that_loads(
 
 
 def _measure_top_again(runner: _Runner) -> None:
-    """The top candidates (and the spec as written) until each has ``repeats`` measurements."""
-    assessments = assess_all(runner.objective, runner.trials)
-    ranked = sorted(
-        (item for item in assessments if item.loaded and not item.baseline),
-        key=lambda item: item.rank(),
-        reverse=True,
-    )
-    for item in ranked[: runner.options.top]:
-        while len(runner.group(item.candidate, False)) < runner.options.repeats:
-            runner.measure(item.candidate)
+    """Measure the top candidates again until each has ``repeats`` measurements.
+
+    Ranked by the medians so far, again after each round: a candidate that rises into the top
+    on one lucky measurement is measured again too, so the pick always stands on ``repeats``
+    measurements (at most ``MAX_RANKING_ROUNDS`` rounds).
+    """
+    for _ in range(MAX_RANKING_ROUNDS):
+        assessments = assess_all(runner.objective, runner.trials)
+        ranked = sorted(
+            (item for item in assessments if item.loaded and not item.baseline),
+            key=lambda item: item.rank(),
+            reverse=True,
+        )
+        short = [
+            item
+            for item in ranked[: runner.options.top]
+            if len(runner.group(item.candidate, False)) < runner.options.repeats
+        ]
+        if not short:
+            return
+        for item in short:
+            while len(runner.group(item.candidate, False)) < runner.options.repeats:
+                runner.measure(item.candidate)
 
 
 def _restore(target: TritonTarget, spec: ModelSpec, progress: Progress) -> None:
