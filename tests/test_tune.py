@@ -264,3 +264,29 @@ def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTri
 def test_pareto_front_keeps_points_no_other_beats() -> None:
     points = [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (4.0, 40.0), (1.5, 5.0)]
     assert pareto_front(points) == [(1.0, 10.0), (2.0, 30.0), (4.0, 40.0)]
+
+
+def test_a_written_sample_spec_says_its_golden_file_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After --write on a sample spec, the golden test is told: the tuner names the stale
+    golden file and `make golden`; an unchanged spec gives no such note."""
+    from gpufleet.tune.command import GOLDEN_REPOSITORY, golden_notes
+    from tests.conftest import GOLDEN_REPOSITORY as PROJECT_GOLDEN
+
+    monkeypatch.chdir(tmp_path)
+    golden = GOLDEN_REPOSITORY / "tabular_mlp" / "config.pbtxt"
+    golden.parent.mkdir(parents=True)
+    shutil.copy(PROJECT_GOLDEN / "tabular_mlp" / "config.pbtxt", golden)
+    spec_path = tmp_path / "modelconfigs" / "tabular_mlp.yaml"
+    spec_path.parent.mkdir()
+    shutil.copy(SAMPLE_SPECS / "tabular_mlp.yaml", spec_path)
+    assert golden_notes(spec_path) == []
+
+    space = build_space(load_model_spec_file(spec_path).spec, CPU_HOST)
+    tuned = space.spec_for(Candidate(1, 8, 0, "none"))
+    apply_write_back(plan_write_back(spec_path, tuned, "test", instances=True))
+    notes = golden_notes(spec_path)
+    assert len(notes) == 1
+    assert str(golden) in notes[0]
+    assert "make golden" in notes[0]

@@ -119,7 +119,7 @@ def run_tune(request: TuneRequest, say: Say) -> TuneOutcome:
             f"wrote {edit.path}; `gpufleet generate --check --stack {request.stack}` shows the "
             "config.pbtxt change, `gpufleet up` serves it"
         )
-        notes.extend(_golden_notes(edit.path))
+        notes.extend(golden_notes(edit.path))
     return TuneOutcome(result, reports, edit, written, notes)
 
 
@@ -146,7 +146,7 @@ def _plan_edit(loaded: LoadedModelSpec, result: TuneResult, host: HostFacts) -> 
         raise TuneError(str(error)) from None
 
 
-def _golden_notes(path: Path) -> list[str]:
+def golden_notes(path: Path) -> list[str]:
     """Whether the project's golden config of this spec is now stale (sample specs only)."""
     written = load_model_spec_file(path)
     relative = f"{written.spec.name}/config.pbtxt"
