@@ -4,7 +4,8 @@ The candidate is rendered by the generator (``render_model_config``) and sent as
 override with an explicit load (``POST v2/repository/models/<m>/load`` with
 ``parameters.config``): Triton swaps the model's config without a restart and without touching
 the repository. Each of the spec's concurrency levels is then measured with the load gate's own
-method (``validation.load.measure_level``: perf_analyzer's windows). A candidate Triton refuses
+method (``validation.load.measure_level``: perf_analyzer's windows), after two uncounted warm-up
+windows at the highest level. A candidate Triton refuses
 to load is recorded with Triton's reason and skipped.
 
     trial = run_trial(target, space.spec_for(candidate), candidate, inputs, settings)
@@ -186,6 +187,10 @@ def run_trial(
             repeat=repeat,
         )
     loaded = time.monotonic()
+    # Two windows at the highest level, not counted: the first requests after a load meet
+    # instances still warming up (the python stub's first torch call), which read as noise.
+    warmup = settings.model_copy(update={"stable_windows": 2, "max_windows": 2})
+    measure_level(target.grpc_url, spec.name, inputs, max(levels), warmup)
     measured = tuple(
         LevelResult.of(measure_level(target.grpc_url, spec.name, inputs, level, settings))
         for level in levels
