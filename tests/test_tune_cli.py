@@ -99,17 +99,17 @@ def test_write_applies_the_chosen_settings_and_generate_check_shows_them(project
     assert "decided by: " in result.stdout
     assert "noise: throughput ±" in result.stdout
     written = project.spec.read_text()
-    assert "# gpufleet tune: " in written
+    assert "# gpufleet tune: " in written, result.stdout
     assert all(line in written.splitlines() for line in comments)
     report = json.loads((project.root / "state" / "tune" / "tabular_mlp" / "tune.json").read_text())
     chosen = report["summary"]["chosen"]["candidate"]
     spec = load_model_spec_file(project.spec).spec
-    assert spec.max_batch_size == chosen["max_batch_size"]
-    assert spec.instance_groups[0].count == chosen["instance_count"]
+    assert spec.max_batch_size == chosen["max_batch_size"], result.stdout
+    assert spec.instance_groups[0].count == chosen["instance_count"], result.stdout
     assert f"wrote {project.spec}" in result.stdout
     for name in ("tune.png", "tune.html"):
         assert (project.root / "state" / "tune" / "tabular_mlp" / name).is_file()
 
     check = project.gpufleet("generate", "--check")
     assert check.returncode == 1, check.stdout + check.stderr
-    assert f"+max_batch_size: {chosen['max_batch_size']}" in check.stdout
+    assert f"+max_batch_size: {chosen['max_batch_size']}" in check.stdout, check.stdout
