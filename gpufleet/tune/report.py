@@ -164,7 +164,7 @@ def draw_picture(result: TuneResult, path: Path) -> None:
     front = pareto_front(points)
     if front:
         xs, ys = _columns(front)
-        axes.plot(xs, ys, "--", c="tab:green", label="Pareto front")
+        axes.plot(xs, ys, "--", c="tab:green", marker="o", mfc="none", ms=9, label="Pareto front")
     axes.axvline(result.objective.p99_ms, c="tab:red", lw=1, label="p99 objective")
     chosen = result.choice.chosen or result.choice.closest
     if chosen is not None and chosen.p99_ms:
