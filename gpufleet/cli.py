@@ -617,3 +617,93 @@ def preflight(
         f"{spec.proxmox.storage})",
         markup=False,
     )
+
+
+def _numbers(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        _fail([f"{option} {text!r}: give whole numbers separated by commas, like 1,2,4"])
+    if not values or min(values) < 0:
+        _fail([f"{option} {text!r}: give at least one number, none below 0"])
+    return values
+
+
+@app.command("tune")
+def tune_command(
+    model: Annotated[str, typer.Argument(help="The model to tune (its spec's name).")],
+    stack: StackOption = "local",
+    exhaustive: Annotated[
+        bool, typer.Option("--exhaustive", help="Walk the whole grid instead of climbing.")
+    ] = False,
+    write: Annotated[
+        bool,
+        typer.Option("--write", help="Write the chosen settings into the spec (comments kept)."),
+    ] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Reports folder (default: <state_dir>/tune/<model>)."),
+    ] = None,
+    window_s: Annotated[
+        float | None,
+        typer.Option("--window-s", min=0.05, help="Measurement window (default: the stack's)."),
+    ] = None,
+    instances: Annotated[
+        str | None, typer.Option(help="Instance counts to try, e.g. 1,2,4 (default: by host).")
+    ] = None,
+    batch_sizes: Annotated[
+        str | None, typer.Option(help="max_batch_size values to try, e.g. 1,8,32.")
+    ] = None,
+    delays_us: Annotated[
+        str | None, typer.Option(help="max_queue_delay_us values to try, e.g. 0,500,2000.")
+    ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(min=2, max=10, help="Measurements of each top candidate (the noise)."),
+    ] = 3,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Find the batching and instance settings that meet the spec's objectives, on the stack's
+    running Triton (configs swapped by explicit load, no restart), and show the spec's diff.
+
+    Objective: the highest throughput whose p99 meets the spec at every concurrency level, then
+    the lowest p99 at the lowest level among those within noise. Reports (JSON, PNG, HTML) go to
+    --out. Exit codes: 0 found, 1 no config meets the objectives (the closest is shown), 2 bad
+    input or could not run. Local stacks only.
+    """
+    from gpufleet.tune.command import TuneError, TuneRequest, run_tune
+    from gpufleet.tune.report import decision_lines, trial_table
+    from gpufleet.tune.space import SpaceLimits
+
+    if _environment_kind(stack, stacks_dir) != "local":
+        _fail([f"stack {stack!r}: `gpufleet tune` runs on local stacks only for now"])
+    limits = SpaceLimits(
+        instance_counts=_numbers(instances, "--instances"),
+        max_batch_sizes=_numbers(batch_sizes, "--batch-sizes"),
+        delays_us=_numbers(delays_us, "--delays-us"),
+    )
+    request = TuneRequest(
+        model, stack, specs_dir, stacks_dir, exhaustive, write, out_dir, window_s, limits, repeats
+    )
+    with _could_not_run():
+        try:
+            outcome = run_tune(request, _say)
+        except TuneError as error:
+            _fail([str(error)])
+    out.print(trial_table(outcome.result))
+    for line in decision_lines(outcome.result):
+        out.print(line, markup=False, highlight=False)
+    if outcome.edit is not None:
+        out.print(
+            outcome.edit.diff or "the spec's settings are already the best found", markup=False
+        )
+    for line in outcome.notes:
+        out.print(line, markup=False, highlight=False)
+    reports = ", ".join(str(path) for path in outcome.reports.values())
+    out.print(f"reports: {reports}", markup=False, highlight=False)
+    if outcome.exit_code:
+        err.print("error: no config meets the objectives; the closest is shown above", markup=False)
+    raise typer.Exit(outcome.exit_code)

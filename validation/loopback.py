@@ -23,9 +23,13 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def http_request(
-    method: str, url: str, timeout_s: float, headers: dict[str, str] | None = None
+    method: str,
+    url: str,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
 ) -> tuple[int, bytes]:
-    data = b"" if method == "POST" else None
+    data = body if body is not None else (b"" if method == "POST" else None)
     # Callers only build http://127.0.0.1:<port>/... URLs, so no file: or other schemes.
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
     try:

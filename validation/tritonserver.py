@@ -394,8 +394,15 @@ class LocalTritonServer:
         stats = self._call("GET", f"/v2/models/{_quote(name)}/stats", f"no stats for {name!r}")
         return dict(stats)
 
-    def load_model(self, name: str) -> None:
-        """Load (or reload) a model from the repository; raises TritonModelControlError."""
+    def load_model(self, name: str, config: str | None = None) -> None:
+        """Load (or reload) a model from the repository; raises TritonModelControlError.
+
+        ``config``: Triton's JSON model config to use instead of the repository's
+        ``config.pbtxt`` (the load API's ``parameters.config`` override; nothing is written).
+        """
+        body = None
+        if config is not None:
+            body = json.dumps({"parameters": {"config": config}}).encode()
         try:
             self._call(
                 "POST",
@@ -403,6 +410,7 @@ class LocalTritonServer:
                 f"could not load model {name!r}",
                 error=TritonModelControlError,
                 timeout_s=_LOAD_TIMEOUT_S,
+                body=body,
             )
         except TritonModelControlError as exc:
             # A config Triton cannot parse or validate fails while the repository is polled: the
@@ -606,19 +614,20 @@ class LocalTritonServer:
         *,
         error: type[TritonRequestError] = TritonRequestError,
         timeout_s: float = _REQUEST_TIMEOUT_S,
+        body: bytes | None = None,
     ) -> Any:
         """Send a request to Triton and return its parsed JSON answer (None if empty)."""
         if not self.running:
             raise TritonError(f"{what}: tritonserver is not running (see {self.log_path})")
         url = f"http://{self.http_url}{path}"
         try:
-            status, body = http_request(method, url, timeout_s, self._admin_header)
+            status, answer = http_request(method, url, timeout_s, self._admin_header, body)
         except (OSError, http.client.HTTPException) as exc:
             raise error(f"{what}: {method} {url} failed: {exc}", None, str(exc)) from exc
         if status != 200:
-            message = _triton_error_message(body)
+            message = _triton_error_message(answer)
             raise error(f"{what}: Triton answered HTTP {status}: {message}", status, message)
-        return json.loads(body) if body.strip() else None
+        return json.loads(answer) if answer.strip() else None
 
 
 def _triton_error_message(body: bytes) -> str:

@@ -254,6 +254,32 @@ class LocalStack:
             self.paths.state_file.unlink(missing_ok=True)
         return lines
 
+    @contextlib.contextmanager
+    def serving_triton(self) -> Iterator[LocalTritonServer]:
+        """The stack's running Triton (its control API with the run's admin key), while the
+        stack is locked: `gpufleet tune` swaps model configs in it and must not race an `up`."""
+        with self._locked():
+            state = self._load_state()
+            record = state.running(TRITON)
+            if record is None:
+                raise StackRunError(
+                    f"Triton of stack {self.stack.name!r} is not running; start it with "
+                    f"`gpufleet up --stack {self.stack.name}`"
+                )
+            control = LocalTritonServer.attach(
+                self.repository,
+                self.paths.triton_work,
+                Ports(**record.ports),
+                lambda: record.alive,
+                admin_key=_read_secret(self.paths.triton_admin_key),
+            )
+            if not control.is_ready():
+                raise StackRunError(
+                    f"Triton of stack {self.stack.name!r} (pid {record.pid}) is not ready; run "
+                    f"`gpufleet up --stack {self.stack.name}` to bring it back"
+                )
+            yield control
+
     # -- steps -------------------------------------------------------------------------------
 
     def _ensure_mlflow(self, state: RunState) -> str:

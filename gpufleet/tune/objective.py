@@ -1,0 +1,220 @@
+"""What `gpufleet tune` is after, from the spec's own objectives, and how noise is respected.
+
+A candidate *meets* the objective when it loaded, no request failed, its p99 is at most
+``objectives.p99_latency_ms`` at every concurrency level the spec names, and its throughput at
+the highest level is at least ``min_throughput_per_s`` (when set). Among those:
+
+1. the highest throughput at the highest level decides;
+2. candidates whose throughput lies within the measured noise of the best are told apart by the
+   lowest p99 at the lowest level, when that difference exceeds the noise too.
+
+The noise is the spread of repeated trials of one candidate: (max - min) / median of its
+throughput (highest level) and of its p99 (lowest level), the largest over the candidates
+measured more than once. When nothing meets the objective, the closest candidate is the one
+whose worst ratio (p99 / objective, objective / throughput) is smallest.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gpufleet.spec.model import ModelSpec
+from gpufleet.tune.space import Candidate, SpaceError
+from gpufleet.tune.trial import Trial
+
+FAILED = math.inf
+
+
+@dataclass(frozen=True)
+class Objective:
+    levels: tuple[int, ...]
+    p99_ms: float
+    min_throughput_per_s: float | None
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> Objective:
+        objectives = spec.objectives
+        if objectives is None or objectives.p99_latency_ms is None:
+            raise SpaceError(
+                f"{spec.name}: objectives.p99_latency_ms is not set; the tuner needs a p99 "
+                "objective (and the concurrency levels it holds at) to know what is good enough"
+            )
+        return cls(
+            tuple(objectives.concurrency),
+            objectives.p99_latency_ms,
+            objectives.min_throughput_per_s,
+        )
+
+    @property
+    def text(self) -> str:
+        levels = ", ".join(str(level) for level in self.levels)
+        minimum = (
+            f", >= {self.min_throughput_per_s:g}/s at c={self.levels[-1]}"
+            if self.min_throughput_per_s
+            else ""
+        )
+        return f"p99 <= {self.p99_ms:g} ms at c={levels}{minimum}"
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One candidate over all its measurements (medians where measured more than once)."""
+
+    candidate: Candidate
+    baseline: bool
+    trials: tuple[Trial, ...]
+    throughput_per_s: float  # at the highest level
+    p99_ms: tuple[float, ...]  # per level
+    meets: bool
+    violation: float  # worst ratio against the objectives; <= 1 when met
+
+    @property
+    def p99_lowest_ms(self) -> float:
+        return self.p99_ms[0] if self.p99_ms else FAILED
+
+    @property
+    def p99_highest_ms(self) -> float:
+        return self.p99_ms[-1] if self.p99_ms else FAILED
+
+    @property
+    def loaded(self) -> bool:
+        return any(trial.loaded for trial in self.trials)
+
+    @property
+    def label(self) -> str:
+        return "the spec as written" if self.baseline else self.candidate.label
+
+    def rank(self) -> tuple[bool, float]:
+        """Sort key, best last: meeting first, then throughput; otherwise the closest."""
+        return (self.meets, self.throughput_per_s if self.meets else -self.violation)
+
+
+def assess(objective: Objective, trials: Sequence[Trial]) -> Assessment:
+    """Combine the measurements of one candidate (all with the same candidate and baseline)."""
+    loaded = [
+        trial for trial in trials if trial.loaded and len(trial.levels) == len(objective.levels)
+    ]
+    first = trials[0]
+    if not loaded:
+        return Assessment(first.candidate, first.baseline, tuple(trials), 0.0, (), False, FAILED)
+    throughput = statistics.median(trial.levels[-1].throughput_per_s for trial in loaded)
+    p99 = tuple(
+        statistics.median(trial.levels[index].p99_ms for trial in loaded)
+        for index in range(len(objective.levels))
+    )
+    errors = any(level.errors for trial in loaded for level in trial.levels)
+    ratios = [value / objective.p99_ms for value in p99]
+    if objective.min_throughput_per_s:
+        ratios.append(objective.min_throughput_per_s / throughput if throughput > 0 else FAILED)
+    violation = FAILED if errors else max(ratios)
+    return Assessment(
+        first.candidate, first.baseline, tuple(trials), throughput, p99, violation <= 1.0, violation
+    )
+
+
+def assess_all(objective: Objective, trials: Sequence[Trial]) -> list[Assessment]:
+    groups: dict[tuple[Candidate, bool], list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault((trial.candidate, trial.baseline), []).append(trial)
+    return [assess(objective, group) for group in groups.values()]
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Spread of repeated trials, as fractions of the median (0.05 = 5%)."""
+
+    throughput: float
+    p99: float
+    candidates: int  # candidates measured more than once
+    measurements: int
+
+    @property
+    def text(self) -> str:
+        return (
+            f"throughput ±{self.throughput:.1%}, p99 ±{self.p99:.1%} (spread of "
+            f"{self.measurements} measurements of {self.candidates} candidates)"
+        )
+
+
+MIN_NOISE = 0.01  # never call a difference under 1% real: windows agree to a few percent at best
+
+
+def measure_noise(assessments: Sequence[Assessment]) -> Noise:
+    throughput_spreads, p99_spreads, measurements = [], [], 0
+    for assessment in assessments:
+        loaded = [trial for trial in assessment.trials if trial.loaded and trial.levels]
+        if len(loaded) < 2:
+            continue
+        measurements += len(loaded)
+        throughput_spreads.append(_spread([t.levels[-1].throughput_per_s for t in loaded]))
+        p99_spreads.append(_spread([t.levels[0].p99_ms for t in loaded]))
+    return Noise(
+        max([MIN_NOISE, *throughput_spreads]),
+        max([MIN_NOISE, *p99_spreads]),
+        len(throughput_spreads),
+        measurements,
+    )
+
+
+def _spread(values: Sequence[float]) -> float:
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle > 0 else 0.0
+
+
+def better(one: Assessment, other: Assessment, noise: Noise) -> bool:
+    """Whether ``one`` beats ``other`` by more than the noise."""
+    if one.meets != other.meets:
+        return one.meets
+    if one.meets:
+        return one.throughput_per_s > other.throughput_per_s * (1 + noise.throughput)
+    return one.violation < other.violation * (1 - noise.p99)
+
+
+@dataclass(frozen=True)
+class Choice:
+    chosen: Assessment | None  # None: nothing meets the objective
+    closest: Assessment | None  # the best there is, met or not
+    decided_by: str
+    within_noise: tuple[Assessment, ...] = ()
+
+
+def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
+    """The objective applied to every grid candidate (see the module docstring). The spec as
+    written is a reference only (its preferred sizes may be off the grid): when it is as good,
+    the grid point with its values wins and the diff is empty."""
+    loaded = [item for item in assessments if item.loaded and not item.baseline]
+    if not loaded:
+        return Choice(None, None, "no candidate loaded")
+    meeting = [assessment for assessment in loaded if assessment.meets]
+    if not meeting:
+        closest = min(loaded, key=lambda assessment: assessment.violation)
+        return Choice(None, closest, "no candidate meets the objective; the closest is shown")
+    best = max(meeting, key=lambda assessment: assessment.throughput_per_s)
+    floor = best.throughput_per_s * (1 - noise.throughput)
+    band = tuple(
+        sorted(
+            (assessment for assessment in meeting if assessment.throughput_per_s >= floor),
+            key=lambda assessment: -assessment.throughput_per_s,
+        )
+    )
+    if len(band) == 1:
+        return Choice(best, best, "throughput: no other candidate came within the noise", band)
+    lowest = min(band, key=lambda assessment: assessment.p99_lowest_ms)
+    if lowest is not best and lowest.p99_lowest_ms < best.p99_lowest_ms * (1 - noise.p99):
+        return Choice(
+            lowest,
+            lowest,
+            f"p99 at the lowest level: {len(band)} candidates within the throughput noise of the "
+            "best, and this one's p99 at the lowest level is lower by more than the noise",
+            band,
+        )
+    return Choice(
+        best,
+        best,
+        f"throughput: {len(band)} candidates within its noise, none with a p99 at the lowest "
+        "level lower by more than the noise",
+        band,
+    )

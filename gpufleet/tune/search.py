@@ -1,0 +1,309 @@
+"""The tuning run: the spec as written (twice, for a first noise figure), then a quick search
+(coordinate climbing) or the whole grid, then the top candidates measured again, then the choice.
+
+Quick search: from the grid point nearest the spec's own settings, each axis in turn is walked
+up and down one step at a time. A direction stops at the first step that misses the p99
+objective (without coming closer to it than the current point: further along, the p99 only
+grows), or after ``patience`` + 1 steps that do not beat the current point by more than the
+noise. The best point of the axis becomes the current one; passes repeat until no axis moves.
+
+Triton is left serving the repository's own config when the run ends, also on an error.
+
+    result = tune(spec, space, target, inputs, TuneOptions(exhaustive=False), progress=print)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
+
+from gpufleet.spec.model import ModelSpec
+from gpufleet.spec.stack import LoadGateSettings
+from gpufleet.tune.objective import (
+    Assessment,
+    Choice,
+    Noise,
+    Objective,
+    assess,
+    assess_all,
+    better,
+    choose,
+    measure_noise,
+)
+from gpufleet.tune.space import AXES, Candidate, SearchSpace
+from gpufleet.tune.trial import Trial, TritonTarget, repository_config_override, run_trial
+
+Progress = Callable[[str], None]
+MAX_RANKING_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    exhaustive: bool = False
+    settings: LoadGateSettings = field(default_factory=LoadGateSettings)
+    top: int = 3  # candidates measured again at the end
+    repeats: int = 3  # measurements each of them gets in all
+    patience: int = 1  # non-improving steps a direction may take before it stops
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    spec: ModelSpec
+    space: SearchSpace
+    objective: Objective
+    mode: str  # "quick" or "exhaustive"
+    trials: list[Trial]
+    assessments: list[Assessment]
+    noise: Noise
+    choice: Choice
+    wall_s: float
+
+    @property
+    def configs_tried(self) -> int:
+        return len({trial.candidate for trial in self.trials if not trial.baseline})
+
+    @property
+    def baseline(self) -> Assessment | None:
+        return next((item for item in self.assessments if item.baseline), None)
+
+    def summary(self) -> dict[str, Any]:
+        chosen, closest = self.choice.chosen, self.choice.closest
+        return {
+            "model": self.spec.name,
+            "mode": self.mode,
+            "objective": self.objective.text,
+            "trials": len(self.trials),
+            "configs_tried": self.configs_tried,
+            "grid_size": len(self.space.grid()),
+            "refused_by_spec_checks": len(self.space.refused),
+            "failed_loads": sum(1 for trial in self.trials if not trial.loaded),
+            "wall_s": round(self.wall_s, 1),
+            "noise": {
+                "throughput": round(self.noise.throughput, 4),
+                "p99": round(self.noise.p99, 4),
+                "candidates": self.noise.candidates,
+                "measurements": self.noise.measurements,
+            },
+            "decided_by": self.choice.decided_by,
+            "chosen": _assessment_json(chosen) if chosen else None,
+            "closest": _assessment_json(closest) if closest else None,
+            "baseline": _assessment_json(self.baseline) if self.baseline else None,
+        }
+
+
+def _assessment_json(assessment: Assessment) -> dict[str, Any]:
+    return {
+        "label": assessment.label,
+        "baseline": assessment.baseline,
+        "candidate": assessment.candidate.as_dict(),
+        "throughput_per_s": round(assessment.throughput_per_s, 1),
+        "p99_ms": [round(value, 3) for value in assessment.p99_ms],
+        "meets": assessment.meets,
+        "violation": round(assessment.violation, 3) if assessment.loaded else None,
+        "measurements": len(assessment.trials),
+    }
+
+
+class _Runner:
+    """Measures candidates, remembering each one's first measurement."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        space: SearchSpace,
+        target: TritonTarget,
+        inputs: dict[str, npt.NDArray[Any]],
+        objective: Objective,
+        options: TuneOptions,
+        progress: Progress,
+    ) -> None:
+        self.spec, self.space, self.target, self.inputs = spec, space, target, inputs
+        self.objective, self.options, self.progress = objective, options, progress
+        self.trials: list[Trial] = []
+        self.first: dict[Candidate, Assessment] = {}
+        self.noise = Noise(0.0, 0.0, 0, 0)
+
+    def measure(self, candidate: Candidate, *, baseline: bool = False) -> Trial:
+        spec = self.spec if baseline else self.space.spec_for(candidate)
+        repeat = sum(1 for t in self.trials if t.candidate == candidate and t.baseline == baseline)
+        trial = run_trial(
+            self.target,
+            spec,
+            candidate,
+            self.inputs,
+            list(self.objective.levels),
+            self.options.settings,
+            number=len(self.trials) + 1,
+            baseline=baseline,
+            repeat=repeat,
+        )
+        self.trials.append(trial)
+        self.progress(_trial_line(trial, self.objective))
+        return trial
+
+    def assessment(self, candidate: Candidate) -> Assessment:
+        """The candidate's first measurement, measured now if it never was."""
+        if candidate not in self.first:
+            self.first[candidate] = assess(self.objective, [self.measure(candidate)])
+        return self.first[candidate]
+
+    def group(self, candidate: Candidate, baseline: bool) -> list[Trial]:
+        return [t for t in self.trials if t.candidate == candidate and t.baseline == baseline]
+
+
+def tune(
+    spec: ModelSpec,
+    space: SearchSpace,
+    target: TritonTarget,
+    inputs: dict[str, npt.NDArray[Any]],
+    options: TuneOptions,
+    *,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Search ``space`` on ``target`` for ``spec``'s objective (see the module docstring)."""
+    started = time.monotonic()
+    objective = Objective.of(spec)
+    runner = _Runner(spec, space, target, inputs, objective, options, progress or _quiet)
+    try:
+        start = space.snap(spec)
+        for _ in range(2):  # the spec as written, twice: the first figure of the noise
+            runner.measure(start, baseline=True)
+        runner.noise = measure_noise(assess_all(objective, runner.trials))
+        if options.exhaustive:
+            for candidate in space.grid():
+                runner.assessment(candidate)
+        else:
+            _climb(runner, start)
+        _measure_top_again(runner)
+    finally:
+        _restore(target, spec, runner.progress)
+    assessments = assess_all(objective, runner.trials)
+    noise = measure_noise(assessments)
+    return TuneResult(
+        spec,
+        space,
+        objective,
+        "exhaustive" if options.exhaustive else "quick",
+        runner.trials,
+        assessments,
+        noise,
+        choose(assessments, noise),
+        time.monotonic() - started,
+    )
+
+
+def _climb(runner: _Runner, start: Candidate) -> None:
+    space = runner.space
+    allowed = set(space.grid())
+    current = _first_that_loads(runner, [start, *space.grid()], allowed)
+    if current is None:
+        return
+    moved = True
+    while moved:
+        moved = False
+        for axis in AXES:
+            best = runner.assessment(current)
+            for step in (1, -1):
+                best = _walk(runner, current, axis, step, best, allowed)
+            if best.candidate != current:
+                runner.progress(f"  moved along {axis}: {best.candidate.label}")
+                current, moved = best.candidate, True
+
+
+def _walk(
+    runner: _Runner,
+    current: Candidate,
+    axis: str,
+    step: int,
+    best: Assessment,
+    allowed: set[Candidate],
+) -> Assessment:
+    """Walk one direction from ``current``; the best point seen (``best`` if none beat it)."""
+    here = runner.assessment(current)
+    probe: Candidate | None = current
+    misses = 0
+    while True:
+        probe = runner.space.neighbour(probe, axis, step) if probe is not None else None
+        if probe is None:
+            return best
+        if probe not in allowed:  # refused by the spec's checks: never tried, step over it
+            continue
+        trial = runner.assessment(probe)
+        if not trial.loaded:  # Triton refused it: recorded, step over it
+            continue
+        p99_missed = any(value > runner.objective.p99_ms for value in trial.p99_ms)
+        if p99_missed and not better(trial, here, runner.noise):
+            return best  # this direction cannot meet the p99
+        if better(trial, best, runner.noise):
+            best, misses = trial, 0
+        else:
+            misses += 1
+            if misses > runner.options.patience:
+                return best
+
+
+def _first_that_loads(
+    runner: _Runner, candidates: list[Candidate], allowed: set[Candidate]
+) -> Candidate | None:
+    for candidate in candidates:
+        if candidate in allowed and runner.assessment(candidate).loaded:
+            return candidate
+    return None
+
+
+def _measure_top_again(runner: _Runner) -> None:
+    """Measure the top candidates again until each has ``repeats`` measurements.
+
+    Ranked by the medians so far, again after each round: a candidate that rises into the top
+    on one lucky measurement is measured again too, so the pick always stands on ``repeats``
+    measurements (at most ``MAX_RANKING_ROUNDS`` rounds).
+    """
+    for _ in range(MAX_RANKING_ROUNDS):
+        assessments = assess_all(runner.objective, runner.trials)
+        ranked = sorted(
+            (item for item in assessments if item.loaded and not item.baseline),
+            key=lambda item: item.rank(),
+            reverse=True,
+        )
+        short = [
+            item
+            for item in ranked[: runner.options.top]
+            if len(runner.group(item.candidate, False)) < runner.options.repeats
+        ]
+        if not short:
+            return
+        for item in short:
+            while len(runner.group(item.candidate, False)) < runner.options.repeats:
+                runner.measure(item.candidate)
+
+
+def _restore(target: TritonTarget, spec: ModelSpec, progress: Progress) -> None:
+    """Triton back on the repository's config.pbtxt (the spec as deployed)."""
+    try:
+        config = repository_config_override(target.repository, spec.name)
+        target.control.load_model(spec.name, config=config)
+    except Exception as error:
+        progress(f"warning: could not reload {spec.name} with its repository config: {error}")
+    else:
+        progress(f"  {spec.name} reloaded with its repository config")
+
+
+def _trial_line(trial: Trial, objective: Objective) -> str:
+    label = "the spec as written" if trial.baseline else trial.candidate.label
+    again = f" (again, #{trial.repeat + 1})" if trial.repeat else ""
+    if not trial.loaded:
+        return f"  trial {trial.number}: {label}{again}: Triton refused it: {trial.load_error}"
+    figures = ", ".join(
+        f"c={level.concurrency} {level.throughput_per_s:.0f}/s p99 {level.p99_ms:.2f} ms"
+        + (f" ({level.errors} errors)" if level.errors else "")
+        for level in trial.levels
+    )
+    return f"  trial {trial.number}: {label}{again}: {figures} ({trial.duration_s:.1f} s)"
+
+
+def _quiet(_: str) -> None:
+    return None

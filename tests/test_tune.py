@@ -1,0 +1,292 @@
+"""`gpufleet tune`'s core: the search space against the spec's own checks, the write-back
+keeping comments and formatting, and searches on a real Triton (a config Triton refuses is
+recorded and skipped, an objective nothing meets gives the closest, the quick search finds the
+exhaustive search's best on a small grid).
+
+Real: the `tritonserver` 2.51 binary from the nvidia-pytriton wheel (CPU, python backend,
+loopback) serving the seeded torch MLP of tests/data/python_models/torch_mlp.py, which sleeps
+20 ms per execution so that batch size and instance count change the throughput by 2x steps,
+far beyond the noise of this busy machine; candidate configs loaded through Triton's load API
+with a config override; the load gate's measure_level; ruamel.yaml on a copy of the sample spec.
+Not real: the host's GPU count where a test says so (HostFacts with one GPU, so that the space
+holds a KIND_GPU candidate Triton on this GPU-less machine must refuse). Windows are 0.2 s.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from generators.triton_config import render_config_pbtxt
+from gpufleet.spec.loading import load_model_spec_file, model_spec_hash
+from gpufleet.spec.model import ModelSpec
+from gpufleet.spec.model_checks import check_model_spec
+from gpufleet.spec.stack import LoadGateSettings
+from gpufleet.tune.objective import Objective
+from gpufleet.tune.report import pareto_front, write_reports
+from gpufleet.tune.search import TuneOptions, TuneResult, tune
+from gpufleet.tune.space import (
+    Candidate,
+    HostFacts,
+    SpaceError,
+    SpaceLimits,
+    build_space,
+)
+from gpufleet.tune.trial import TritonTarget, synthetic_request
+from gpufleet.tune.write_back import COMMENT_PREFIX, apply_write_back, plan_write_back
+from tests.conftest import SAMPLE_SPECS
+from validation.tritonserver import LocalTritonServer
+
+PYTHON_MODELS = Path(__file__).parent / "data" / "python_models"
+CPU_HOST = HostFacts(cpus=2)
+SPEC: dict[str, Any] = {
+    "name": "mlp",
+    "backend": "python",
+    "max_batch_size": 8,
+    "inputs": [{"name": "features", "dtype": "fp32", "shape": [16]}],
+    "outputs": [{"name": "scores", "dtype": "fp32", "shape": [4]}],
+    "dynamic_batching": {"max_queue_delay_us": 1000, "preferred_batch_sizes": [8]},
+    "instance_groups": [{"kind": "cpu", "count": 1}],
+    "parameters": {"execute_delay_ms": "20"},
+    "objectives": {"p99_latency_ms": 2000, "concurrency": [8]},
+}
+SETTINGS = LoadGateSettings(window_s=0.2, stable_windows=2, stability_percent=30, max_windows=6)
+OPTIONS = TuneOptions(settings=SETTINGS, top=2, repeats=2)
+
+
+def spec_with(**changes: Any) -> ModelSpec:
+    return ModelSpec.model_validate({**SPEC, **changes})
+
+
+# -- the space ---------------------------------------------------------------------------------
+
+
+def test_space_holds_only_candidates_the_specs_checks_accept() -> None:
+    """A warmup of batch 8 makes max_batch_size < 8 invalid: those are refused, never tried."""
+    warmup = [
+        {
+            "name": "w",
+            "batch_size": 8,
+            "inputs": {"features": {"dtype": "fp32", "shape": [16], "data": "zero"}},
+        }
+    ]
+    spec = spec_with(warmup=warmup)
+    space = build_space(spec, CPU_HOST)
+    grid = space.grid()
+    assert grid
+    assert {candidate.max_batch_size for candidate in grid} == {8, 16, 32, 64}
+    refused = {item.candidate.max_batch_size for item in space.refused}
+    assert refused == {1, 2, 4}
+    assert all("warmup batch_size" in item.reason for item in space.refused)
+    for candidate in grid:
+        tuned = space.spec_for(candidate)
+        assert check_model_spec(tuned) == []
+        assert tuned.warmup == spec.warmup  # what the tuner does not tune stays as written
+
+
+def test_dependent_settings_are_derived_so_the_specs_own_values_refuse_nothing() -> None:
+    """The sample's preferred sizes 8/16 never make a max_batch_size of 1, 2 or 4 invalid
+    (Model Analyzer's quick search called every such candidate illegal)."""
+    spec = load_model_spec_file(SAMPLE_SPECS / "tabular_mlp.yaml").spec
+    space = build_space(spec, CPU_HOST)
+    assert space.refused == []
+    assert {1, 2, 4} <= {candidate.max_batch_size for candidate in space.grid()}
+    for candidate in space.grid():
+        batching = space.spec_for(candidate).dynamic_batching
+        assert batching is not None
+        assert all(size <= candidate.max_batch_size for size in batching.preferred_batch_sizes)
+        assert batching.default_queue_policy == spec.dynamic_batching.default_queue_policy  # type: ignore[union-attr]
+    # Below the p99 objective of 50 ms every delay may be tried; a delay of 1 s never.
+    assert max(space.axes["max_queue_delay_us"]) < 50_000
+
+
+def test_space_is_bounded_by_the_backend_the_host_and_the_objective() -> None:
+    trt = spec_with(backend="tensorrt", max_batch_size=16, parameters={})
+    with pytest.raises(SpaceError, match="runs on a GPU only and this host has no GPU"):
+        build_space(trt, CPU_HOST)
+    gpu_space = build_space(trt, HostFacts(cpus=2, gpus=1))
+    assert gpu_space.kinds == ("gpu",)
+    assert max(gpu_space.axes["max_batch_size"]) == 16  # a TensorRT plan's own bound
+    assert build_space(spec_with(), CPU_HOST).kinds == ("cpu",)
+    tight = spec_with(objectives={"p99_latency_ms": 0.6, "concurrency": [1]})
+    assert build_space(tight, CPU_HOST).axes["max_queue_delay_us"] == (0, 100, 500)
+    with pytest.raises(SpaceError, match="ensemble"):
+        build_space(load_model_spec_file(SAMPLE_SPECS / "image_classifier.yaml").spec, CPU_HOST)
+
+
+# -- write-back --------------------------------------------------------------------------------
+
+
+def test_write_back_keeps_comments_and_formatting(tmp_path: Path) -> None:
+    path = tmp_path / "tabular_mlp.yaml"
+    shutil.copy(SAMPLE_SPECS / "tabular_mlp.yaml", path)
+    original = path.read_text()
+    spec = load_model_spec_file(path).spec
+    space = build_space(spec, CPU_HOST)
+    tuned = space.spec_for(Candidate(3, 4, 100, "none"))
+
+    edit = plan_write_back(path, tuned, "2026-01-01 on testhost: 123/s", instances=True)
+    apply_write_back(edit)
+
+    text = path.read_text()
+    assert load_model_spec_file(path).spec == tuned
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#")]
+    assert all(line in text.splitlines() for line in comments)
+    assert f"{COMMENT_PREFIX}2026-01-01 on testhost: 123/s\nmax_batch_size: 4\n" in text
+    removed = [x for x in edit.diff.splitlines() if x.startswith("-") and not x.startswith("---")]
+    added = [x for x in edit.diff.splitlines() if x.startswith("+") and not x.startswith("+++")]
+    assert removed == [
+        "-max_batch_size: 64",
+        "-  max_queue_delay_us: 2000",
+        "-  preferred_batch_sizes: [8, 16]",
+        "-    count: 2",
+    ]
+    assert added == [
+        f"+{COMMENT_PREFIX}2026-01-01 on testhost: 123/s",
+        "+max_batch_size: 4",
+        "+  max_queue_delay_us: 100",
+        "+    count: 3",
+    ]
+    # A second tuning keeps the flow style of a list it adds, and replaces the old comment.
+    again = plan_write_back(
+        path, space.spec_for(Candidate(1, 16, 0, "max")), "later", instances=True
+    )
+    apply_write_back(again)
+    text = path.read_text()
+    assert text.count(COMMENT_PREFIX) == 1
+    assert "  preferred_batch_sizes: [16]\n" in text
+    assert yaml.safe_load(text)["instance_groups"] == [{"kind": "cpu", "count": 1}]
+
+
+# -- on a real Triton ----------------------------------------------------------------------------
+
+
+def write_repository(root: Path) -> Path:
+    spec = spec_with()
+    repository = root / "model_repository"
+    (repository / "mlp" / "1").mkdir(parents=True)
+    config = render_config_pbtxt(spec, "mlp.yaml", model_spec_hash(spec))
+    (repository / "mlp" / "config.pbtxt").write_text(config)
+    shutil.copy(PYTHON_MODELS / "torch_mlp.py", repository / "mlp" / "1" / "model.py")
+    return repository
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
+    root = tmp_path_factory.mktemp("tune")
+    with LocalTritonServer(write_repository(root), root / "triton", load_models=["mlp"]) as server:
+        yield server
+
+
+def run(
+    served: LocalTritonServer,
+    spec: ModelSpec,
+    limits: SpaceLimits,
+    *,
+    exhaustive: bool,
+    host: HostFacts = CPU_HOST,
+) -> TuneResult:
+    space = build_space(spec, host, limits)
+    target = TritonTarget(served, served.grpc_url, served.model_repository)
+    options = TuneOptions(settings=SETTINGS, top=2, repeats=2, exhaustive=exhaustive)
+    return tune(spec, space, target, synthetic_request(spec), options)
+
+
+def test_a_config_triton_refuses_is_recorded_and_skipped(
+    served: LocalTritonServer, tmp_path: Path
+) -> None:
+    """The host is said to have a GPU, so the grid holds a KIND_GPU candidate; Triton on this
+    GPU-less machine refuses to load it. The run goes on and picks a CPU config."""
+    limits = SpaceLimits(
+        instance_counts=(1,), max_batch_sizes=(4,), delays_us=(0,), preferred=("none",)
+    )
+    result = run(served, spec_with(), limits, exhaustive=True, host=HostFacts(cpus=2, gpus=1))
+
+    refused = [trial for trial in result.trials if not trial.loaded]
+    assert [trial.candidate.kind for trial in refused] == ["gpu"]
+    assert "KIND_GPU" in refused[0].load_error
+    assert refused[0].levels == ()
+    assert result.choice.chosen is not None
+    assert result.choice.chosen.candidate.kind == "cpu"
+    # Triton is back on the repository's config when the run ends.
+    config = served.model_config("mlp")
+    assert config["max_batch_size"] == 8
+    assert config["dynamic_batching"]["preferred_batch_size"] == [8]
+    # The reports show every trial, the refused one included.
+    paths = write_reports(result, tmp_path / "reports", diff="")
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    assert "load failed" in paths["html"].read_text()
+    assert "data:image/png;base64," in paths["html"].read_text()
+
+
+def test_an_objective_no_config_meets_gives_the_closest(served: LocalTritonServer) -> None:
+    spec = spec_with(objectives={"p99_latency_ms": 0.001, "concurrency": [2, 8]})
+    limits = SpaceLimits(
+        instance_counts=(1, 2), max_batch_sizes=(4,), delays_us=(0,), preferred=("none",)
+    )
+    result = run(served, spec, limits, exhaustive=False)
+
+    assert result.choice.chosen is None
+    closest = result.choice.closest
+    assert closest is not None
+    assert closest.loaded
+    assert not closest.meets
+    assert closest.violation > 1
+    measured = [item for item in result.assessments if item.loaded and not item.baseline]
+    assert closest.violation == min(item.violation for item in measured)
+    assert "no candidate meets" in result.choice.decided_by
+
+
+def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTritonServer) -> None:
+    """With 20 ms per execution at concurrency 8: 1x1 ~50/s, 2x1 ~100/s, 1x4 ~200/s and
+    2x4 ~400/s, steps far larger than this machine's noise."""
+    limits = SpaceLimits(
+        instance_counts=(1, 2), max_batch_sizes=(1, 4), delays_us=(0,), preferred=("none",)
+    )
+    quick = run(served, spec_with(), limits, exhaustive=False)
+    exhaustive = run(served, spec_with(), limits, exhaustive=True)
+
+    assert exhaustive.configs_tried == 4
+    assert quick.configs_tried <= exhaustive.configs_tried
+    assert quick.choice.chosen is not None
+    assert exhaustive.choice.chosen is not None
+    assert quick.choice.chosen.candidate == exhaustive.choice.chosen.candidate
+    assert exhaustive.choice.chosen.candidate == Candidate(2, 4, 0, "none")
+    assert exhaustive.noise.measurements >= 4  # the spec twice, the top two twice each
+    assert Objective.of(spec_with()).levels == (8,)
+
+
+def test_pareto_front_keeps_points_no_other_beats() -> None:
+    points = [(1.0, 10.0), (2.0, 30.0), (3.0, 20.0), (4.0, 40.0), (1.5, 5.0)]
+    assert pareto_front(points) == [(1.0, 10.0), (2.0, 30.0), (4.0, 40.0)]
+
+
+def test_a_written_sample_spec_says_its_golden_file_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After --write on a sample spec, the golden test is told: the tuner names the stale
+    golden file and `make golden`; an unchanged spec gives no such note."""
+    from gpufleet.tune.command import GOLDEN_REPOSITORY, golden_notes
+    from tests.conftest import GOLDEN_REPOSITORY as PROJECT_GOLDEN
+
+    monkeypatch.chdir(tmp_path)
+    golden = GOLDEN_REPOSITORY / "tabular_mlp" / "config.pbtxt"
+    golden.parent.mkdir(parents=True)
+    shutil.copy(PROJECT_GOLDEN / "tabular_mlp" / "config.pbtxt", golden)
+    spec_path = tmp_path / "modelconfigs" / "tabular_mlp.yaml"
+    spec_path.parent.mkdir()
+    shutil.copy(SAMPLE_SPECS / "tabular_mlp.yaml", spec_path)
+    assert golden_notes(spec_path) == []
+
+    space = build_space(load_model_spec_file(spec_path).spec, CPU_HOST)
+    tuned = space.spec_for(Candidate(1, 8, 0, "none"))
+    apply_write_back(plan_write_back(spec_path, tuned, "test", instances=True))
+    notes = golden_notes(spec_path)
+    assert len(notes) == 1
+    assert str(golden) in notes[0]
+    assert "make golden" in notes[0]
