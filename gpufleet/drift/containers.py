@@ -1,0 +1,1 @@
+"""The containers layer (placeholder until written)."""

@@ -1,0 +1,1 @@
+"""The hosts layer (placeholder until written)."""
