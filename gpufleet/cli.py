@@ -625,7 +625,7 @@ def drift(
         report = run_drift(
             stack,
             project_root=Path.cwd(),
-            layers=[item.value for item in layer] if layer else None,  # type: ignore[misc]
+            layers=[item.value for item in layer] if layer else None,
             specs_dir=specs_dir,
             stacks_dir=stacks_dir,
             outputs_file=outputs,

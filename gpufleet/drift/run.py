@@ -9,6 +9,7 @@ serving stack's compose, the provisioner).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -129,7 +130,7 @@ def _environment_jobs(
             from gpufleet.drift.containers import check_containers
 
             jobs.extend(
-                (lambda host=host: [check_containers(environment, host)])
+                functools.partial(_one, check_containers, environment, host)
                 for host in environment.host_names
             )
     if "infrastructure" in asked:
@@ -153,7 +154,13 @@ def _triton_jobs(environment: Environment, repair: str) -> list[Job]:
             return [LayerCheck("triton", host, error=f"could not be checked: {error}")]
         return [check_triton(TritonTarget(host, url, headers, repair), wanted).check]
 
-    return [(lambda host=host: job(host)) for host in environment.host_names]
+    return [functools.partial(job, host) for host in environment.host_names]
+
+
+def _one(
+    check: Callable[[Environment, str], LayerCheck], environment: Environment, host: str
+) -> list[LayerCheck]:
+    return [check(environment, host)]
 
 
 def _infrastructure(environment: Environment) -> list[LayerCheck]:
