@@ -90,12 +90,16 @@ def test_the_site_up_is_in_sync_on_every_layer(site: Site) -> None:
         assert "container triton" in containers[host]
     tritons = [check for check in report["checks"] if check["layer"] == "triton"]
     assert all(f"model {MODEL} versions" in check["checked"] for check in tritons)
+    assert all(f"model {MODEL} files" in check["checked"] for check in tritons)
     assert report["not_applicable"] == {}
 
 
-def test_daemon_json_edited_image_changed_and_container_stopped(site: Site) -> None:
+def test_daemon_json_edited_image_changed_container_stopped_and_model_file_edited(
+    site: Site,
+) -> None:
     """serve-a: daemon.json edited (hosts) and Triton recreated from another image reference
-    (containers); serve-b: Prometheus stopped (containers). Each attributed to its host."""
+    (containers); serve-b: Prometheus stopped (containers) and a served model file edited
+    (triton: its sha256 against the lineage). Each attributed to its host."""
     serve_a = site.hosts["serve-a"]
     daemon = json.loads(serve_a.exec(f"cat {DAEMON_JSON}").stdout)
     daemon["log-opts"] = {**daemon.get("log-opts", {}), "max-size": "999m"}
@@ -113,8 +117,10 @@ def test_daemon_json_edited_image_changed_and_container_stopped(site: Site) -> N
     names = site.inner_docker("serve-b", "ps", "--format", "'{{.Names}}'").split()
     [prometheus] = [name for name in names if "prometheus" in name]
     site.inner_docker("serve-b", "stop", prometheus)
+    model_file = f"/opt/gpufleet/serving/model_repository/{MODEL}/1/model.py"
+    site.hosts["serve-b"].exec(f"echo '# edited on the host' >> {model_file}")
 
-    code, report = drift(site, "--layer", "hosts", "--layer", "containers")
+    code, report = drift(site, "--layer", "hosts", "--layer", "containers", "--layer", "triton")
     assert code == 1, [check for check in report["checks"] if check["error"]]
     found = {(item["layer"], item["host"], item["object"]) for item in report["items"]}
     hosts_items = [item for item in report["items"] if item["layer"] == "hosts"]
@@ -134,7 +140,10 @@ def test_daemon_json_edited_image_changed_and_container_stopped(site: Site) -> N
     [stopped] = [item for item in report["items"] if item["object"] == "container prometheus"]
     assert stopped["expected"] == "running"
     assert stopped["found"].startswith("exited")
-    assert {item["layer"] for item in report["items"]} == {"hosts", "containers"}
+    [edited] = [item for item in report["items"] if item["layer"] == "triton"]
+    assert (edited["host"], edited["object"]) == ("serve-b", f"model {MODEL} files")
+    assert edited["found"].startswith(f"{model_file}: sha256 ")
+    assert {item["layer"] for item in report["items"]} == {"hosts", "containers", "triton"}
 
     repair(site, report["items"])
     assert_clean(site)

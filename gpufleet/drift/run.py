@@ -18,6 +18,7 @@ from pathlib import Path
 
 from generators.serving_stack.graph import ServiceGraphError
 from gpufleet.drift.files import check_files
+from gpufleet.drift.host_files import check_host_files
 from gpufleet.drift.items import LAYERS, Layer, LayerCheck
 from gpufleet.drift.report import DriftReport
 from gpufleet.drift.triton import ExpectedModels, TritonTarget, check_triton, expected_models
@@ -152,7 +153,18 @@ def _triton_jobs(environment: Environment, repair: str) -> list[Job]:
             url = triton_grpc_url(environment, host)
         except ServiceGraphError as error:
             return [LayerCheck("triton", host, error=f"could not be checked: {error}")]
-        return [check_triton(TritonTarget(host, url, headers, repair), wanted).check]
+        check = check_triton(TritonTarget(host, url, headers, repair), wanted).check
+        if check.error is None:  # Triton answers: are the files it serves the registry's?
+            started = time.monotonic()
+            try:
+                checked, items = check_host_files(environment, host, wanted.versions, repair)
+            except Exception as error:  # SSH: the host is named as not checked, exit 2
+                check.error = f"could not be checked: model files on {host} over SSH: {error}"
+            else:
+                check.checked += checked
+                check.items += items
+            check.seconds += time.monotonic() - started
+        return [check]
 
     return [functools.partial(job, host) for host in environment.host_names]
 
