@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,16 +88,27 @@ def expected_models(
     except RegistryError as error:
         expected.errors.append(f"the registry: {error}")
         return expected
-    for item in sourced:
-        source = item.spec.source or ""
-        try:
-            target = client.resolve(source)
-            versions = [version.version for version in wanted_versions(item, target, client)]
-        except (RegistryError, AssemblyError) as error:
-            expected.errors.append(f"model {item.spec.name} versions: {error}")
-            continue
-        expected.versions[item.spec.name] = versions
-        expected.sources[item.spec.name] = f"{source} is v{target.version}"
+    # Each authenticated MLflow request costs a password hash on the server: the lookups of
+    # every model run at once, and a model's alias and its versions are asked side by side.
+    with ThreadPoolExecutor(max_workers=2 * len(sourced)) as pool:
+        lookups = [
+            (
+                item,
+                pool.submit(client.resolve, item.spec.source or ""),
+                pool.submit(client.versions, registered_model_name(item.spec.source or "") or ""),
+            )
+            for item in sourced
+        ]
+        for item, resolving, listing in lookups:
+            source = item.spec.source or ""
+            try:
+                target = resolving.result()
+                wanted = wanted_versions(item, target, client, available=listing.result())
+            except (RegistryError, AssemblyError) as error:
+                expected.errors.append(f"model {item.spec.name} versions: {error}")
+                continue
+            expected.versions[item.spec.name] = [version.version for version in wanted]
+            expected.sources[item.spec.name] = f"{source} is v{target.version}"
     return expected
 
 
