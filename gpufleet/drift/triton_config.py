@@ -121,7 +121,7 @@ def flatten(config: Any) -> dict[str, str]:
 
 
 def _flatten(value: Any, path: str, lines: dict[str, str]) -> None:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         for key in sorted(value):
             _flatten(value[key], f"{path}.{key}" if path else key, lines)
     elif isinstance(value, list) and value and all(isinstance(entry, dict) for entry in value):
