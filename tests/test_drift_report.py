@@ -177,3 +177,30 @@ def test_junit_has_one_case_per_checked_object_and_the_table_names_what_was_not_
     assert any("gpu-b" in line and "NOT CHECKED" in line for line in lines)
     assert any("gpu-a" in line and "DRIFT (2)" in line for line in lines)
     assert lines[-1].startswith("stack lab: 1 check(s) could not run, 2 drift item(s)")
+
+
+def test_a_proxmox_stack_without_outputs_names_each_host_layer_and_still_checks_files(
+    scratch_project: Path,
+) -> None:
+    """No addresses (no Pulumi CLI, no --outputs): triton, hosts and containers are "could not
+    be checked" per host, with the command that makes the outputs; files are still compared."""
+    runner = CliRunner()
+    assert runner.invoke(app, ["generate", "--stack", "onprem-prod"]).exit_code == 0
+    config = next(Path("build").rglob("docker-compose.yml"))
+    config.write_text(config.read_text() + "# edited\n")
+    result = runner.invoke(app, ["drift", "--stack", "onprem-prod", "--json"])
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, SCHEMA)
+    hosts = [host.name for host in load_stack_spec(Path("stacks"), "onprem-prod").spec.hosts]
+    not_checked = {(c["layer"], c["host"]) for c in report["checks"] if c["error"]}
+    for layer in ("triton", "hosts", "containers"):
+        assert {(layer, host) for host in hosts} <= not_checked
+    assert all(
+        "pulumi stack output --stack onprem-prod --json" in c["error"]
+        for c in report["checks"]
+        if c["layer"] in ("triton", "hosts", "containers")
+    )
+    [files] = [c for c in report["checks"] if c["layer"] == "files"]
+    assert files["error"] is None
+    assert [item["object"] for item in files["items"]] == [f"file {scratch_project / config}"]

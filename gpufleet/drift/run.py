@@ -17,13 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from generators.serving_stack.graph import ServiceGraphError
+from gpufleet.drift.containers import check_containers
 from gpufleet.drift.files import check_files
 from gpufleet.drift.host_files import check_host_files
+from gpufleet.drift.hosts import check_hosts
 from gpufleet.drift.items import LAYERS, Layer, LayerCheck
 from gpufleet.drift.report import DriftReport
 from gpufleet.drift.triton import ExpectedModels, TritonTarget, check_triton, expected_models
 from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
+from gpufleet.lifecycle.outputs import OutputsError
 from gpufleet.local.stack_runner import LocalStack, StackRunError
 from gpufleet.spec.loading import (
     LoadedModelSpec,
@@ -35,6 +38,7 @@ from gpufleet.spec.loading import (
 
 Job = Callable[[], list[LayerCheck]]
 _MAX_WORKERS = 16
+HOST_LAYERS: tuple[Layer, ...] = ("triton", "hosts", "containers")
 
 
 def run_drift(
@@ -46,8 +50,9 @@ def run_drift(
     stacks_dir: Path | None = None,
     outputs_file: Path | None = None,
 ) -> DriftReport:
-    """Check `layers` (default: all) of the stack. Raises SpecError, OutputsError and
-    LifecycleError for bad input (exit 2 before anything is checked)."""
+    """Check `layers` (default: all) of the stack. Raises SpecError for bad input (exit 2
+    before anything is checked). Without the hosts' addresses (a proxmox or azure stack without
+    outputs) the host layers are "could not be checked", files and infrastructure still run."""
     started = time.monotonic()
     asked = [layer for layer in LAYERS if layers is None or layer in layers]
     specs_dir = specs_dir or project_root / "modelconfigs"
@@ -58,14 +63,29 @@ def run_drift(
         models = select_stack_models(loaded, load_model_specs(specs_dir))
         jobs = _local_jobs(loaded, models, asked, report, project_root)
     else:
-        environment = load_environment(
-            stack,
-            project_root=project_root,
-            specs_dir=specs_dir,
-            stacks_dir=stacks_dir,
-            outputs_file=outputs_file,
-        )
-        jobs = _environment_jobs(environment, asked, report)
+        served: list[LoadedModelSpec] = []
+        if loaded.spec.serving is not None:
+            served = select_stack_models(loaded, load_model_specs(specs_dir))
+        try:
+            environment: Environment | str = load_environment(
+                stack,
+                project_root=project_root,
+                specs_dir=specs_dir,
+                stacks_dir=stacks_dir,
+                outputs_file=outputs_file,
+            )
+        except OutputsError as error:  # no addresses: the hosts' layers cannot be checked
+            environment = str(error)
+        jobs = _stack_jobs(loaded, served, project_root, asked, report)
+        if isinstance(environment, Environment):
+            jobs += _host_jobs(environment, asked, report)
+        else:
+            report.checks += [
+                LayerCheck(layer, host.name, error=f"could not be checked: {environment}")
+                for layer in asked
+                if layer in HOST_LAYERS
+                for host in loaded.spec.hosts
+            ]
     with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, max(1, len(jobs)))) as pool:
         for checks in pool.map(lambda job: job(), jobs):
             report.checks.extend(checks)
@@ -99,43 +119,40 @@ def _local_jobs(
     return jobs
 
 
-def _environment_jobs(
-    environment: Environment, asked: list[Layer], report: DriftReport
+def _stack_jobs(
+    loaded: LoadedStackSpec,
+    models: list[LoadedModelSpec],
+    project_root: Path,
+    asked: list[Layer],
+    report: DriftReport,
 ) -> list[Job]:
+    """The layers that need no host address: files, infrastructure."""
     jobs: list[Job] = []
-    repair = f"gpufleet up --stack {environment.name}"
     if "files" in asked:
+        repository = project_root / loaded.spec.model_repository
         jobs.append(
-            lambda: [
-                check_files(
-                    environment.loaded,
-                    environment.models,
-                    repository=environment.repository,
-                    project_root=environment.project_root,
-                )
-            ]
+            lambda: [check_files(loaded, models, repository=repository, project_root=project_root)]
         )
-    if "triton" in asked:
-        if environment.spec.serving is None:
-            report.not_applicable["triton"] = "the stack has no gpufleet:serving"
-        else:
-            jobs.extend(_triton_jobs(environment, repair))
-    if "hosts" in asked:
-        from gpufleet.drift.hosts import check_hosts
-
-        jobs.append(lambda: check_hosts(environment))
-    if "containers" in asked:
-        if environment.spec.serving is None:
-            report.not_applicable["containers"] = "the stack has no gpufleet:serving"
-        else:
-            from gpufleet.drift.containers import check_containers
-
-            jobs.extend(
-                functools.partial(_one, check_containers, environment, host)
-                for host in environment.host_names
-            )
     if "infrastructure" in asked:
-        jobs.append(lambda: _infrastructure(environment))
+        jobs.append(lambda: _infrastructure(loaded, project_root))
+    for layer in ("triton", "containers"):
+        if layer in asked and loaded.spec.serving is None:
+            report.not_applicable[layer] = "the stack has no gpufleet:serving"
+    return jobs
+
+
+def _host_jobs(environment: Environment, asked: list[Layer], report: DriftReport) -> list[Job]:
+    """The layers checked on each host: triton, hosts, containers."""
+    jobs: list[Job] = []
+    if "triton" in asked and "triton" not in report.not_applicable:
+        jobs.extend(_triton_jobs(environment, f"gpufleet up --stack {environment.name}"))
+    if "hosts" in asked:
+        jobs.append(lambda: check_hosts(environment))
+    if "containers" in asked and "containers" not in report.not_applicable:
+        jobs.extend(
+            functools.partial(_one, check_containers, environment, host)
+            for host in environment.host_names
+        )
     return jobs
 
 
@@ -175,12 +192,14 @@ def _one(
     return [check(environment, host)]
 
 
-def _infrastructure(environment: Environment) -> list[LayerCheck]:
-    """The infrastructure layer (proxmox, azure): gpufleet/drift/infrastructure.py."""
-    if environment.spec.environment == "static":
+def _infrastructure(loaded: LoadedStackSpec, project_root: Path) -> list[LayerCheck]:
+    """The infrastructure layer (proxmox, azure): gpufleet/drift/infrastructure.py, built on its
+    own branch. It needs no host address (a deleted VM has none). Until it is merged, this
+    build names what it lacks instead of skipping the layer."""
+    if loaded.spec.environment == "static":
         return []
-    try:  # built on its own branch; until it is merged this build names what it lacks
-        from gpufleet.drift.infrastructure import check_infrastructure  # type: ignore[import-not-found]
+    try:
+        from gpufleet.drift import infrastructure  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return [
             LayerCheck(
@@ -190,5 +209,7 @@ def _infrastructure(environment: Environment) -> list[LayerCheck]:
                 "build",
             )
         ]
-    checks: list[LayerCheck] = check_infrastructure(environment)
+    checks: list[LayerCheck] = infrastructure.check_stack_infrastructure(
+        loaded, project_root=project_root
+    )
     return checks
