@@ -25,6 +25,7 @@ from generators.serving_stack.files import (
     render_serving_files,
     serving_directory,
 )
+from generators.serving_stack.graph import ServiceGraphError
 from gpufleet.configure.runner import SERVING_PLAYBOOK
 from gpufleet.drift.triton import (
     ConvergeError,
@@ -80,12 +81,12 @@ def converge_tritons(
     headers = admin_key_headers(environment)
     for outcome in outcomes:
         started = time.monotonic()
-        target = TritonTarget(
-            outcome.host,
-            triton_grpc_url(environment, outcome.host),
-            headers,
-            f"gpufleet up --stack {environment.name}",
-        )
+        try:
+            url = triton_grpc_url(environment, outcome.host)
+        except ServiceGraphError as error:
+            say(f"  {outcome.host}: Triton not converged: {error}")
+            continue
+        target = TritonTarget(outcome.host, url, headers, f"gpufleet up --stack {environment.name}")
         findings = check_triton(target, expected)
         if findings.check.error:
             say(f"  {outcome.host}: Triton not converged: {findings.check.error}")
