@@ -42,7 +42,7 @@ def site(
     triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
     project = tmp_path_factory.mktemp("drift-environment")
     with open_site(docker_engine, debian_host_image, ssh_client_key, project, triton_image) as site:
-        site.runs["first"] = site.gpufleet("up", "--stack", SITE, "--json")
+        site.runs["first"] = site.gpufleet("up", "--stack", SITE, "--only", "host")
         yield site
 
 
@@ -109,9 +109,10 @@ def test_daemon_json_edited_image_changed_container_stopped_and_model_file_edite
     site.inner_docker("serve-a", "tag", original_image, "local/drift-other:1")
     compose = "/opt/gpufleet/serving/docker-compose.yml"
     serve_a.exec(f"sed -i 's#image: {original_image}$#image: local/drift-other:1#' {compose}")
-    serve_a.exec(
-        f"cd /opt/gpufleet/serving && docker compose --project-name gpufleet-{SITE} "
-        "--file docker-compose.yml up --detach triton",
+    serve_a.exec(  # the compose the serving_stack role found there (Debian's: v1)
+        "cd /opt/gpufleet/serving && if docker compose version >/dev/null 2>&1; then "
+        'compose="docker compose"; else compose=docker-compose; fi; '
+        f"$compose --project-name gpufleet-{SITE} --file docker-compose.yml up --detach triton",
         timeout=300,
     )
     names = site.inner_docker("serve-b", "ps", "--format", "'{{.Names}}'").split()
