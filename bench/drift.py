@@ -113,7 +113,7 @@ def _site(work: Path, docker_host: str | None) -> dict[str, Any]:
     from tests.environment_site import HOSTS, SITE, open_site
     from tests.serving_images import TRITON_TORCH, ensure_image
 
-    results: dict[str, Any] = {"hosts": len(HOSTS)}
+    results: dict[str, Any] = {"host_count": len(HOSTS)}
     with engine_for_script(docker_host, work) as engine:
         host_image = import_host_image(engine, print)
         triton_image = ensure_image(engine, TRITON_TORCH, host_image, print)
