@@ -534,15 +534,19 @@ class _Assembler:
 
 
 def wanted_versions(
-    item: LoadedModelSpec, target: RegistryVersion, registry: ModelRegistry
+    item: LoadedModelSpec,
+    target: RegistryVersion,
+    registry: ModelRegistry,
+    available: Sequence[RegistryVersion] | None = None,
 ) -> list[RegistryVersion]:
-    """The registry versions the spec's version_policy serves, given the source's `target`.
+    """The registry versions the spec's version_policy serves, given the source's `target`
+    (and the registered model's READY versions, when the caller fetched them already).
 
     `latest: N` (and no policy, Triton's `latest: 1`) counts down from the target, never above
     it: Triton serves the highest numbers, and a version above the alias target would win.
     """
     policy = item.spec.version_policy
-    available = registry.versions(target.name)
+    available = list(available) if available is not None else registry.versions(target.name)
     if target not in available:  # e.g. registered between the two requests
         available = sorted([*available, target], key=lambda version: version.version)
     if policy is None or policy.latest is not None:

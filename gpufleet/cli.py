@@ -20,19 +20,17 @@ from generators.model_repository import (
     RepositoryPlan,
     apply_plan,
     diff_plan,
-    plan_files,
-    plan_repository,
-    render_repository_files,
     write_atomically,
 )
 from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
-from generators.serving_stack.files import (
-    generated_files_on_disk,
-    render_serving_files,
-    serving_directory,
-)
+from generators.serving_stack.files import plan_generated_files
 from gpufleet.rollout_cli import rollout_app
-from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
+from gpufleet.spec.loading import (
+    LoadedStackSpec,
+    load_model_specs,
+    load_stack_spec,
+    select_stack_models,
+)
 from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
 
@@ -165,8 +163,7 @@ def generate(
 
       gpufleet generate --stack local --check # CI drift check of the local stack
     """
-    serving_files: dict[str, str] = {}
-    serving_root: Path | None = None
+    loaded_stack: LoadedStackSpec | None = None
     try:
         specs = load_model_specs(specs_dir)
         repository = Path(DEFAULT_MODEL_REPOSITORY)
@@ -174,24 +171,19 @@ def generate(
             loaded_stack = load_stack_spec(stacks_dir, stack)
             specs = select_stack_models(loaded_stack, specs)
             repository = Path(loaded_stack.spec.model_repository)
-            if loaded_stack.spec.serving is not None:
-                serving_files = render_serving_files(loaded_stack, specs)
-                serving_root = serving_directory(loaded_stack)
+        with _file_errors_exit():
+            plans = plan_generated_files(out_dir or repository, specs, loaded_stack)
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
-    repository = out_dir or repository
-    with _file_errors_exit():
-        plans = [plan_repository(repository, render_repository_files(specs))]
-        if serving_root is not None:
-            previous = generated_files_on_disk(serving_root)
-            plans.append(plan_files(serving_root, serving_files, previous))
-        if not check:
+    serving_planned = len(plans) > 1
+    if not check:
+        with _file_errors_exit():
             for plan in plans:
                 apply_plan(plan)
     in_sync = all(plan.in_sync for plan in plans)
     if as_json:
         summary: dict[str, object] = {"ok": in_sync or not check, **_plan_summary(plans[0])}
-        if serving_root is not None:
+        if serving_planned:
             summary["serving"] = _plan_summary(plans[1])
         out.print_json(json.dumps(summary))
     elif check:
@@ -707,3 +699,71 @@ def tune_command(
     if outcome.exit_code:
         err.print("error: no config meets the objectives; the closest is shown above", markup=False)
     raise typer.Exit(outcome.exit_code)
+
+
+class DriftLayer(enum.StrEnum):
+    """The layers `gpufleet drift --layer` can pick (gpufleet.drift.items.LAYERS)."""
+
+    files = "files"
+    triton = "triton"
+    hosts = "hosts"
+    containers = "containers"
+    infrastructure = "infrastructure"
+
+
+@app.command()
+def drift(
+    stack: StackOption,
+    layer: Annotated[
+        list[DriftLayer] | None,
+        typer.Option("--layer", help="Check only this layer (repeatable; default: all)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON (schemas/drift-report...).")
+    ] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option("--junit", help="Write JUnit XML here: one test case per checked object."),
+    ] = None,
+    outputs: OutputsOption = None,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Compare the whole environment with its specs and the registry; change nothing.
+
+    Layers: files (what `generate --check` finds), triton (live configs, loaded versions against
+    the registry, models no spec names, model files against their lineage), hosts (Ansible check
+    mode), containers (running containers against the generated compose), infrastructure (VMs
+    against the spec). Every difference is one item naming its layer, host, object, what was
+    expected, what was found and the command that repairs it. See docs/drift.md.
+
+    Exit codes: 0 no drift, 1 drift found, 2 something could not be checked (named; the other
+    layers are still checked) or bad input.
+    """
+    from gpufleet.drift.report import table_lines, write_junit
+    from gpufleet.drift.run import run_drift
+    from gpufleet.lifecycle.environment import LifecycleError
+    from gpufleet.lifecycle.outputs import OutputsError
+
+    try:
+        report = run_drift(
+            stack,
+            project_root=Path.cwd(),
+            layers=[item.value for item in layer] if layer else None,
+            specs_dir=specs_dir,
+            stacks_dir=stacks_dir,
+            outputs_file=outputs,
+        )
+    except SpecError as error:
+        _fail([str(problem) for problem in error.problems])
+    except (OutputsError, LifecycleError) as error:
+        _fail([str(error)])
+    if junit is not None:
+        with _file_errors_exit():
+            write_junit(report, junit)
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+    else:
+        for line in table_lines(report):
+            out.print(line, markup=False, highlight=False)
+    raise typer.Exit(report.exit_code)

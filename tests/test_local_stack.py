@@ -93,9 +93,9 @@ class Project:
         return target
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
-    root = tmp_path_factory.mktemp("local-stack")
+def make_project(root: Path) -> Project:
+    """A scratch project in `root`: the sample tabular_mlp spec with objectives any machine
+    meets, and a local stack file on free ports (also used by tests/test_drift_local.py)."""
     (root / "modelconfigs").mkdir()
     # Objectives any machine meets, however busy: this module tests the pipeline, and whether
     # the sample's 50 ms p99 holds depends on spare CPU (the verdicts: test_load_gate.py).
@@ -119,7 +119,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
   gpufleet:load_gate: {{window_s: 0.5, max_windows: 8}}
 """
     )
-    project = Project(root, mlflow_port=mlflow)
+    return Project(root, mlflow_port=mlflow)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    project = make_project(tmp_path_factory.mktemp("local-stack"))
     project.first_up = project.gpufleet("up")
     try:
         yield project

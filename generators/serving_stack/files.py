@@ -15,6 +15,12 @@ import json
 from pathlib import Path
 
 from generators.gateway import GatewaySettings, ModelRoute, render_gateway_config
+from generators.model_repository import (
+    RepositoryPlan,
+    plan_files,
+    plan_repository,
+    render_repository_files,
+)
 from generators.serving_stack import secret_args
 from generators.serving_stack.compose import render_compose
 from generators.serving_stack.grafana import render_grafana_files
@@ -141,3 +147,22 @@ def generated_files_on_disk(root: Path) -> list[str]:
             if isinstance(name, str) and ".." not in Path(name).parts
         )
     return listed
+
+
+def plan_generated_files(
+    repository: Path,
+    models: list[LoadedModelSpec],
+    loaded: LoadedStackSpec | None,
+    project_root: Path = Path(),
+) -> list[RepositoryPlan]:
+    """What `gpufleet generate` would write: the repository's `config.pbtxt` files, then (a
+    stack with gpufleet:serving) its hosts' serving files. Raises SpecError and OSError.
+
+    `generate` applies these plans, `generate --check` and `gpufleet drift` (files layer) diff
+    them."""
+    plans = [plan_repository(repository, render_repository_files(models))]
+    if loaded is not None and loaded.spec.serving is not None:
+        root = project_root / serving_directory(loaded)
+        files = render_serving_files(loaded, models)
+        plans.append(plan_files(root, files, generated_files_on_disk(root)))
+    return plans

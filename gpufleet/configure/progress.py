@@ -11,6 +11,8 @@ remembers every failure with its task and reason, for the summary at the end.
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +20,7 @@ from typing import Any, Literal
 HostStatus = Literal["ok", "changed", "failed", "unreachable"]
 Say = Callable[[str], None]
 _MAX_REASON_CHARS = 400
+_MAX_DIFF_CHARS = 4000
 _DEBUG_ACTIONS = {"debug", "ansible.builtin.debug"}
 
 
@@ -32,6 +35,7 @@ class HostOutcome:
     skipped: int = 0
     unreachable: int = 0
     problems: list[str] = field(default_factory=list)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # (task, its diff) per change
 
     @property
     def status(self) -> HostStatus:
@@ -54,6 +58,7 @@ class EventTracker:
     def __init__(self, say: Say) -> None:
         self._say = say
         self._problems: dict[str, list[str]] = {}
+        self._changes: dict[str, list[tuple[str, str]]] = {}
         self._play = ""
 
     def handle(self, event: Mapping[str, Any]) -> bool:
@@ -70,7 +75,11 @@ class EventTracker:
     def outcomes(self, stats: Mapping[str, Mapping[str, int]] | None) -> list[HostOutcome]:
         """Ansible's per-host counters (runner.stats) joined with the problems seen in events."""
         stats = stats or {}
-        hosts = sorted({host for counts in stats.values() for host in counts} | set(self._problems))
+        hosts = sorted(
+            {host for counts in stats.values() for host in counts}
+            | set(self._problems)
+            | set(self._changes)
+        )
         return [
             HostOutcome(
                 host=host,
@@ -80,6 +89,7 @@ class EventTracker:
                 skipped=stats.get("skipped", {}).get(host, 0),
                 unreachable=stats.get("dark", {}).get(host, 0),
                 problems=self._problems.get(host, []),
+                changes=self._changes.get(host, []),
             )
             for host in hosts
         ]
@@ -90,6 +100,8 @@ class EventTracker:
         res = data.get("res") or {}
         if result == "ok":
             status = "changed" if res.get("changed") else "ok"
+            if res.get("changed"):
+                self._changes.setdefault(host, []).append((task, task_diff(res)))
             if data.get("task_action") in _DEBUG_ACTIONS and res.get("msg"):
                 task = f"{task}: {_one_line(res['msg'])}"
         elif result == "failed" and data.get("ignore_errors"):
@@ -104,6 +116,39 @@ class EventTracker:
         else:  # runner_on_start, runner_on_async_*: not a result yet
             return
         self._say(f"  {host:<20} {status:<9} {task}")
+
+
+def task_diff(res: Mapping[str, Any]) -> str:
+    """A changed task's diff (Ansible's `--diff`) as unified diff text; a no_log task's result
+    is censored by Ansible, and so is its diff here."""
+    if res.get("censored"):
+        return "(hidden: the task is no_log)"
+    diffs = res.get("diff") or []
+    if isinstance(diffs, Mapping):
+        diffs = [diffs]
+    chunks: list[str] = []
+    for diff in diffs:
+        if not isinstance(diff, Mapping):
+            continue
+        if diff.get("prepared"):
+            chunks.append(str(diff["prepared"]))
+            continue
+        before, after = diff.get("before", ""), diff.get("after", "")
+        if isinstance(before, Mapping) or isinstance(after, Mapping):
+            before = json.dumps(before, indent=1, sort_keys=True) + "\n"
+            after = json.dumps(after, indent=1, sort_keys=True) + "\n"
+        chunks.extend(
+            difflib.unified_diff(
+                str(before).splitlines(keepends=True),
+                str(after).splitlines(keepends=True),
+                fromfile=str(diff.get("before_header", "before")),
+                tofile=str(diff.get("after_header", "after")),
+            )
+        )
+    text = "".join(chunks)
+    if len(text) > _MAX_DIFF_CHARS:
+        text = text[:_MAX_DIFF_CHARS] + "\n... (cut)"
+    return text or "(changed; Ansible gave no diff)"
 
 
 def _task_title(data: Mapping[str, Any]) -> str:

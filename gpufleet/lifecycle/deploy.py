@@ -25,9 +25,18 @@ from generators.serving_stack.files import (
     render_serving_files,
     serving_directory,
 )
+from generators.serving_stack.graph import ServiceGraphError
 from gpufleet.configure.runner import SERVING_PLAYBOOK
+from gpufleet.drift.triton import (
+    ConvergeError,
+    TritonTarget,
+    check_triton,
+    converge_triton,
+    expected_models,
+)
 from gpufleet.lifecycle.ansible_step import Say, run_playbook
 from gpufleet.lifecycle.environment import Environment
+from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
 from gpufleet.lifecycle.outcome import StepOutcome
 from gpufleet.registry.client import RegistryError
 from gpufleet.spec.problems import SpecError
@@ -54,7 +63,53 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
     for outcome in outcomes:
         outcome.seconds += prepared
         outcome.details["models"] = models
+    converge_tritons(environment, [outcome for outcome in outcomes if outcome.succeeded], say=say)
     return outcomes
+
+
+def converge_tritons(
+    environment: Environment, outcomes: Sequence[StepOutcome], *, say: Say
+) -> None:
+    """Each deployed host's Triton brought to what the specs and the registry say, also where
+    no file changed (so the role restarted nothing): a model whose live config or loaded
+    versions differ is reloaded with its generated config, one no spec names is unloaded. The
+    drift check's triton layer decides (gpufleet/drift/triton.py). A Triton that cannot be
+    asked (no admin key in the environment) is left as the role left it, and said so."""
+    if not outcomes or environment.spec.serving is None:
+        return
+    expected = expected_models(environment.models, environment.registry)
+    headers = admin_key_headers(environment)
+    for outcome in outcomes:
+        started = time.monotonic()
+        try:
+            url = triton_grpc_url(environment, outcome.host)
+        except ServiceGraphError as error:
+            say(f"  {outcome.host}: Triton not converged: {error}")
+            continue
+        target = TritonTarget(outcome.host, url, headers, f"gpufleet up --stack {environment.name}")
+        findings = check_triton(target, expected)
+        if findings.check.error:
+            say(f"  {outcome.host}: Triton not converged: {findings.check.error}")
+        else:
+            try:
+                converge_triton(
+                    target,
+                    expected,
+                    reload=sorted(findings.reload),
+                    unload=sorted(findings.unload),
+                    say=say,
+                )
+            except ConvergeError as error:
+                outcome.status = "error"
+                outcome.reasons.append(str(error))
+            else:
+                if findings.reload or findings.unload:
+                    outcome.status = "changed"
+                    outcome.details["converged"] = {
+                        "reloaded": sorted(findings.reload),
+                        "unloaded": sorted(findings.unload),
+                    }
+        outcome.seconds += time.monotonic() - started
 
 
 @contextlib.contextmanager

@@ -36,6 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from generators.registry_repository import fill_repository
+from gpufleet.drift.triton import (
+    ConvergeError,
+    TritonFindings,
+    TritonTarget,
+    check_triton,
+    converge_triton,
+    expected_models,
+)
 from gpufleet.local.credentials import (
     BasicCredentials,
     CredentialsError,
@@ -146,7 +154,7 @@ class LocalStack:
                 with self._step("model repository"):
                     changed, removed = self._assemble(registry)
                 with self._step("triton"):
-                    self._ensure_triton(state, changed, removed)
+                    self._ensure_triton(state, changed, removed, registry)
                 if self.stack.spec.gateway is not None:
                     with self._step("gateway"):
                         self._ensure_gateway(state)
@@ -169,7 +177,7 @@ class LocalStack:
                 )
             registry = self._registry(self._tracking_uri(state))
             changed, removed = self._assemble(registry)
-            self._ensure_triton(state, changed, removed)
+            self._ensure_triton(state, changed, removed, registry)
             return changed
 
     def apply_gateway(self) -> int:
@@ -394,7 +402,9 @@ class LocalStack:
         )
         return changed, filled.removed
 
-    def _ensure_triton(self, state: RunState, changed: set[str], removed: set[str]) -> None:
+    def _ensure_triton(
+        self, state: RunState, changed: set[str], removed: set[str], registry: ModelRegistry
+    ) -> None:
         names = [item.spec.name for item in self.specs]
         ports = self.stack.spec.ports
         wanted_ports = {
@@ -412,8 +422,11 @@ class LocalStack:
                 admin_key=_read_secret(self.paths.triton_admin_key),
             )
             if control.is_ready():
+                # Convergence: also what differs live though no file changed (a config loaded
+                # with an override, a version loaded by hand, a model no spec names).
                 self._unload(control, sorted(removed), record)
                 self._reload(control, [name for name in names if name in changed], record)
+                self._converge(record, registry)
                 return
             self.say(f"  Triton (pid {record.pid}) is not ready; restarting it")
             record.stop()
@@ -462,6 +475,45 @@ class LocalStack:
             except TritonError as error:
                 raise StackRunError(str(error)) from None
             self.say(f"  reloaded {name} in Triton (pid {record.pid})")
+
+    def triton_drift(self) -> TritonFindings:
+        """The triton drift check of this stack's Triton (`gpufleet drift`). Raises
+        StackRunError when nothing of the stack was started."""
+        state = self._load_state()
+        record = state.servers.get(TRITON)
+        if record is None:
+            raise StackRunError(
+                f"nothing of stack {self.stack.name!r} was started (no Triton in "
+                f"{self.paths.state_file}); start it with `gpufleet up --stack {self.stack.name}`"
+            )
+        return self._drift(record, lambda: self._registry(self._tracking_uri(state)))
+
+    def _converge(self, record: ServerRecord, registry: ModelRegistry) -> None:
+        """What still differs live though the files are right (a config loaded with an
+        override, a version loaded by hand, a model no spec names) is reloaded or unloaded."""
+        findings = self._drift(record, registry)
+        try:
+            converge_triton(
+                findings.target,
+                findings.expected,
+                reload=sorted(findings.reload),
+                unload=sorted(findings.unload),
+                say=self.say,
+            )
+        except ConvergeError as error:
+            raise StackRunError(str(error)) from None
+
+    def _drift(
+        self, record: ServerRecord, registry: ModelRegistry | Callable[[], ModelRegistry]
+    ) -> TritonFindings:
+        target = TritonTarget(
+            "local",
+            f"127.0.0.1:{record.ports['grpc']}",
+            self._admin_headers(),
+            f"gpufleet up --stack {self.stack.name}",
+            repository=self.repository,
+        )
+        return check_triton(target, expected_models(self.specs, registry))
 
     def _admin_headers(self) -> dict[str, str] | None:
         """Triton's admin key as a gRPC header, for the gates' reads of restricted APIs."""
