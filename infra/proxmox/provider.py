@@ -238,6 +238,14 @@ class GpuVmProvider(ResourceProvider):
             self._power_off(pve, vm)
             self._destroy(pve, vm)
 
+    def find_vm(self, props: dict[str, Any]) -> tuple[int, str] | None:
+        """(vmid, node) of the VM tagged for this stack and host, if any: what a rebuild
+        destroys before making the VM again (gpufleet/rebuild/replace.py)."""
+        inputs = _inputs_of(props)
+        with _failing(f"looking for the VM of {inputs['name']}"):
+            vm = self._adoptable(PveSession(inputs, self.timing), inputs)
+        return (vm.vmid, vm.node) if vm else None
+
     # ------------------------------------------------------------------- finding VMs
 
     def _adoptable(self, pve: PveSession, inputs: Mapping[str, Any]) -> _Vm | None:
