@@ -101,7 +101,8 @@ def trust_host_key(
                 f"({still_known[0].fingerprint}): its OS has not been reinstalled. The backup "
                 f"is taken; reinstall {host} now (Debian 12 or Ubuntu 22.04/24.04, the stack's "
                 "SSH key authorized for its ssh_user), read the new host key's fingerprint on "
-                "its console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then run this command again "
+                "its console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then run this "
+                "command again "
                 "with --host-key-fingerprint SHA256:..."
             )
         say(f"  {host} offers a host key {path} already knows ({still_known[0].fingerprint})")
