@@ -3,12 +3,13 @@
 - static: the operator reinstalls the OS; gpufleet cannot. The step waits for it: while the
   host still offers the host key known_hosts holds, it stops and says to reinstall; once the
   host offers a new key it accepts only the one the operator vouches for (host_key.py).
-- proxmox: the VM is destroyed and made again through the project's dynamic provider
-  (infra/proxmox/provider.py): the same name, tags and GPU mapping, a fresh clone of the
-  template. Where the Pulumi CLI is installed, `pulumi up --replace <the VM's URN>` through
-  the Automation API does the same and keeps Pulumi's state right; without it (as on the
-  machines this project is tested on) the provider is called directly and Pulumi's state still
-  names the old VM id until `pulumi refresh`.
+- proxmox: the VM is made again through the project's dynamic provider
+  (infra/proxmox/provider.py): the old VM powered off and set aside, a fresh clone of the
+  template with the same name, tags and GPU mapping and a new vmid started, then the old VM
+  destroyed (or put back, should the new one fail). Where the Pulumi CLI is installed,
+  `pulumi up --replace <the VM's URN>` through the Automation API does the same and keeps
+  Pulumi's state right; without it (as on the machines this project is tested on) the provider
+  is called directly and Pulumi's state still names the old VM id until `pulumi refresh`.
 - azure: not replaced by gpufleet in this version; docs/rebuild.md gives the commands.
 
     outcome = replace_machine(environment, "gpu-a", host_key_fingerprint=None, say=print)
@@ -44,19 +45,15 @@ class ReplaceError(Exception):
 
 
 def replace_machine(
-    environment: Environment, host: str, *, host_key_fingerprint: str | None, say: Say
+    environment: Environment, host: str, *, say: Say, timing: Any = None
 ) -> dict[str, Any]:
-    """Replace `host`'s machine; what was done (new vmid, address, accepted key...)."""
+    """Replace `host`'s machine where gpufleet can (proxmox); what was done. A static host's
+    machine is the operator's to reinstall: nothing is done here."""
     kind = environment.spec.environment
     if kind == "static":
-        return replace_static(environment, host, host_key_fingerprint, say)
+        return {"machine": "reinstalled by the operator"}
     if kind == "proxmox":
-        details = replace_proxmox_vm(environment, host, say)
-        address = details["address"]
-        details.update(
-            trust_host_key(environment, host, address, host_key_fingerprint, say, static=False)
-        )
-        return details
+        return replace_proxmox_vm(environment, host, say, timing=timing)
     raise ReplaceError(
         f"replacing an {kind} VM is not automated in this version; replace it with "
         f"`pulumi up -s {environment.name} --replace <the VM's URN>` (the data disk is kept, "
@@ -123,8 +120,12 @@ def trust_host_key(
     return {"host_key": accepted.fingerprint, "host_key_changed": True, "known_hosts": str(path)}
 
 
-def replace_proxmox_vm(environment: Environment, host: str, say: Say) -> dict[str, Any]:
-    """Destroy the host's VM and make it again through the dynamic provider."""
+def replace_proxmox_vm(
+    environment: Environment, host: str, say: Say, *, timing: Any = None
+) -> dict[str, Any]:
+    """Make the host's VM again through the dynamic provider: the old one powered off and set
+    aside, a new one cloned (same name, tags, GPU mapping; a new vmid) and started, then the
+    old one destroyed. `timing`: the provider's (tests pass a fast one)."""
     # infra is imported here only: the rebuild sits above infra, the lifecycle below it.
     from infra.proxmox.provider import GpuVmProvider
     from infra.proxmox.vm_config import vm_inputs
@@ -154,13 +155,26 @@ def replace_proxmox_vm(environment: Environment, host: str, say: Say) -> dict[st
         f"`pulumi refresh -s {environment.name}` where the CLI is, so that its state names the "
         "new VM"
     )
-    provider = GpuVmProvider()
+    provider = GpuVmProvider(timing) if timing is not None else GpuVmProvider()
     props = {**inputs, "secret": secret}
     old = provider.find_vm(props)
     if old is not None:
-        say(f"  destroying VM {old[0]} ({spec_host.name}) on {old[1]}")
+        # Set aside, not destroyed yet: the new VM gets a new vmid, and should it fail to come
+        # up, the old one is put back as it was.
+        say(f"  powering VM {old[0]} ({spec_host.name}) off and setting it aside")
+        provider.set_aside(str(old[0]), props)
+    try:
+        created = provider.create(props)
+    except Exception as error:
+        if old is not None:
+            provider.set_aside(str(old[0]), props, tagged=True)
+        raise ReplaceError(
+            f"the new VM for {host} could not be made: {error}"
+            + (f"; VM {old[0]} is back as it was" if old else "")
+        ) from None
+    if old is not None:
+        say(f"  destroying the old VM {old[0]}")
         provider.delete(str(old[0]), props)
-    created = provider.create(props)
     outs = created.outs or {}
     say(f"  created VM {created.id} ({outs.get('name')}) at {outs.get('address')}")
     return {

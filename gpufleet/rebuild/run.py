@@ -24,7 +24,12 @@ from gpufleet.rebuild.backup import Backup, BackupError, backups_dir, open_backu
 from gpufleet.rebuild.holdings import Holdings, compose_project, container_of, host_holdings
 from gpufleet.rebuild.registry_snapshot import compare_snapshots, counts, snapshot_registry
 from gpufleet.rebuild.remote import HostShell, RemoteError
-from gpufleet.rebuild.replace import AwaitingOperator, ReplaceError, replace_machine
+from gpufleet.rebuild.replace import (
+    AwaitingOperator,
+    ReplaceError,
+    replace_machine,
+    trust_host_key,
+)
 from gpufleet.rebuild.report import RebuildReport, StepRecord
 from gpufleet.rebuild.restore import restore_backup
 from gpufleet.rebuild.state import RebuildState
@@ -38,6 +43,7 @@ class RebuildOptions:
     accept_data_loss: bool = False
     keep_prometheus: bool = False
     host_key_fingerprint: str | None = None
+    proxmox_timing: Any = None  # the Proxmox provider's timing (tests pass a fast one)
 
 
 class _Stop(Exception):
@@ -83,16 +89,7 @@ class _Rebuild:
             say,
         )
         address = state.notes.get("address")  # a replaced VM's new address
-        self.environment = (
-            dataclasses.replace(
-                environment,
-                loaded=dataclasses.replace(
-                    environment.loaded, spec=with_addresses(environment.spec, {host: address})
-                ),
-            )
-            if address
-            else environment
-        )
+        self.environment = _with_address(environment, host, address) if address else environment
         self.holdings: Holdings = host_holdings(self.environment, host)
         self.backup: Backup | None = None
 
@@ -214,33 +211,35 @@ class _Rebuild:
     def replace(self) -> tuple[str, list[str], dict[str, Any]]:
         if "replace" in self.state.done:
             return "skipped", [], {"resumed": True, **self.state.notes.get("replace", {})}
+        notes = dict(self.state.notes)
         try:
-            details = replace_machine(
+            if "replace" not in notes:  # the machine once, even when its key is vouched later
+                notes["replace"] = replace_machine(
+                    self.environment, self.host, say=self.say, timing=self.options.proxmox_timing
+                )
+                address = notes["replace"].get("address")
+                if address and address != self.environment.host(self.host).address:
+                    notes["address"] = address
+                    self.environment = _with_address(self.environment, self.host, address)
+                self.state.notes = notes
+                self.state.save()
+            address = self.environment.host(self.host).address
+            assert address is not None
+            key = trust_host_key(
                 self.environment,
                 self.host,
-                host_key_fingerprint=self.options.host_key_fingerprint,
-                say=self.say,
+                address,
+                self.options.host_key_fingerprint,
+                self.say,
+                static=self.environment.spec.environment == "static",
             )
         except AwaitingOperator as waiting:
-            raise _Stop("waiting", [str(waiting)]) from None
+            raise _Stop("waiting", [str(waiting)], notes.get("replace")) from None
         except (ReplaceError, OSError) as error:
             raise _Stop("error", [str(error)]) from None
-        notes = dict(self.state.notes)
-        notes["replace"] = details
-        if (
-            details.get("address")
-            and details["address"] != self.environment.host(self.host).address
-        ):
-            notes["address"] = details["address"]
-            self.environment = dataclasses.replace(
-                self.environment,
-                loaded=dataclasses.replace(
-                    self.environment.loaded,
-                    spec=with_addresses(self.environment.spec, {self.host: details["address"]}),
-                ),
-            )
+        notes["replace"] = {**notes["replace"], **key}
         self.state.mark("replace", notes=notes)
-        return "changed", [], details
+        return "changed", [], notes["replace"]
 
     def configure(self) -> tuple[str, list[str], dict[str, Any]]:
         return self._lifecycle(configure(self.environment, [self.host], say=self.say))
@@ -298,6 +297,13 @@ class _Rebuild:
         (outcome,) = outcomes
         details = outcome.to_json()["details"]
         return outcome.status, list(outcome.reasons), details
+
+
+def _with_address(environment: Environment, host: str, address: str) -> Environment:
+    spec = with_addresses(environment.spec, {host: address})
+    return dataclasses.replace(
+        environment, loaded=dataclasses.replace(environment.loaded, spec=spec)
+    )
 
 
 def _leaves(value: Any) -> list[Any]:

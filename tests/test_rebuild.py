@@ -1,0 +1,266 @@
+"""`gpufleet rebuild --stack NAME --host HOST` on a static site whose rebuilt host runs the
+registry: backup, reinstall, the new host key, the lifecycle steps, restore, and the registry
+compared field by field; a resumed rebuild; a backup that cannot be written.
+
+Real: the `gpufleet` CLI as separate processes; two Debian 12 hosts (containers with systemd and
+sshd on a Docker network of the test's own, fixed addresses, tests/rebuild_site.py) reached over
+SSH with strict host key checking; Ansible installing Docker inside them; the serving stack
+(Triton, and on serve-a MLflow with Postgres) started by the serving_stack role from image
+archives; pg_dump and pg_restore in the Postgres container; MLflow's registry read and written
+through its API with its basic-auth login; the gates over SSH and gRPC; "reinstalling" serve-a is
+deleting its container and its disk and starting a bare one at the same address (new SSH host
+keys); a full disk is a 16 KiB tmpfs mounted on the backups directory; the killed rebuild is
+SIGKILL to its process group; a load of HTTP inference requests against serve-b.
+Not real: no GPU; stand-in images (tests/serving_images.py); Debian's packages instead of
+Docker's and NVIDIA's repositories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.rebuild.backup import (
+    ARTIFACTS_TAR,
+    AUTH_TAR,
+    MANIFEST,
+    POSTGRES_DUMP,
+    SNAPSHOT,
+)
+from gpufleet.rebuild.registry_snapshot import compare_snapshots, snapshot_registry
+from gpufleet.registry.demo import demo_network, register_torch_model
+from gpufleet.spec.loading import load_model_specs
+from tests.docker_hosts import DockerEngine, SshKeyPair
+from tests.rebuild_site import (
+    MODEL,
+    SITE,
+    InferenceLoad,
+    RebuildSite,
+    mlflow_login,
+    open_rebuild_site,
+)
+
+HOST = "serve-a"
+REBUILD = ("rebuild", "--stack", SITE, "--host", HOST, "--json")
+
+
+@pytest.fixture(scope="module")
+def site(
+    docker_engine: DockerEngine,
+    debian_host_image: str,
+    ssh_client_key: SshKeyPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RebuildSite]:
+    work = tmp_path_factory.mktemp("rebuild")
+    with (
+        open_rebuild_site(docker_engine, debian_host_image, ssh_client_key, work) as site,
+        mlflow_login(),
+    ):
+        yield site
+
+
+@pytest.fixture(scope="module")
+def shared() -> dict[str, Any]:
+    """What one test leaves for the next (the module's tests run in order on one site)."""
+    return {}
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.stdout.strip(), result.stderr[-4000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def steps_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {step["step"]: step for step in report["steps"]}
+
+
+def backup_dirs(site: RebuildSite) -> list[Path]:
+    base = site.project / "build" / SITE / "backups" / HOST
+    return sorted(base.iterdir()) if base.exists() else []
+
+
+def file_states(directory: Path) -> dict[str, tuple[int, str]]:
+    return {
+        path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(directory.iterdir())
+    }
+
+
+def test_the_site_serves_with_its_registry_on_serve_a(
+    site: RebuildSite, shared: dict[str, Any]
+) -> None:
+    """The site is green; then the registry changes as it does between deploys: a new version,
+    the production alias moved to it, an alias and tags added."""
+    result = site.runs["up"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    (spec,) = [item.spec for item in load_model_specs(site.project / "modelconfigs")]
+    registry = site.registry
+    new = register_torch_model(registry, spec, demo_network(spec, seed=3), seed=3)
+    assert new.version == 2
+    registry.set_alias(MODEL, "previous", 1)
+    registry.set_tags(registry.resolve(f"models:/{MODEL}/1"), {"reviewed": "yes"})
+    registry.client.set_registered_model_tag(MODEL, "owner", "serving-team")
+    shared["before"] = snapshot_registry(registry)
+    assert shared["before"]["models"][MODEL]["aliases"] == {"previous": "1", "production": "2"}
+
+
+def test_a_backup_that_cannot_be_written_stops_before_anything_is_destroyed(
+    site: RebuildSite, shared: dict[str, Any]
+) -> None:
+    backups = site.project / "build" / SITE / "backups"
+    backups.mkdir(parents=True, exist_ok=True)
+    known_hosts = (site.project / "known_hosts").read_bytes()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(backups)], check=True)
+    try:
+        result = site.gpufleet(*REBUILD)
+        left = sorted(path.name for path in backups.rglob("*") if path.is_file())
+    finally:
+        subprocess.run(["umount", str(backups)], check=True)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    report = report_of(result)
+    steps = steps_of(report)
+    assert steps["check"]["status"] == "ok"
+    assert steps["backup"]["status"] == "error"
+    (reason,) = steps["backup"]["reasons"]
+    assert "No space left on device" in reason, reason
+    assert "nothing was destroyed" in reason
+    assert "replace" not in steps, "the machine is not touched"
+    assert left == [], "a failed backup leaves nothing half-written"
+    # serve-a still runs as before: the same machine, the same key, the same registry.
+    assert (site.project / "known_hosts").read_bytes() == known_hosts
+    assert compare_snapshots(shared["before"], snapshot_registry(site.registry)) == []
+    assert "Traceback" not in result.stderr
+
+
+def test_the_rebuild_backs_up_verified_then_waits_for_the_reinstall(
+    site: RebuildSite, shared: dict[str, Any]
+) -> None:
+    result = site.gpufleet(*REBUILD)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    report = report_of(result)
+    steps = steps_of(report)
+    assert report["resumed"] is True, "the failed attempt before is picked up"
+    assert steps["backup"]["status"] == "ok"
+    assert steps["replace"]["status"] == "waiting"
+    (reason,) = steps["replace"]["reasons"]
+    assert "still offers the host key" in reason
+    assert "--host-key-fingerprint" in reason
+    (directory,) = backup_dirs(site)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert set(manifest["files"]) == {SNAPSHOT, POSTGRES_DUMP, ARTIFACTS_TAR, AUTH_TAR}
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == entry["sha256"]
+    assert "pg_restore --list reads it" in manifest["files"][POSTGRES_DUMP]["verified"]
+    assert "match the host's sha256" in manifest["files"][ARTIFACTS_TAR]["verified"]
+    backed_up = json.loads((directory / SNAPSHOT).read_text())
+    assert compare_snapshots(shared["before"], backed_up) == []
+    shared["backup"] = (directory, file_states(directory))
+
+
+def test_the_reinstalled_host_key_is_refused_until_the_operator_vouches_for_it(
+    site: RebuildSite, shared: dict[str, Any]
+) -> None:
+    """serve-a is "reinstalled": its container and disk deleted, a bare one started at the
+    same address. From here on a load runs against serve-b."""
+    old_container = site.hosts[HOST].container_id
+    site.recreate(HOST)
+    assert site.hosts[HOST].container_id != old_container
+    load = InferenceLoad(site.addresses["serve-b"])
+    load.start()
+    shared["load"] = load
+    known_hosts = (site.project / "known_hosts").read_bytes()
+    fingerprint = site.console_fingerprint(HOST)
+    result = site.gpufleet(*REBUILD)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    (reason,) = steps_of(report_of(result))["replace"]["reasons"]
+    assert "offers new host key(s)" in reason
+    assert fingerprint in reason, "the operator compares it with the console's"
+    wrong = site.gpufleet(*REBUILD, "--host-key-fingerprint", "SHA256:" + "A" * 43)
+    assert wrong.returncode == 2
+    (reason,) = steps_of(report_of(wrong))["replace"]["reasons"]
+    assert "do not go on" in reason
+    assert (site.project / "known_hosts").read_bytes() == known_hosts, "nothing accepted"
+    shared["fingerprint"] = fingerprint
+
+
+def test_a_rebuild_killed_mid_way_resumes_from_its_backup_and_loses_nothing(
+    site: RebuildSite, shared: dict[str, Any]
+) -> None:
+    first = site.start_gpufleet(*REBUILD, "--host-key-fingerprint", shared["fingerprint"])
+    assert first.stderr is not None
+    seen = ""
+    for line in first.stderr:
+        seen += line
+        if "Docker" in line or "docker" in line:
+            break  # configure is installing Docker: the operator's session drops now
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=120)
+    assert f"[configure] {HOST}: started" in seen, seen[-3000:]
+    assert f"[configure] {HOST}: " not in seen.split(f"[configure] {HOST}: started")[1]
+
+    started = time.monotonic()
+    result = site.gpufleet(*REBUILD)
+    shared["seconds"] = time.monotonic() - started
+    load: InferenceLoad = shared["load"]
+    load.stop()
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    report = report_of(result)
+    steps = steps_of(report)
+    assert report["resumed"] is True
+    directory, states = shared["backup"]
+    assert steps["backup"]["status"] == "skipped"
+    assert steps["backup"]["details"]["reused"] is True
+    assert steps["backup"]["details"]["id"] == directory.name
+    assert steps["replace"]["status"] == "skipped", "the key was accepted before the kill"
+    assert steps["configure"]["status"] == "changed"
+    assert steps["restore"]["status"] == "changed"
+    assert set(steps["restore"]["details"]["restored"]) == {POSTGRES_DUMP, ARTIFACTS_TAR, AUTH_TAR}
+    gates = {gate["gate"]: gate["status"] for gate in steps["gate"]["details"]["reports"]}
+    assert gates["correctness"] == "pass"
+    assert gates["host"] in ("pass", "warn")
+    # The registry after equals the registry before, field by field (the command's own check,
+    # and this test's reading through MLflow's API).
+    assert steps["verify"]["status"] == "ok"
+    assert report["registry"]["equal"] is True
+    assert report["registry"]["differences"] == []
+    assert report["registry"]["after"]["versions"] == 2
+    assert compare_snapshots(shared["before"], snapshot_registry(site.registry)) == []
+    # One backup, the first, untouched.
+    assert backup_dirs(site) == [directory]
+    assert file_states(directory) == states
+    # serve-a serves what the restored registry's alias names.
+    lineage = site.hosts[HOST].exec(
+        f"cat /opt/gpufleet/serving/model_repository/{MODEL}/2/gpufleet-lineage.json"
+    )
+    assert json.loads(lineage.stdout)["registry"]["version"] == 2
+    # The report on disk, with each step's time.
+    written = json.loads(
+        (site.project / "build" / SITE / "reports" / f"rebuild-{HOST}.json").read_text()
+    )
+    assert [step["step"] for step in written["steps"]] == [
+        "check",
+        "backup",
+        "replace",
+        "configure",
+        "deploy",
+        "restore",
+        "fill",
+        "gate",
+        "verify",
+    ]
+    assert all(step["seconds"] >= 0 for step in written["steps"])
+    # serve-b served throughout.
+    assert load.ok > 0
+    assert load.failed == []
