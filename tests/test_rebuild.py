@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from gpufleet.lifecycle.environment import load_environment
 from gpufleet.rebuild.backup import (
     ARTIFACTS_TAR,
     AUTH_TAR,
@@ -38,6 +40,7 @@ from gpufleet.rebuild.backup import (
     SNAPSHOT,
 )
 from gpufleet.rebuild.registry_snapshot import compare_snapshots, snapshot_registry
+from gpufleet.rebuild.run import RebuildOptions, rebuild_host
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import load_model_specs
 from tests.docker_hosts import DockerEngine, SshKeyPair
@@ -264,3 +267,107 @@ def test_a_rebuild_killed_mid_way_resumes_from_its_backup_and_loses_nothing(
     # serve-b served throughout.
     assert load.ok > 0
     assert load.failed == []
+
+
+@pytest.mark.fakepve(time_scale=0.01)
+def test_a_proxmox_host_gets_a_new_vm_with_its_name_and_gpu_mapping(
+    site: RebuildSite,
+    fakepve: Any,
+    fakepve_url: str,
+    fakepve_cafile: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rebuild of a Proxmox host, in this process: fakepve holds its VM (made by the
+    provider, as `pulumi up` would); the rebuild powers it off and sets it aside, clones a new
+    one through the same provider (same name, tags and GPU mapping, a new vmid) whose guest
+    agent reports a real host's address (serve-b's), destroys the old one, trusts the host key
+    known_hosts already holds for that address, then runs the lifecycle's configure and the host
+    gate against the real host. The stack has no serving stack: nothing to back up."""
+    from infra.proxmox.provider import GpuVmProvider
+    from tests.test_proxmox_provider import (
+        FAST,
+        TEMPLATE,
+        TOKEN_ID,
+        TOKEN_SECRET,
+        Agents,
+        make_inputs,
+    )
+    from tests.test_proxmox_provider import HOST as PVE_HOST
+
+    fakepve.apitokens[TOKEN_ID] = TOKEN_SECRET
+    fakepve.add_vm(TEMPLATE, "debian-13-cloud", node="pve1", template=True, config=_TEMPLATE)
+    monkeypatch.setattr(fakepve, "_do_start", Agents(fakepve).start)
+    monkeypatch.setenv("GPUFLEET_PROXMOX_SECRET", TOKEN_SECRET)
+    address = site.addresses["serve-b"]
+    gateway = address.rsplit(".", 1)[0] + ".1"
+    network = {"bridge": "vmbr0", "ipv4": f"{address}/24", "gateway": gateway}
+    stack = _write_proxmox_stack(site, fakepve_url, fakepve_cafile, network)
+    inputs = make_inputs(fakepve_url, fakepve_cafile, stack=stack, network=network)
+    first = GpuVmProvider(FAST).create(inputs)
+    assert first.outs is not None
+    old_vmid = int(first.id)
+
+    environment = load_environment(
+        stack, project_root=site.project, addresses={PVE_HOST["name"]: address}
+    )
+    lines: list[str] = []
+    report = rebuild_host(
+        environment, PVE_HOST["name"], RebuildOptions(proxmox_timing=FAST), say=lines.append
+    )
+    text = "\n".join(lines)
+    assert report.exit_code == 0, text[-4000:]
+    steps = {step.name: step for step in report.steps}
+    replaced = steps["replace"].details
+    assert replaced["old_vmid"] == old_vmid
+    assert replaced["vmid"] != old_vmid
+    assert replaced["name"] == PVE_HOST["name"]
+    assert replaced["address"] == address
+    assert replaced["host_key_changed"] is False
+    assert "no Pulumi CLI here" in text
+    vms = [vm for vm in fakepve.vms if not vm.config.get("template")]
+    assert [vm.vmid for vm in vms] == [replaced["vmid"]], "the old VM is destroyed"
+    (vm,) = vms
+    assert vm.name == PVE_HOST["name"]
+    assert vm.status == "running"
+    assert vm.config["hostpci0"] == "mapping=a10-pve1-0,pcie=1"
+    assert vm.config["tags"] == inputs["tags"][0] + ";" + inputs["tags"][1]
+    assert steps["configure"].status in ("ok", "changed")
+    assert steps["gate"].status == "ok", steps["gate"].reasons
+    assert steps["backup"].details["files"] == {}
+
+
+_TEMPLATE = {
+    "scsi0": "local-lvm:base-9000-disk-0,size=32G",
+    "scsihw": "virtio-scsi-pci",
+    "ide2": "local-lvm:vm-9000-cloudinit,media=cdrom",
+    "net0": "virtio=BC:24:11:00:90:00,bridge=vmbr0",
+    "boot": "order=scsi0",
+    "ostype": "l26",
+    "agent": "1",
+    "cores": 2,
+    "memory": "2048",
+    "template": 1,
+}
+
+
+def _write_proxmox_stack(site: RebuildSite, url: str, cafile: str, network: dict[str, str]) -> str:
+    from tests.test_proxmox_provider import HOST as PVE_HOST
+    from tests.test_proxmox_provider import TEMPLATE, TOKEN_ID
+
+    site_config = yaml.safe_load((site.project / "stacks" / f"Pulumi.{SITE}.yaml").read_text())
+    config = {
+        "gpufleet:environment": "proxmox",
+        "gpufleet:state_dir": "build/pve",
+        "gpufleet:gates": ["host"],
+        "gpufleet:host_config": site_config["config"]["gpufleet:host_config"],
+        "gpufleet:proxmox": {
+            "endpoint": url,
+            "ca_bundle": cafile,
+            "token_id": TOKEN_ID,
+            "template_vmid": TEMPLATE,
+            "storage": "local-lvm",
+        },
+        "gpufleet:hosts": [{**PVE_HOST, "proxmox": {**PVE_HOST["proxmox"], "network": network}}],
+    }
+    (site.project / "stacks" / "Pulumi.pve.yaml").write_text(yaml.safe_dump({"config": config}))
+    return "pve"
