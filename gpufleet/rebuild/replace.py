@@ -10,7 +10,10 @@
   `pulumi up --replace <the VM's URN>` through the Automation API does the same and keeps
   Pulumi's state right; without it (as on the machines this project is tested on) the provider
   is called directly and Pulumi's state still names the old VM id until `pulumi refresh`.
-- azure: not replaced by gpufleet in this version; docs/rebuild.md gives the commands.
+- azure: `pulumi up --replace` of the VM through the Automation API where the Pulumi CLI is;
+  the data disk (its own resource, attached with delete_option Detach) outlives the VM and is
+  attached to the new one. Without the CLI the operator runs that command, and the step waits
+  for the new host key as on a static host.
 
     outcome = replace_machine(environment, "gpu-a", host_key_fingerprint=None, say=print)
 """
@@ -47,18 +50,41 @@ class ReplaceError(Exception):
 def replace_machine(
     environment: Environment, host: str, *, say: Say, timing: Any = None
 ) -> dict[str, Any]:
-    """Replace `host`'s machine where gpufleet can (proxmox); what was done. A static host's
-    machine is the operator's to reinstall: nothing is done here."""
+    """Replace `host`'s machine where gpufleet can; what was done. A static host's machine is
+    the operator's to reinstall, an Azure VM's (without the Pulumi CLI) to replace: nothing is
+    done here, and the host key step tells whether it has been."""
     kind = environment.spec.environment
-    if kind == "static":
-        return {"machine": "reinstalled by the operator"}
     if kind == "proxmox":
         return replace_proxmox_vm(environment, host, say, timing=timing)
-    raise ReplaceError(
-        f"replacing an {kind} VM is not automated in this version; replace it with "
-        f"`pulumi up -s {environment.name} --replace <the VM's URN>` (the data disk is kept, "
-        "see docs/rebuild.md), then run this command again"
+    if kind == "azure":
+        return replace_azure_vm(environment, host, say)
+    return {"machine": "reinstalled by the operator"}
+
+
+def operator_replaces(environment: Environment) -> bool:
+    """Whether the operator replaces the machine (and the old host key means "not yet")."""
+    kind = environment.spec.environment
+    return kind == "static" or (kind == "azure" and shutil.which("pulumi") is None)
+
+
+def azure_replace_command(environment: Environment, host: str) -> str:
+    return (
+        f"pulumi up -s {environment.name} --replace "
+        f"'urn:pulumi:{environment.name}::gpufleet::gpufleet:azure:GpuHost"
+        f"$azure-native:compute:VirtualMachine::{host}-vm'"
     )
+
+
+def replace_azure_vm(environment: Environment, host: str, say: Say) -> dict[str, Any]:
+    """`pulumi up --replace` of the host's VM through the Automation API where the Pulumi CLI
+    is; the data disk (`<host>-data`, its own resource, attached with delete_option Detach) is
+    kept and attached to the new VM. Without the CLI the operator runs the command."""
+    command = azure_replace_command(environment, host)
+    if shutil.which("pulumi") is None:
+        say(f"  no Pulumi CLI here: the VM is replaced with `{command}` where it is installed")
+        return {"machine": f"replaced by the operator: {command}", "data_disk": f"{host}-data"}
+    say("  the Pulumi CLI is installed: replacing the VM with `pulumi up --replace`")
+    return {**_replace_with_pulumi(environment, host), "data_disk": f"{host}-data"}
 
 
 def replace_static(
@@ -93,14 +119,20 @@ def trust_host_key(
     still_known = [key for key in offered if (key.kind, key.key) in known]
     if still_known and (fingerprint is None or not static):
         if static:
+            how = (
+                f"replace its VM ({azure_replace_command(environment, host)}; the data disk is "
+                "kept), read the new host key's fingerprint in its boot log (az vm "
+                "boot-diagnostics get-boot-log)"
+                if environment.spec.environment == "azure"
+                else f"reinstall {host} now (Debian 12 or Ubuntu 22.04/24.04, the stack's SSH "
+                "key authorized for its ssh_user), read the new host key's fingerprint on its "
+                "console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub)"
+            )
             raise AwaitingOperator(
                 f"{host} ({address}) still offers the host key {path} knows "
-                f"({still_known[0].fingerprint}): its OS has not been reinstalled. The backup "
-                f"is taken; reinstall {host} now (Debian 12 or Ubuntu 22.04/24.04, the stack's "
-                "SSH key authorized for its ssh_user), read the new host key's fingerprint on "
-                "its console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then run this "
-                "command again "
-                "with --host-key-fingerprint SHA256:..."
+                f"({still_known[0].fingerprint}): the machine has not been replaced. The backup "
+                f"is taken; {how}, then run this command again with --host-key-fingerprint "
+                "SHA256:..."
             )
         say(f"  {host} offers a host key {path} already knows ({still_known[0].fingerprint})")
         return {"host_key": still_known[0].fingerprint, "host_key_changed": False}
@@ -205,4 +237,5 @@ def _replace_with_pulumi(environment: Environment, host: str) -> dict[str, Any]:
     result = stack.up(replace=vm_urns, on_output=print)
     outputs = {name: item.value for name, item in result.outputs.items()}
     host_outputs = outputs.get(host) or {}
-    return {"pulumi": result.summary.result, "address": host_outputs.get("address")}
+    address = host_outputs.get("address") or host_outputs.get("private_address")
+    return {"pulumi": result.summary.result, "address": address}

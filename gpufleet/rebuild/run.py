@@ -27,6 +27,7 @@ from gpufleet.rebuild.remote import HostShell, RemoteError
 from gpufleet.rebuild.replace import (
     AwaitingOperator,
     ReplaceError,
+    operator_replaces,
     replace_machine,
     trust_host_key,
 )
@@ -231,7 +232,7 @@ class _Rebuild:
                 address,
                 self.options.host_key_fingerprint,
                 self.say,
-                static=self.environment.spec.environment == "static",
+                static=operator_replaces(self.environment),
             )
         except AwaitingOperator as waiting:
             raise _Stop("waiting", [str(waiting)], notes.get("replace")) from None
