@@ -42,6 +42,7 @@ from tests.docker_hosts import (  # noqa: E402
 from tests.rebuild_site import SITE, open_rebuild_site  # noqa: E402
 
 HOST = "serve-a"
+PAUSE_FILE: Path | None = None
 AFTER_BARE = ("replace", "configure", "deploy", "restore", "fill", "gate", "verify")
 
 
@@ -49,7 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docker-host", help="use this engine instead of starting one")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench/results/rebuild.json")
+    parser.add_argument(
+        "--pause-on-failure",
+        type=Path,
+        help="on a failure keep the site until this file exists (to look at it)",
+    )
     args = parser.parse_args()
+    global PAUSE_FILE
+    PAUSE_FILE = args.pause_on_failure
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as scratch:
         work = Path(scratch)
         with engine_for_script(args.docker_host, work) as engine:
@@ -64,12 +72,13 @@ def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:
     key = _ssh_key(work / "ssh")
     with open_rebuild_site(engine, host_image, key, work) as site:
         if site.runs["up"].returncode != 0:
-            raise SystemExit(f"the site's up failed:\n{site.runs['up'].stderr[-4000:]}")
+            _fail(f"the site's up failed:\n{site.runs['up'].stderr[-4000:]}", site.project)
         rebuild = ("rebuild", "--stack", SITE, "--host", HOST, "--json")
+        print(f"site up in {site.seconds}; project {site.project}", flush=True)
         first = site.gpufleet(*rebuild)
         before = _steps(first.stdout)
         if before.get("backup") is None:
-            raise SystemExit(f"the backup failed:\n{first.stdout[-3000:]}{first.stderr[-3000:]}")
+            _fail(f"the backup failed:\n{first.stdout[-3000:]}{first.stderr[-3000:]}", site.project)
         started = time.monotonic()
         site.recreate(HOST)
         reinstall = time.monotonic() - started
@@ -78,7 +87,9 @@ def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:
         second = site.gpufleet(*rebuild, "--host-key-fingerprint", fingerprint)
         wall = time.monotonic() - started
         if second.returncode != 0:
-            raise SystemExit(f"the rebuild failed:\n{second.stdout[-4000:]}{second.stderr[-4000:]}")
+            _fail(
+                f"the rebuild failed:\n{second.stdout[-4000:]}{second.stderr[-4000:]}", site.project
+            )
         after = _steps(second.stdout)
         backup_bytes = sum(
             entry["bytes"]
@@ -105,6 +116,15 @@ def _measure(engine: DockerEngine, work: Path) -> dict[str, Any]:
         "share_registry_fill_and_verify": round(registry_extra / total, 3),
         "dominant_step": max(steps, key=lambda step: steps[step]),
     }
+
+
+def _fail(message: str, project: Path) -> None:
+    print(message, flush=True)
+    if PAUSE_FILE is not None:
+        print(f"site kept: project {project}; create {PAUSE_FILE} to end", flush=True)
+        while not PAUSE_FILE.exists():
+            time.sleep(2)
+    raise SystemExit(1)
 
 
 def _steps(stdout: str) -> dict[str, float]:

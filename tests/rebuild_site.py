@@ -94,7 +94,10 @@ class FixedAddressPool(HostPool):
         self.engine.docker(
             *("run", "--detach", "--name", name, "--hostname", name, "--label", _LABEL),
             *("--network", self.network, "--ip", address),
-            *("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN"),
+            # SYS_PTRACE: `docker exec` inside the host into a container whose process runs as
+            # another user (Postgres, MLflow, Triton: health checks, pg_dump) must open that
+            # process's namespaces, which the kernel allows only with it.
+            *("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_PTRACE"),
             *("--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"),
             *(
                 "--tmpfs",
