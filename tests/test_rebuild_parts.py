@@ -1,7 +1,9 @@
 """The rebuild's parts that need no host: host key fingerprints and known_hosts edits (with the
 real ssh-keygen), the registry comparison, a damaged backup found on resume, bad input.
 
-Real: ssh-keygen (keys, hashed known_hosts, fingerprints), the gpufleet CLI in a process, files.
+Real: ssh-keygen (keys, hashed known_hosts, fingerprints), the gpufleet CLI in a process, files;
+fakepve (PVE 9's API over TLS, its parameter checks, a full storage) for the Proxmox VM's
+replacement through the project's provider.
 Not here: hosts, MLflow (tests/test_rebuild.py rebuilds a real site).
 """
 
@@ -12,12 +14,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.rebuild.backup import BackupError, open_backup
 from gpufleet.rebuild.host_key import HostKey, HostKeyError, accept_host_key, known_keys
 from gpufleet.rebuild.registry_snapshot import compare_snapshots
+from gpufleet.rebuild.replace import ReplaceError, replace_proxmox_vm
 from tests.conftest import PROJECT_ROOT
 
 
@@ -115,3 +121,97 @@ def test_bad_input_exits_2_with_one_line(stack: str, host: str, message: str) ->
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _pve_environment(
+    fakepve: Any, url: str, cafile: str, monkeypatch: pytest.MonkeyPatch, project: Path
+) -> tuple[Environment, dict[str, Any]]:
+    """A proxmox stack of one host in fakepve, its VM made by the provider; (environment,
+    the VM's inputs)."""
+    from infra.proxmox.provider import GpuVmProvider
+    from tests.test_proxmox_provider import (
+        FAST,
+        TEMPLATE,
+        TOKEN_ID,
+        TOKEN_SECRET,
+        Agents,
+        make_inputs,
+    )
+    from tests.test_proxmox_provider import HOST as PVE_HOST
+    from tests.test_rebuild import _TEMPLATE
+
+    fakepve.apitokens[TOKEN_ID] = TOKEN_SECRET
+    fakepve.add_vm(TEMPLATE, "debian-13-cloud", node="pve1", template=True, config=_TEMPLATE)
+    monkeypatch.setattr(fakepve, "_do_start", Agents(fakepve).start)
+    monkeypatch.setenv("GPUFLEET_PROXMOX_SECRET", TOKEN_SECRET)
+    network = {"bridge": "vmbr0", "ipv4": "192.0.2.44/24", "gateway": "192.0.2.1"}
+    config = {
+        "gpufleet:environment": "proxmox",
+        "gpufleet:state_dir": "build/pve",
+        "gpufleet:proxmox": {
+            "endpoint": url,
+            "ca_bundle": cafile,
+            "token_id": TOKEN_ID,
+            "template_vmid": TEMPLATE,
+            "storage": "local-lvm",
+        },
+        "gpufleet:hosts": [{**PVE_HOST, "proxmox": {**PVE_HOST["proxmox"], "network": network}}],
+    }
+    (project / "stacks").mkdir()
+    (project / "stacks" / "Pulumi.pve.yaml").write_text(yaml.safe_dump({"config": config}))
+    inputs = make_inputs(url, cafile, stack="pve", network=network)
+    GpuVmProvider(FAST).create(inputs)
+    environment = load_environment(
+        "pve", project_root=project, addresses={PVE_HOST["name"]: "192.0.2.44"}
+    )
+    return environment, inputs
+
+
+@pytest.mark.fakepve(time_scale=0.01)
+def test_a_proxmox_vm_is_set_aside_and_made_again_with_a_new_vmid(
+    fakepve: Any,
+    fakepve_url: str,
+    fakepve_cafile: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """fakepve (PVE's API with its parameter checks): the provider's VM powered off and untagged,
+    a new clone with the same name, tags and GPU mapping started, the old VM destroyed."""
+    from tests.test_proxmox_provider import FAST
+
+    environment, inputs = _pve_environment(
+        fakepve, fakepve_url, fakepve_cafile, monkeypatch, tmp_path
+    )
+    (old,) = [vm.vmid for vm in fakepve.vms if not vm.config.get("template")]
+    lines: list[str] = []
+    done = replace_proxmox_vm(environment, "gpu-test-1", lines.append, timing=FAST)
+    assert done["old_vmid"] == old
+    assert done["vmid"] != old
+    (vm,) = [vm for vm in fakepve.vms if not vm.config.get("template")]
+    assert (vm.vmid, vm.name, vm.status) == (done["vmid"], "gpu-test-1", "running")
+    assert vm.config["hostpci0"] == "mapping=a10-pve1-0,pcie=1"
+    assert set(vm.config["tags"].split(";")) == set(inputs["tags"])
+    assert done["address"] == "192.0.2.44"
+    assert any("no Pulumi CLI here" in line for line in lines)
+
+
+@pytest.mark.fakepve(time_scale=0.01)
+def test_a_new_vm_that_cannot_be_made_puts_the_old_one_back(
+    fakepve: Any,
+    fakepve_url: str,
+    fakepve_cafile: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from tests.test_proxmox_provider import FAST
+
+    environment, inputs = _pve_environment(
+        fakepve, fakepve_url, fakepve_cafile, monkeypatch, tmp_path
+    )
+    (old,) = [vm.vmid for vm in fakepve.vms if not vm.config.get("template")]
+    fakepve.storages["local-lvm"]["avail"] = 8 * 1024**3  # the clone needs 32 GiB
+    with pytest.raises(ReplaceError, match=f"VM {old} is back as it was"):
+        replace_proxmox_vm(environment, "gpu-test-1", lambda line: None, timing=FAST)
+    (vm,) = [vm for vm in fakepve.vms if not vm.config.get("template")]
+    assert (vm.vmid, vm.status) == (old, "running")
+    assert set(vm.config["tags"].split(";")) == set(inputs["tags"])
