@@ -133,11 +133,11 @@ class _Rebuild:
 
     def check(self) -> tuple[str, list[str], dict[str, Any]]:
         environment = self.environment
-        reachable, why = HostShell.for_host(environment, self.host).reachable()
+        reachable, why = _reachable(environment, self.host)
         others = {}
         for name in environment.host_names:
             if name != self.host:
-                ok, reason = HostShell.for_host(environment, name).reachable()
+                ok, reason = _reachable(environment, name)
                 others[name] = "reachable" if ok else f"unreachable: {reason}"
         details: dict[str, Any] = {
             "reachable": reachable,
@@ -298,6 +298,13 @@ class _Rebuild:
         (outcome,) = outcomes
         details = outcome.to_json()["details"]
         return outcome.status, list(outcome.reasons), details
+
+
+def _reachable(environment: Environment, host: str) -> tuple[bool, str]:
+    try:
+        return HostShell.for_host(environment, host).reachable()
+    except RemoteError as error:
+        return False, str(error)
 
 
 def _with_address(environment: Environment, host: str, address: str) -> Environment:
