@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from generators.ansible_inventory import InventoryError
+from generators.serving_stack.graph import ServiceGraphError
 from gpufleet.configure.runner import ConfigureError
 from gpufleet.lifecycle.environment import Environment, LifecycleError
 from gpufleet.lifecycle.lock import EnvironmentLocked
+from gpufleet.rebuild.remote import RemoteError
 from gpufleet.rebuild.report import RebuildReport
 from gpufleet.rebuild.run import RebuildOptions, rebuild_host
 
@@ -45,7 +47,15 @@ def run_rebuild(
 
     try:
         report = rebuild_host(environment, host, options, say=say)
-    except (EnvironmentLocked, LifecycleError, InventoryError, ConfigureError, OSError) as error:
+    except (
+        EnvironmentLocked,
+        LifecycleError,
+        InventoryError,
+        ConfigureError,
+        ServiceGraphError,
+        RemoteError,
+        OSError,
+    ) as error:
         err.print("error:", str(error), markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if as_json:
