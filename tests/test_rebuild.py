@@ -39,7 +39,11 @@ from gpufleet.rebuild.backup import (
     POSTGRES_DUMP,
     SNAPSHOT,
 )
-from gpufleet.rebuild.registry_snapshot import compare_snapshots, snapshot_registry
+from gpufleet.rebuild.registry_snapshot import (
+    compare_snapshots,
+    lineage_tag_additions,
+    snapshot_registry,
+)
 from gpufleet.rebuild.run import RebuildOptions, rebuild_host
 from gpufleet.registry.demo import demo_network, register_torch_model
 from gpufleet.spec.loading import load_model_specs
@@ -236,11 +240,24 @@ def test_a_rebuild_killed_mid_way_resumes_from_its_backup_and_loses_nothing(
     assert gates["host"] in ("pass", "warn")
     # The registry after equals the registry before, field by field (the command's own check,
     # and this test's reading through MLflow's API).
+    assert steps["restore"]["details"]["registry_equal_after_restore"] is True
     assert steps["verify"]["status"] == "ok"
-    assert report["registry"]["equal"] is True
-    assert report["registry"]["differences"] == []
-    assert report["registry"]["after"]["versions"] == 2
-    assert compare_snapshots(shared["before"], snapshot_registry(site.registry)) == []
+    registry = report["registry"]
+    assert registry["equal"] is True
+    assert registry["differences"] == []
+    assert registry["right_after_restore"] == []
+    assert registry["after"]["versions"] == 2
+    # The fill step exported version 2, which nobody had deployed: it tagged its lineage.
+    lineage = {line.split(":")[0] for line in registry["lineage_tags_added_by_fill"]}
+    assert lineage == {
+        f"models.{MODEL}.versions.2.tags.gpufleet.{name}"
+        for name in ("spec_hash", "artifact_sha256", "git_commit")
+    }
+    added, others = lineage_tag_additions(
+        compare_snapshots(shared["before"], snapshot_registry(site.registry))
+    )
+    assert others == []
+    assert len(added) == 3
     # One backup, the first, untouched.
     assert backup_dirs(site) == [directory]
     assert file_states(directory) == states

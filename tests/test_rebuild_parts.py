@@ -22,7 +22,7 @@ import yaml
 from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.rebuild.backup import BackupError, open_backup
 from gpufleet.rebuild.host_key import HostKey, HostKeyError, accept_host_key, known_keys
-from gpufleet.rebuild.registry_snapshot import compare_snapshots
+from gpufleet.rebuild.registry_snapshot import compare_snapshots, lineage_tag_additions
 from gpufleet.rebuild.replace import ReplaceError, replace_proxmox_vm
 from tests.conftest import PROJECT_ROOT
 
@@ -85,9 +85,24 @@ def test_the_registry_comparison_names_every_differing_field() -> None:
     after["models"]["m"]["tags"]["new"] = "t"
     assert compare_snapshots(before, after) == [
         "models.m.aliases.production: '2' -> '1'",
-        "models.m.tags: {} -> missing after the rebuild",
         "models.m.tags.new: not there before -> 't'",
         "models.m.versions.1.artifact_sha256.a: 'x' -> 'y'",
+    ]
+
+
+def test_only_lineage_tags_the_fill_step_adds_are_told_apart_from_losses() -> None:
+    """Filling the repository tags the versions it exports (generators/registry_repository.py):
+    the rebuild's fill step does so for versions nobody had deployed; that is no loss."""
+    before = {"models": {"m": {"versions": {"2": {"tags": {"k": "v"}}}}}, "runs": {}}
+    after = json.loads(json.dumps(before))
+    after["models"]["m"]["versions"]["2"]["tags"]["gpufleet.spec_hash"] = "abc"
+    after["models"]["m"]["versions"]["2"]["tags"]["gpufleet.extra"] = "x"
+    del after["models"]["m"]["versions"]["2"]["tags"]["k"]
+    added, others = lineage_tag_additions(compare_snapshots(before, after))
+    assert added == ["models.m.versions.2.tags.gpufleet.spec_hash: not there before -> 'abc'"]
+    assert others == [
+        "models.m.versions.2.tags.gpufleet.extra: not there before -> 'x'",
+        "models.m.versions.2.tags.k: 'v' -> missing after the rebuild",
     ]
 
 

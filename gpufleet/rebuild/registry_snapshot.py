@@ -16,9 +16,11 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from generators.registry_repository import TAG_ARTIFACT_SHA256, TAG_GIT_COMMIT, TAG_SPEC_HASH
 from gpufleet.registry.client import ModelRegistry, RegistryError, RegistryVersion
 
 Snapshot = dict[str, Any]
+LINEAGE_TAGS = (TAG_SPEC_HASH, TAG_ARTIFACT_SHA256, TAG_GIT_COMMIT)
 
 
 def snapshot_registry(registry: ModelRegistry) -> Snapshot:
@@ -90,10 +92,26 @@ def counts(snapshot: Snapshot) -> dict[str, int]:
     }
 
 
+def lineage_tag_additions(differences: list[str]) -> tuple[list[str], list[str]]:
+    """(the differences that are lineage tags the fill step added to a version it exported,
+    the others). Filling the model repository tags each version it exports with its lineage
+    (generators/registry_repository.py); a rebuild's fill step does that for the versions the
+    aliases name now, which nobody had deployed yet. Anything else is a real difference."""
+    added, others = [], []
+    for line in differences:
+        key, _, change = line.partition(": ")
+        tag = key.rpartition(".tags.")[2] if ".versions." in key and ".tags." in key else ""
+        if tag in LINEAGE_TAGS and change.startswith("not there before"):
+            added.append(line)
+        else:
+            others.append(line)
+    return added, others
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaves by dotted path; an empty mapping has no leaves (its keys, added or removed,
+    are the differences)."""
     if isinstance(value, dict):
-        if not value and prefix:
-            return {prefix: {}}
         flat: dict[str, Any] = {}
         for key, item in value.items():
             flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))

@@ -22,7 +22,12 @@ from gpufleet.lifecycle.outcome import StepOutcome
 from gpufleet.lifecycle.outputs import with_addresses
 from gpufleet.rebuild.backup import Backup, BackupError, backups_dir, open_backup, take_backup
 from gpufleet.rebuild.holdings import Holdings, compose_project, container_of, host_holdings
-from gpufleet.rebuild.registry_snapshot import compare_snapshots, counts, snapshot_registry
+from gpufleet.rebuild.registry_snapshot import (
+    compare_snapshots,
+    counts,
+    lineage_tag_additions,
+    snapshot_registry,
+)
 from gpufleet.rebuild.remote import HostShell, RemoteError
 from gpufleet.rebuild.replace import (
     AwaitingOperator,
@@ -260,7 +265,24 @@ class _Rebuild:
             restored = restore_backup(self.environment, self.host, self.backup, say=self.say)
         except (RemoteError, OSError) as error:
             raise _Stop("error", [f"restore failed: {error}"]) from None
-        return "changed", [], {"restored": restored, "backup": self.backup.id}
+        details: dict[str, Any] = {"restored": restored, "backup": self.backup.id}
+        before = self.backup.snapshot()
+        if before is not None:  # the restored registry, before the fill step tags anything
+            try:
+                differences = compare_snapshots(
+                    before, snapshot_registry(self.environment.registry())
+                )
+            except RegistryError as error:
+                raise _Stop(
+                    "error", [f"the restored registry could not be read: {error}"]
+                ) from None
+            self.state.notes = {**self.state.notes, "restored_differences": differences}
+            details["registry_equal_after_restore"] = not differences
+            if differences:
+                reasons = [f"restored registry differs: {line}" for line in differences[:20]]
+                raise _Stop("failed", reasons, details)
+            self.say("  the restored registry equals the backed-up one, field by field")
+        return "changed", [], details
 
     def fill(self) -> tuple[str, list[str], dict[str, Any]]:
         if not self.holdings.registry:
@@ -280,17 +302,23 @@ class _Rebuild:
         except RegistryError as error:
             reason = f"the registry after the rebuild could not be read: {error}"
             raise _Stop("error", [reason]) from None
-        differences = compare_snapshots(before, after)
+        lineage, differences = lineage_tag_additions(compare_snapshots(before, after))
+        restored = self.state.notes.get("restored_differences")
         self.report.registry = {
             "compared": True,
-            "equal": not differences,
+            "equal": not differences and not restored,
             "before": counts(before),
             "after": counts(after),
             "differences": differences,
+            "right_after_restore": restored if restored is not None else "not read",
+            "lineage_tags_added_by_fill": lineage,
         }
         self.say(f"  registry before {counts(before)}, after {counts(after)}")
-        if differences:
-            return "failed", [f"registry differs: {line}" for line in differences[:20]], {}
+        for line in lineage:
+            self.say(f"  lineage tag added by the fill step (not a loss): {line}")
+        if differences or restored:
+            lines = differences + [f"right after the restore: {line}" for line in restored or []]
+            return "failed", [f"registry differs: {line}" for line in lines[:20]], {}
         self.say("  the registry is the same as before, field by field")
         return "ok", [], {"fields_compared": len(_leaves(before))}
 
