@@ -461,6 +461,61 @@ def _run_on_hosts(
 
 
 @app.command()
+def rebuild(
+    stack: StackOption,
+    host: Annotated[str, typer.Option("--host", help="The host of the stack to rebuild.")],
+    accept_data_loss: Annotated[
+        bool,
+        typer.Option(
+            "--accept-data-loss",
+            help="Go on when what only the host holds cannot be backed up (it is then lost).",
+        ),
+    ] = False,
+    keep_prometheus: Annotated[
+        bool,
+        typer.Option("--keep-prometheus", help="Back up and restore Prometheus' history too."),
+    ] = False,
+    host_key_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            "--host-key-fingerprint",
+            help="SHA256:... of the reinstalled host's SSH host key, read on its console "
+            "(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub): the only new key accepted.",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+    outputs: OutputsOption = None,
+    specs_dir: SpecsOption = Path("modelconfigs"),
+    stacks_dir: StacksOption = Path("stacks"),
+) -> None:
+    """Rebuild one host from scratch with nothing lost (docs/rebuild.md).
+
+    check -> back up (what only the host holds: the registry, Grafana; verified checksums) ->
+    replace the machine (static: you reinstall the OS; proxmox: a new VM) -> configure ->
+    deploy -> restore -> fill the model repository -> gate -> verify (the registry equals the
+    one before, field by field). Run it again after a failure: it resumes from its backup.
+
+    Exit codes: 0 rebuilt and green, 1 a gate failed or the registry differs, 2 could not run
+    or waits for you (the message says what to do).
+    """
+    from gpufleet.environment_cli import open_environment
+    from gpufleet.rebuild.run import RebuildOptions
+    from gpufleet.rebuild_cli import run_rebuild
+
+    if _environment_kind(stack, stacks_dir) == "local":
+        _fail([f"stack {stack!r} is a local stack: it has no hosts to rebuild"])
+    environment = open_environment(
+        stack, specs_dir=specs_dir, stacks_dir=stacks_dir, outputs_file=outputs, err=err
+    )
+    options = RebuildOptions(
+        accept_data_loss=accept_data_loss,
+        keep_prometheus=keep_prometheus,
+        host_key_fingerprint=host_key_fingerprint,
+    )
+    run_rebuild(environment, host, options, as_json=as_json, out=out, err=err)
+
+
+@app.command()
 def down(
     stack: StackOption = "local",
     specs_dir: SpecsOption = Path("modelconfigs"),

@@ -42,8 +42,14 @@ from gpufleet.registry.client import RegistryError
 from gpufleet.spec.problems import SpecError
 
 
-def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[StepOutcome]:
-    """Fill the repository, generate the hosts' files, run the serving_stack role on `hosts`."""
+def deploy(
+    environment: Environment, hosts: Sequence[str], *, say: Say, fill: bool = True
+) -> list[StepOutcome]:
+    """Fill the repository, generate the hosts' files, run the serving_stack role on `hosts`.
+
+    `fill=False` deploys the repository as this machine holds it, without asking the registry:
+    what a rebuild of the registry host does before its registry is restored (the registry runs
+    on the host being deployed)."""
     started = time.monotonic()
     if environment.spec.serving is None:
         say(f"  stack {environment.name!r} has no gpufleet:serving: nothing to deploy")
@@ -51,7 +57,11 @@ def deploy(environment: Environment, hosts: Sequence[str], *, say: Say) -> list[
         return [StepOutcome("deploy", host, "ok", details=dict(details)) for host in hosts]
     try:
         with _preparing(environment):
-            models = fill_from_registry(environment, say=say)
+            models = (
+                fill_from_registry(environment, say=say)
+                if fill
+                else repository_versions(environment, say=say)
+            )
             write_serving_files(environment, say=say)
     except (RegistryError, AssemblyError) as error:
         return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
@@ -134,6 +144,17 @@ def fill_from_registry(environment: Environment, *, say: Say) -> dict[str, list[
         for item in environment.models
     }
     return {name: [lineage.version for lineage in versions] for name, versions in served.items()}
+
+
+def repository_versions(environment: Environment, *, say: Say) -> dict[str, list[int]]:
+    """Each model's versions in the repository as it is (no registry asked)."""
+    say(f"  deploying {environment.repository} as it is (the registry is not asked)")
+    return {
+        item.spec.name: [
+            lineage.version for lineage in served_versions(environment.repository, item.spec.name)
+        ]
+        for item in environment.models
+    }
 
 
 def write_serving_files(environment: Environment, *, say: Say) -> None:

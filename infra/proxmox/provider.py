@@ -106,6 +106,10 @@ def _fresh_vmid(pve: PveSession, clashes: int) -> int:
     return first_free + random.randrange(8 * clashes)  # noqa: S311 - spreading, not secrecy
 
 
+# The tag of a VM a rebuild has replaced, powered off until the new VM runs.
+REPLACED_TAG = "gpufleet-replaced"
+
+
 def _vm_path(node: str, vmid: int, tail: str = "") -> str:
     return f"nodes/{node}/qemu/{vmid}" + (f"/{tail}" if tail else "")
 
@@ -282,6 +286,38 @@ class GpuVmProvider(ResourceProvider):
                 return
             self._power_off(pve, vm)
             self._destroy(pve, vm)
+
+    # ---------------------------------------------------- replacing (gpufleet rebuild)
+
+    def find_vm(self, props: dict[str, Any]) -> tuple[int, str] | None:
+        """(vmid, node) of the VM tagged for this stack and host, if any."""
+        inputs = _inputs_of(props)
+        with _failing(f"looking for the VM of {inputs['name']}"):
+            vm = self._adoptable(PveSession(inputs, self.timing), inputs)
+        return (vm.vmid, vm.node) if vm else None
+
+    def set_aside(self, id_: str, props: dict[str, Any], *, tagged: bool = False) -> None:
+        """Power the VM off and take the stack's and host's tags off it (tag it
+        `gpufleet-replaced`), so that `create` clones a new VM, with a new vmid, whose start
+        finds the GPU free; a rebuild destroys the old one once the new one runs
+        (gpufleet/rebuild/replace.py). `tagged=True` undoes it: tags back, VM started."""
+        inputs = _inputs_of(props)
+        with _failing(f"setting VM {id_} ({inputs['name']}) aside"):
+            pve = PveSession(inputs, self.timing)
+            vm = self._locate(pve, int(id_), inputs)
+            if vm is None:
+                return
+            config = pve.get(_vm_path(vm.node, vm.vmid, "config"))
+            tags = tags_of(config) - set(inputs["tags"]) - {REPLACED_TAG}
+            if tagged:
+                tags |= set(inputs["tags"])
+            else:
+                self._power_off(pve, vm)
+                tags.add(REPLACED_TAG)
+            path = _vm_path(vm.node, vm.vmid, "config")
+            pve.send("PUT", path, tags=";".join(sorted(tags)))
+            if tagged:
+                self._start(pve, vm)
 
     # ------------------------------------------------------------------- finding VMs
 

@@ -1,0 +1,107 @@
+"""Restore a backup into a host's freshly deployed serving stack.
+
+The registry: MLflow's artifacts and user store untarred into its volumes through its running
+container, then MLflow stopped, the dump restored into the new Postgres with
+`pg_restore --clean --if-exists --single-transaction` (all or nothing), and MLflow started
+again and waited for. Grafana's database is put back and Grafana restarted; Prometheus' history
+likewise when it was kept.
+
+    restored = restore_backup(environment, "gpu-a", backup, say=print)   # names restored
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from generators.serving_stack.graph import POSTGRES_DB, POSTGRES_USER
+from gpufleet.lifecycle.environment import Environment
+from gpufleet.rebuild.backup import (
+    ARTIFACTS_DIR,
+    ARTIFACTS_TAR,
+    AUTH_DIR,
+    AUTH_TAR,
+    GRAFANA_DB,
+    GRAFANA_DB_PATH,
+    POSTGRES_DUMP,
+    PROMETHEUS_DIR,
+    PROMETHEUS_TAR,
+    Backup,
+)
+from gpufleet.rebuild.holdings import compose_project, container_of
+from gpufleet.rebuild.remote import HostShell, RemoteError
+
+Say = Callable[[str], None]
+HEALTH_PROBE = (
+    'python3 -c "import urllib.request; '
+    "urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=4)\""
+)
+
+
+def restore_backup(environment: Environment, host: str, backup: Backup, *, say: Say) -> list[str]:
+    """Put every file of `backup` back on `host`; the names restored. Raises RemoteError."""
+    shell = HostShell.for_host(environment, host)
+    project = compose_project(environment)
+    restored: list[str] = []
+    dump = backup.path(POSTGRES_DUMP)
+    if dump is not None:
+        _restore_registry(shell, project, backup, dump, say)
+        restored += [POSTGRES_DUMP, ARTIFACTS_TAR, AUTH_TAR]
+    grafana_db = backup.path(GRAFANA_DB)
+    if grafana_db is not None:
+        grafana = container_of(shell, project, "grafana")
+        say(f"  Grafana's database back into {host}")
+        shell.stream_from_file(
+            f"docker exec -i {grafana} sh -c 'cat > {GRAFANA_DB_PATH}.restored && "
+            f"mv -f {GRAFANA_DB_PATH}.restored {GRAFANA_DB_PATH}'",
+            grafana_db,
+        )
+        shell.run(f"docker restart {grafana}")
+        restored.append(GRAFANA_DB)
+    prometheus_tar = backup.path(PROMETHEUS_TAR)
+    if prometheus_tar is not None:
+        prometheus = container_of(shell, project, "prometheus")
+        say(f"  Prometheus' history back into {host}")
+        shell.stream_from_file(
+            f"docker exec -i {prometheus} tar -C {PROMETHEUS_DIR} -xf -", prometheus_tar
+        )
+        shell.run(f"docker restart {prometheus}")
+        restored.append(PROMETHEUS_TAR)
+    return restored
+
+
+def _restore_registry(shell: HostShell, project: str, backup: Backup, dump: Path, say: Say) -> None:
+    mlflow = container_of(shell, project, "mlflow")
+    postgres = container_of(shell, project, "postgres")
+    for name, target in ((ARTIFACTS_TAR, ARTIFACTS_DIR), (AUTH_TAR, AUTH_DIR)):
+        archive = backup.path(name)
+        if archive is None:
+            raise RemoteError(f"backup {backup.id} has a database dump but no {name}")
+        say(f"  {name} into {shell.name}'s {target}")
+        shell.stream_from_file(f"docker exec -i {mlflow} tar -C {target} -xf -", archive)
+    say(f"  stopping MLflow, restoring {POSTGRES_DB} with pg_restore in one transaction")
+    shell.run(f"docker stop --time 20 {mlflow}")
+    try:
+        shell.stream_from_file(
+            f"docker exec -i {postgres} pg_restore -U {POSTGRES_USER} -d {POSTGRES_DB} "
+            "--clean --if-exists --no-owner --single-transaction --exit-on-error",
+            dump,
+        )
+    finally:
+        shell.run(f"docker start {mlflow}")
+    _wait_for_mlflow(shell, mlflow)
+    say(f"  MLflow on {shell.name} answers again with the restored registry")
+
+
+def _wait_for_mlflow(shell: HostShell, mlflow: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = shell.run(f"docker exec {mlflow} {HEALTH_PROBE}", check=False, timeout=60)
+        if probe.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RemoteError(
+                f"{shell.name}: MLflow did not answer /health {timeout_s:.0f} s after the restore"
+            )
+        time.sleep(2)
