@@ -506,6 +506,8 @@ class LocalStack:
     def _drift(
         self, record: ServerRecord, registry: ModelRegistry | Callable[[], ModelRegistry]
     ) -> TritonFindings:
+        """Live Triton against the served specs: a model under an active rollout is meant to
+        serve its stable and candidate versions, which is no drift to converge away."""
         target = TritonTarget(
             "local",
             f"127.0.0.1:{record.ports['grpc']}",
@@ -513,7 +515,7 @@ class LocalStack:
             f"gpufleet up --stack {self.stack.name}",
             repository=self.repository,
         )
-        return check_triton(target, expected_models(self.specs, registry))
+        return check_triton(target, expected_models(self._served_specs(), registry))
 
     def _admin_headers(self) -> dict[str, str] | None:
         """Triton's admin key as a gRPC header, for the gates' reads of restricted APIs."""
