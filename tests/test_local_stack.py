@@ -327,6 +327,9 @@ def test_the_stacks_registry_refuses_requests_without_its_credentials(
 
 
 def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
+    """The verdict is `fail` either way; what it rests on depends on the machine: a stable
+    perf_analyzer run's p99, or, where a busy machine kept it from stabilising, the mean
+    latency of its last windows (no percentiles then)."""
     strict = project.copy_specs("strict-specs", (RELAXED_P99, "p99_latency_ms: 0.001\n"))
     result = project.gpufleet("validate", "--only", "load", "--json", specs=strict)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -336,8 +339,13 @@ def test_an_unmeetable_objective_fails_the_load_gate(project: Project) -> None:
     assert load == project.report("load")
     assert load["status"] == "fail"
     [check] = load["checks"]
-    assert "above the objective of 0.001 ms" in check["message"]
-    assert check["measurements"]["p99_ms"] > 0.001
+    measured = check["measurements"]
+    if measured["p99_ms"] > 0:  # percentiles were measured
+        assert "above the objective of 0.001 ms" in check["message"]
+        assert measured["p99_ms"] > 0.001
+    else:  # an unstable perf_analyzer run prints no percentiles
+        assert "above the p99 objective of 0.001 ms" in check["message"]
+        assert measured["mean_latency_ms"] > 0.001
 
 
 def test_engine_option_chooses_the_load_gates_engine(project: Project) -> None:
