@@ -2,10 +2,11 @@
 (coordinate climbing) or the whole grid, then the top candidates measured again, then the choice.
 
 Quick search: from the grid point nearest the spec's own settings, each axis in turn is walked
-up and down one step at a time. A direction stops at the first step that misses the p99
-objective (without coming closer to it than the current point: further along, the p99 only
-grows), or after ``patience`` + 1 steps that do not beat the current point by more than the
-noise. The best point of the axis becomes the current one; passes repeat until no axis moves.
+up one step at a time, and down only when going up found nothing better. A direction stops at
+the first step that misses the p99 objective (without coming closer to it than the current
+point: further along, the p99 only grows), or after ``patience`` + 1 steps that do not beat the
+best point by more than the noise. The best point of the axis becomes the current one; passes
+repeat until no axis moves. Points already measured are never measured again by the climb.
 
 Triton is left serving the repository's own config when the run ends, also on an error.
 
@@ -47,7 +48,7 @@ class TuneOptions:
     settings: LoadGateSettings = field(default_factory=LoadGateSettings)
     top: int = 3  # candidates measured again at the end
     repeats: int = 3  # measurements each of them gets in all
-    patience: int = 1  # non-improving steps a direction may take before it stops
+    patience: int = 0  # non-improving steps a direction may take before it stops
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,10 @@ def _climb(runner: _Runner, start: Candidate) -> None:
     while moved:
         moved = False
         for axis in AXES:
-            best = runner.assessment(current)
-            for step in (1, -1):
-                best = _walk(runner, current, axis, step, best, allowed)
+            here = runner.assessment(current)
+            best = _walk(runner, current, axis, 1, here, allowed)
+            if best is here:  # up found nothing better: try down
+                best = _walk(runner, current, axis, -1, here, allowed)
             if best.candidate != current:
                 runner.progress(f"  moved along {axis}: {best.candidate.label}")
                 current, moved = best.candidate, True
