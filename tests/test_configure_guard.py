@@ -1,4 +1,5 @@
-"""A `gpufleet configure` killed with SIGKILL mid-run leaves no secret in its private data dir.
+"""A `gpufleet configure` killed with SIGKILL mid-run leaves no secret in its private data dir;
+Ctrl-C (SIGINT) and SIGTERM stop a run and, after it, act as they did before it.
 
 While a run is under way its `env/extravars` holds the sudo password (0600) and ansible-runner's
 `artifacts/<ident>/command` records the caller's whole environment; the run removes both when it
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from gpufleet.configure.runner import configure_hosts
+from gpufleet.spec.loading import load_stack_spec
 
 STACK = "killed"
 PASSWORD_VARIABLE = "GPUFLEET_TEST_GUARD_BECOME_PASSWORD"  # noqa: S105  # its name
@@ -76,14 +80,15 @@ def files_holding(root: Path, *values: str) -> list[str]:
     return found
 
 
-def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentListener) -> None:
+def write_stack(tmp_path: Path, ssh_port: int) -> Path:
+    """A project whose one host is 127.0.0.1:``ssh_port``; its directory."""
     project = tmp_path / "project"
     (project / "stacks").mkdir(parents=True)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.touch()
     config = {
         "environment": "static",
-        "hosts": [{"name": "hung", "address": "127.0.0.1", "ssh_port": listener.port}],
+        "hosts": [{"name": "hung", "address": "127.0.0.1", "ssh_port": ssh_port}],
         "host_config": {
             "package_sources": "distribution",
             "ssh_known_hosts_file": str(known_hosts),
@@ -93,6 +98,11 @@ def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentLi
     (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(
         yaml.safe_dump({"config": {f"gpufleet:{key}": value for key, value in config.items()}})
     )
+    return project
+
+
+def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentListener) -> None:
+    project = write_stack(tmp_path, listener.port)
     data_dir = project / "build" / STACK / "ansible"
     run = subprocess.Popen(
         [sys.executable, "-m", "gpufleet", "configure", "--stack", STACK, "--json"],
@@ -130,3 +140,66 @@ def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentLi
     command = next(data_dir.glob("artifacts/*/command")).read_text()
     assert CREDENTIAL_VARIABLE in command, "the names of the variables are kept"
     assert list((data_dir / "env").iterdir()) == []
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_callers_signal_handlers_are_back_after_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ansible_runner.run() left alone installs SIGINT and SIGTERM handlers that only set a
+    flag, and never removes them: after one configure step, Ctrl-C and SIGTERM were swallowed
+    for the rest of the process (an `up` could no longer be interrupted during its gates).
+    Real: configure_hosts in this process, ansible-runner and ansible-playbook, ssh to a closed
+    port on 127.0.0.1 (the host is unreachable at once)."""
+    monkeypatch.setenv(PASSWORD_VARIABLE, PASSWORD)
+    project = write_stack(tmp_path, closed_port())
+    spec = load_stack_spec(project / "stacks", STACK).spec
+
+    def mine(_number: int, _frame: object) -> None:
+        return None
+
+    before_int = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, mine)
+    try:
+        result = configure_hosts(STACK, spec, project_root=project, say=lambda _line: None)
+        assert [outcome.status for outcome in result.hosts] == ["unreachable"]
+        assert signal.getsignal(signal.SIGINT) is before_int
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def test_ctrl_c_during_a_run_cancels_it_and_interrupts_the_caller(
+    tmp_path: Path, listener: SilentListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGINT in the middle of a run cancels Ansible, the run's cleanup still removes the
+    secrets from its data dir, and the caller then gets the KeyboardInterrupt it would have got
+    without Ansible (before: the signal went to ansible-runner's flag and the caller carried on).
+    Real: configure_hosts in this process, ansible-runner and ansible-playbook, ssh hanging on a
+    listener that never answers, a real SIGINT sent to this process."""
+    monkeypatch.setenv(PASSWORD_VARIABLE, PASSWORD)
+    project = write_stack(tmp_path, listener.port)
+    spec = load_stack_spec(project / "stacks", STACK).spec
+    data_dir = project / "build" / STACK / "ansible"
+
+    def interrupt_when_connected() -> None:
+        deadline = time.monotonic() + 180
+        while not listener.connections and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt_when_connected, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        configure_hosts(STACK, spec, project_root=project, say=lambda _line: None)
+    sender.join(timeout=5)
+    assert listener.connections, "Ansible never reached the host: the signal came too early"
+    assert time.monotonic() - started < 240
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert files_holding(data_dir, PASSWORD) == []

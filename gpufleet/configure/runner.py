@@ -20,9 +20,11 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,7 @@ def configure_hosts(
         mode = " (check mode)" if check else ""
         say(f"configuring {hosts} with {ANSIBLE_DIR / playbook}{mode}")
         try:
-            with _without_environment(*_secret_variables(spec)):
+            with _without_environment(*_secret_variables(spec)), _interruptible() as canceled:
                 runner = ansible_runner.run(
                     private_data_dir=str(data_dir),
                     project_dir=str(ANSIBLE_DIR),
@@ -131,6 +133,7 @@ def configure_hosts(
                     event_handler=tracker.handle,
                     quiet=True,
                     rotate_artifacts=KEPT_RUNS,
+                    cancel_callback=canceled,
                 )
         except Exception as error:  # ansible-runner's own failures: a missing binary, bad paths
             raise ConfigureError(f"ansible-runner could not run: {error}") from error
@@ -279,6 +282,38 @@ def _secret_variables(spec: StackSpec) -> list[str]:
     if spec.serving is not None:
         names += spec.serving.secrets_env.model_dump().values()
     return names
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """SIGINT and SIGTERM cancel the Ansible run, and then act as they did before it.
+
+    Left to itself, ansible_runner.run() installs handlers of its own for both signals and never
+    removes them: every later Ctrl-C or SIGTERM of the process (a gate, a wait) would be
+    swallowed. Here the run gets a cancel callback instead; the caller's handlers are put back
+    when it ends, and a signal that arrived during it is handed to them (or, where the default
+    applies, raised as KeyboardInterrupt or SystemExit), so an interrupted `gpufleet configure`
+    or `up` stops as the operator asked, after the usual cleanup.
+    Outside the main thread (the Pulumi engine's steps) signals cannot be handled: no-op."""
+    received: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in previous:
+        signal.signal(number, lambda got, _frame: received.append(signal.Signals(got)))
+    try:
+        yield lambda: bool(received)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:  # after the run's own cleanup, as the caller's handler would have acted
+        first = received[0]
+        handler = previous[first]
+        if callable(handler):
+            handler(first, None)
+        elif handler == signal.SIG_DFL:  # an exception, so that the callers' cleanup still runs
+            raise KeyboardInterrupt if first == signal.SIGINT else SystemExit(128 + first)
 
 
 @contextlib.contextmanager
