@@ -26,6 +26,7 @@ from generators.schemas import MODEL_SCHEMA_FILE, render_schemas
 from generators.serving_stack.files import plan_generated_files
 from gpufleet.rollout_cli import rollout_app
 from gpufleet.spec.loading import (
+    LoadedModelSpec,
     LoadedStackSpec,
     load_model_specs,
     load_stack_spec,
@@ -129,6 +130,17 @@ def _file_errors_exit() -> Iterator[None]:
         _fail([f"{where}: {error.strerror}; check the path and its permissions"])
 
 
+def _served(loaded: LoadedStackSpec, specs: list[LoadedModelSpec]) -> list[LoadedModelSpec]:
+    """The stack's specs as it serves them (a model under an active rollout serves two versions:
+    docs/rollout.md), so that `generate` neither reports nor undoes a rollout."""
+    from gpufleet.rollout.state import served_specs
+
+    try:
+        return served_specs(specs, Path(loaded.spec.resolved_state_dir(loaded.name)))
+    except ValueError as error:
+        _fail([str(error)])
+
+
 @app.command()
 def generate(
     stack: Annotated[
@@ -169,7 +181,7 @@ def generate(
         repository = Path(DEFAULT_MODEL_REPOSITORY)
         if stack is not None:
             loaded_stack = load_stack_spec(stacks_dir, stack)
-            specs = select_stack_models(loaded_stack, specs)
+            specs = _served(loaded_stack, select_stack_models(loaded_stack, specs))
             repository = Path(loaded_stack.spec.model_repository)
         with _file_errors_exit():
             plans = plan_generated_files(out_dir or repository, specs, loaded_stack)

@@ -22,7 +22,9 @@ from gpufleet.cli import app
 from gpufleet.drift.files import check_files
 from gpufleet.drift.items import DriftItem, LayerCheck
 from gpufleet.drift.report import DriftReport, table_lines, write_junit
+from gpufleet.drift.run import run_drift
 from gpufleet.drift.triton_config import config_differences, flatten, parse_generated
+from gpufleet.rollout.state import RolloutRecord
 from gpufleet.spec.loading import load_model_specs, load_stack_spec, select_stack_models
 from tests.conftest import PROJECT_ROOT, SAMPLE_SPECS
 
@@ -204,3 +206,51 @@ def test_a_proxmox_stack_without_outputs_names_each_host_layer_and_still_checks_
     [files] = [c for c in report["checks"] if c["layer"] == "files"]
     assert files["error"] is None
     assert [item["object"] for item in files["items"]] == [f"file {scratch_project / config}"]
+
+
+def test_a_model_under_rollout_is_compared_as_served_by_generate_and_the_files_layer(
+    scratch_project: Path,
+) -> None:
+    """While a rollout is active, `up` serves the stable and the candidate version
+    (`version_policy: specific`): `generate --check` and drift's files layer must compare with
+    that, not report it as drift (whose repair, `generate`, would undo the rollout's config).
+    Real: the Typer app in-process, the sample specs and local stack, a rollout record on disk as
+    `gpufleet rollout start` writes it; no server."""
+    runner = CliRunner()
+    loaded = load_stack_spec(Path("stacks"), "local")
+    state_dir = Path(loaded.spec.resolved_state_dir("local"))
+    record = RolloutRecord(
+        stack="local",
+        model="tabular_mlp",
+        strategy="canary",
+        stable=1,
+        candidate=2,
+        candidate_uri="models:/tabular_mlp@candidate",
+        phase="serving",
+    )
+    record.save(state_dir / "rollout" / "tabular_mlp.json")
+    assert runner.invoke(app, ["generate", "--stack", "local"]).exit_code == 0
+    config = Path(loaded.spec.model_repository) / "tabular_mlp" / "config.pbtxt"
+    assert "specific" in config.read_text()
+    assert runner.invoke(app, ["generate", "--stack", "local", "--check"]).exit_code == 0
+    report = run_drift("local", project_root=scratch_project, layers=["files"])
+    assert (report.exit_code, [item.object for item in report.items]) == (0, [])
+
+    record.phase = "promoted"  # the rollout has ended: the spec's own policy is served again
+    record.save(state_dir / "rollout" / "tabular_mlp.json")
+    assert runner.invoke(app, ["generate", "--stack", "local", "--check"]).exit_code == 1
+    report = run_drift("local", project_root=scratch_project, layers=["files"])
+    assert [item.object for item in report.items] == [f"file {scratch_project / config}"]
+    assert runner.invoke(app, ["generate", "--stack", "local"]).exit_code == 0
+    assert "specific" not in config.read_text()
+
+
+def test_an_unreadable_rollout_record_is_bad_input_for_generate(scratch_project: Path) -> None:
+    loaded = load_stack_spec(Path("stacks"), "local")
+    records = Path(loaded.spec.resolved_state_dir("local")) / "rollout"
+    records.mkdir(parents=True)
+    (records / "tabular_mlp.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["generate", "--stack", "local"])
+    assert result.exit_code == 2, result.output
+    assert "tabular_mlp.json" in result.output
+    assert not Path(loaded.spec.model_repository).exists()

@@ -28,6 +28,7 @@ from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
 from gpufleet.lifecycle.outputs import OutputsError
 from gpufleet.local.stack_runner import LocalStack, StackRunError
+from gpufleet.rollout.state import served_specs
 from gpufleet.spec.loading import (
     LoadedModelSpec,
     LoadedStackSpec,
@@ -106,7 +107,16 @@ def _local_jobs(
             report.not_applicable[layer] = "a local stack has no hosts, containers or VMs"
     if "files" in asked:
         repository = project_root / loaded.spec.model_repository
-        jobs.append(lambda: [check_files(loaded, models, repository=repository)])
+
+        def files() -> list[LayerCheck]:
+            state_dir = project_root / loaded.spec.resolved_state_dir(loaded.name)
+            try:
+                served = served_specs(models, state_dir)  # as `up` writes them
+            except ValueError as error:
+                return [LayerCheck("files", "", error=f"could not be checked: {error}")]
+            return [check_files(loaded, served, repository=repository)]
+
+        jobs.append(files)
     if "triton" in asked:
 
         def triton() -> list[LayerCheck]:

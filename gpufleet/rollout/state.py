@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from generators.gateway import ModelRoute
 from generators.model_repository import write_atomically
+from gpufleet.spec.loading import LoadedModelSpec
+from gpufleet.spec.model import VersionPolicy
 
 FORMAT = "gpufleet.rollout/v1"
 # loading: the candidate is being loaded and gated while every request goes to the stable
@@ -120,3 +122,19 @@ def active_records(state_dir: Path) -> list[RolloutRecord]:
         if record is not None and record.active:
             found.append(record)
     return found
+
+
+def served_specs(models: list[LoadedModelSpec], state_dir: Path) -> list[LoadedModelSpec]:
+    """The specs as the stack serves them: a model under an active rollout serves its stable and
+    candidate versions (``version_policy: specific``) whatever its spec says. `up` writes and
+    loads these, so `generate` and drift's files layer compare with these too. ValueError for a
+    rollout record that cannot be read."""
+    versions = {record.model: record.served_versions for record in active_records(state_dir)}
+    served = []
+    for item in models:
+        wanted = versions.get(item.spec.name)
+        if wanted is not None:
+            policy = VersionPolicy(specific=wanted)
+            item = replace(item, spec=item.spec.model_copy(update={"version_policy": policy}))
+        served.append(item)
+    return served
