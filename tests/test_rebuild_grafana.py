@@ -31,6 +31,7 @@ import http.client
 import json
 import os
 import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -44,7 +45,13 @@ import yaml
 
 from generators.serving_stack.secrets import render_env_files
 from gpufleet.lifecycle.environment import Environment, load_environment
-from gpufleet.rebuild.backup import GRAFANA_DB, GRAFANA_DB_PATH, open_backup, take_backup
+from gpufleet.rebuild.backup import (
+    GRAFANA_DB,
+    GRAFANA_DB_PATH,
+    _sqlite_integrity,
+    open_backup,
+    take_backup,
+)
 from gpufleet.rebuild.holdings import compose_project, host_holdings
 from gpufleet.rebuild.restore import restore_backup
 from tests.docker_hosts import ContainerHost, DockerEngine, SshKeyPair
@@ -411,3 +418,29 @@ def test_grafana_database_comes_back_after_its_container_and_volume_are_destroye
     assert site.in_grafana(f"stat -c %u {GRAFANA_DB_PATH}").strip() == "472"
     leftovers = site.in_grafana(f"ls {GRAFANA_DB_PATH}.restored", check=False)
     assert leftovers == "", "the staged copy is moved, not left beside the database"
+
+
+def test_the_backup_check_names_what_sqlite_finds_wrong(tmp_path: Path) -> None:
+    """The check the backup runs on a copied grafana.db (no host: files written here, read by
+    this machine's SQLite): a sound database is "ok"; one with a page overwritten, and a file
+    that is not a database at all, are not, and the answer says why instead of raising."""
+    path = tmp_path / "grafana.db"
+    with contextlib.closing(sqlite3.connect(path)) as database, database:
+        database.execute("CREATE TABLE dashboard (id INTEGER PRIMARY KEY, data TEXT)")
+        database.executemany(
+            "INSERT INTO dashboard (data) VALUES (?)", [(f"panel {n} " * 40,) for n in range(400)]
+        )
+        database.execute("CREATE INDEX dashboard_data ON dashboard (data)")
+    assert _sqlite_integrity(path) == "ok"
+
+    damaged = tmp_path / "damaged.db"
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[5 * page : 6 * page] = bytes(range(256)) * (page // 256)  # page 6: no b-tree page
+    damaged.write_bytes(bytes(data))
+    assert _sqlite_integrity(damaged) not in ("ok", "")
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(os.urandom(8 * page))
+    assert _sqlite_integrity(garbage) == "file is not a database"
