@@ -47,7 +47,15 @@ from tests.docker_hosts import (
     _cgroup_args,
     image_cache_dir,
 )
-from tests.serving_images import MLFLOW, POSTGRES, TRITON_TORCH, ImageRecipe, ensure_image
+from tests.serving_images import (
+    GRAFANA,
+    MLFLOW,
+    POSTGRES,
+    PROMETHEUS,
+    TRITON_TORCH,
+    ImageRecipe,
+    ensure_image,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SITE = "site"
@@ -193,6 +201,13 @@ def archive_of(recipe: ImageRecipe, tag: str) -> Path:
 def write_project(
     project: Path, addresses: dict[str, str], key: Path, images: dict[str, str]
 ) -> None:
+    """The site's project. `images` names the stand-ins for triton, mlflow and postgres; with
+    prometheus and grafana too (tests.serving_images.PROMETHEUS, GRAFANA), every host also runs
+    monitoring, Grafana's database included, from those images' archives."""
+    monitored = "prometheus" in images and "grafana" in images
+    recipes = {"triton": TRITON_TORCH, "mlflow": MLFLOW, "postgres": POSTGRES}
+    if monitored:
+        recipes.update(prometheus=PROMETHEUS, grafana=GRAFANA)
     (project / "modelconfigs").mkdir()
     spec = yaml.safe_load((PROJECT_ROOT / "modelconfigs" / f"{MODEL}.yaml").read_text())
     # Objectives a CPU host shared with the rest of the suite meets; the gates still measure.
@@ -214,18 +229,12 @@ def write_project(
             "ssh_known_hosts_file": str(known_hosts),
         },
         "serving": {
-            "images": {
-                "triton": images["triton"],
-                "mlflow": images["mlflow"],
-                "postgres": images["postgres"],
-            },
+            "images": {service: images[service] for service in recipes},
             "image_archives": [
-                str(archive_of(TRITON_TORCH, images["triton"])),
-                str(archive_of(MLFLOW, images["mlflow"])),
-                str(archive_of(POSTGRES, images["postgres"])),
+                str(archive_of(recipe, images[service])) for service, recipe in recipes.items()
             ],
             "publish": ["triton_http", "triton_grpc", "mlflow"],
-            "monitoring": {"prometheus": False, "grafana": False},
+            "monitoring": {"prometheus": monitored, "grafana": monitored},
             # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
             "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
         },

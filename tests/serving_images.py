@@ -1,9 +1,10 @@
 """Pytest fixture with locally built stand-ins for the images the generated serving stack names.
 
 The serving stack's docker-compose file names official images (``nvcr.io/nvidia/tritonserver``,
-an MLflow image with Postgres support, ``postgres``, ``prom/prometheus``) that cannot be pulled
-here. This plugin builds four images that honour the same interface (command line, environment
-variables, ports, paths, user), so that the same compose file runs with either set:
+an MLflow image with Postgres support, ``postgres``, ``prom/prometheus``, ``grafana/grafana``)
+that cannot be pulled here. This plugin builds five images that honour the same interface
+(command line, environment variables, ports, paths, user), so that the same compose file runs
+with either set:
 
 ==============  =====================================================================================
 tritonserver    stands in for ``nvcr.io/nvidia/tritonserver:<ver>-py3``: ``tritonserver`` on PATH
@@ -18,17 +19,27 @@ postgres        stands in for ``postgres:16``: the official entrypoint's contrac
                 ``pg_isready`` on PATH, the server running as ``postgres`` (uid/gid 999), port 5432.
 prometheus      stands in for ``prom/prometheus``: the same ENTRYPOINT and CMD, ``USER 65534``,
                 ``/prometheus`` writable by nobody, ``promtool``, ``wget``, port 9090.
+grafana         stands in for ``grafana/grafana``: ENTRYPOINT ``/run.sh``, ``USER 472`` (group 0),
+                its state in SQLite at ``/var/lib/grafana/grafana.db`` (mount a volume there),
+                ``GF_*`` variables (and ``GF_*__FILE``), the admin user from
+                ``GF_SECURITY_ADMIN_PASSWORD`` at the first start, datasources and file-provisioned
+                dashboards from ``/etc/grafana/provisioning``, ``wget``, port 3000 with
+                ``/api/health`` and the dashboard, search, datasource and user API it needs.
 ==============  =====================================================================================
 
 What is real: the Docker engine (``docker_engine``), Debian 12 packages from deb.debian.org
-(postgresql, prometheus, curl, wget), the PyPI wheels (nvidia-pytriton 0.7.0, mlflow 3.17.2,
-psycopg2-binary, Flask-WTF), and the very Triton binary that ``validation/tritonserver.py`` runs
+(postgresql, prometheus, curl, wget, python3-yaml), the PyPI wheels (nvidia-pytriton 0.7.0,
+mlflow 3.17.2, psycopg2-binary, Flask-WTF), and the very Triton binary that ``validation/tritonserver.py`` runs
 outside containers. What differs from the official images: they are built here, FROM the Debian 12 host
 image of ``tests.docker_hosts`` (so they also carry systemd and OpenSSH, unused); CPU only;
 Triton is 2.51 from the pytriton wheel with only the python backend (no onnxruntime, pytorch or
 tensorrt backends, no CUDA, no ``/opt/nvidia/nvidia_entrypoint.sh``); Postgres is Debian's 15,
 not 16 (a data directory is not portable between them); Prometheus is Debian's 2.42 build,
 which may lack the web UI's assets (the HTTP API and ``/-/ready`` are there).
+Grafana is not Grafana at all: a Python stdlib HTTP server over SQLite
+(``tests/data/grafana/grafana_server.py``) with a small part of its API, its tables and no UI;
+what it honours is what gpufleet relies on (the rebuild copies ``grafana.db``; the compose file
+sets its user, paths, variables, health check and provisioning).
 
 Wheels are downloaded on the test machine with its own pip (its index, proxy and certificates)
 for CPython 3.11 on manylinux x86_64, and installed inside the build with ``--no-index`` in a
@@ -381,7 +392,42 @@ PROMETHEUS = ImageRecipe(
     + 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]\n',
 )
 
-RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS)
+# --- Grafana -----------------------------------------------------------------------------------
+
+# The official image's entrypoint is /run.sh; here it starts the stand-in server, a Python
+# stdlib HTTP server over SQLite (tests/data/grafana/grafana_server.py says what it honours).
+_GRAFANA_RUN = """\
+#!/bin/sh
+# Stands in for grafana/grafana's /run.sh: the server as the image's user (472), configured by
+# GF_* variables (GF_<SECTION>_<KEY>, or GF_<SECTION>_<KEY>__FILE naming a file with the value).
+exec python3 /usr/share/grafana/bin/grafana_server.py "$@"
+"""
+_GRAFANA_SERVER = (Path(__file__).parent / "data" / "grafana" / "grafana_server.py").read_text()
+GRAFANA = ImageRecipe(
+    name="grafana",
+    files={"run.sh": _GRAFANA_RUN, "grafana_server.py": _GRAFANA_SERVER},
+    dockerfile="FROM {base}\n"
+    + f"RUN {_apt('python3-yaml', 'wget')}"
+    # The official image's user: grafana, uid 472, group root (gid 0).
+    + " && useradd --system --uid 472 --gid 0 --home-dir /usr/share/grafana --no-create-home"
+    + " --shell /bin/false grafana"
+    + " && install -d -o 472 -g 0 /var/lib/grafana /var/lib/grafana/plugins /var/log/grafana"
+    + " /etc/grafana /usr/share/grafana /usr/share/grafana/bin"
+    + " && install -d -o 472 -g 0 /etc/grafana/provisioning/datasources"
+    + " /etc/grafana/provisioning/dashboards /etc/grafana/provisioning/plugins"
+    + " /etc/grafana/provisioning/alerting\n"
+    + "COPY run.sh /run.sh\n"
+    + "COPY grafana_server.py /usr/share/grafana/bin/grafana_server.py\n"
+    + "ENV GF_PATHS_CONFIG=/etc/grafana/grafana.ini GF_PATHS_DATA=/var/lib/grafana"
+    + " GF_PATHS_HOME=/usr/share/grafana GF_PATHS_LOGS=/var/log/grafana"
+    + " GF_PATHS_PLUGINS=/var/lib/grafana/plugins GF_PATHS_PROVISIONING=/etc/grafana/provisioning\n"
+    + "WORKDIR /usr/share/grafana\n"
+    + "USER 472\n"
+    + "EXPOSE 3000\n"
+    + 'ENTRYPOINT ["/run.sh"]\n',
+)
+
+RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS, GRAFANA)
 
 
 # --- Build, save, load -------------------------------------------------------------------------
@@ -480,12 +526,13 @@ def ensure_image(
 
 @dataclass(frozen=True)
 class ServingImages:
-    """Tags of the four stand-in images, all present in the session's engine."""
+    """Tags of the five stand-in images, all present in the session's engine."""
 
     tritonserver: str
     mlflow: str
     postgres: str
     prometheus: str
+    grafana: str
 
 
 def ensure_serving_images(

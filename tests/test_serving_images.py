@@ -4,8 +4,11 @@ What is real: the Docker engine, the images built from Debian packages and PyPI 
 2.51 from the nvidia-pytriton wheel serving a python-backend model as uid 1000, Postgres 15
 initialised by the entrypoint and reached over TCP with scram-sha-256 by the host's ``psql``,
 an MLflow 3.17.2 server with that Postgres as its backend store over a user-defined Docker
-network, Prometheus serving its HTTP API as nobody. Every port is published on 127.0.0.1 only.
-What is not: these are not the official images (see tests/serving_images.py); no GPU.
+network, Prometheus serving its HTTP API as nobody, the Grafana stand-in run with the generated
+stack's grafana service (environment, env file, provisioning mounts, health check) as 472 with
+its SQLite database in a volume. Every port is published on 127.0.0.1 only.
+What is not: these are not the official images (see tests/serving_images.py; Grafana's is a
+Python stand-in over SQLite with a small part of its API); no GPU.
 
 Every container and network is named gpufleet-test-* and removed after its test, with the
 containers' anonymous volumes.
@@ -13,6 +16,7 @@ containers' anonymous volumes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -29,6 +33,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from generators.serving_stack.grafana import (
+    DASHBOARD_FILE,
+    DASHBOARD_UID,
+    DATASOURCE_UID,
+    render_grafana_files,
+)
+from generators.serving_stack.graph import Service, build_service_graph
+from gpufleet.spec.stack import StackSpec
 from tests.docker_hosts import NAME_PREFIX, DockerEngine
 from tests.serving_images import RECIPES, ServingImages
 from validation.loopback import LOOPBACK
@@ -406,3 +418,112 @@ def test_prometheus_is_ready_as_nobody(
         assert docker_engine.docker(*check).returncode == 0
         written = docker_engine.docker("exec", name, "ls", "/prometheus").stdout.split()
         assert "wal" in written  # the TSDB lives in /prometheus
+
+
+# --- Grafana -----------------------------------------------------------------------------------
+
+
+def _grafana_service() -> tuple[Service, dict[str, str]]:
+    """The grafana service of a generated stack and its provisioning files (paths relative to
+    the stack's ./grafana), as `gpufleet generate --stack` renders them."""
+    spec = StackSpec.model_validate(
+        {
+            "environment": "static",
+            "hosts": [{"name": "h", "address": "10.0.0.9"}],
+            "serving": {},
+            "registry": {"tracking_uri": "https://mlflow.example.internal"},
+        }
+    )
+    graph = build_service_graph("images", spec, spec.hosts[0], [])
+    return graph.service("grafana"), render_grafana_files(graph, header="")
+
+
+def test_grafana_keeps_its_state_in_sqlite_as_uid_472(
+    docker_engine: DockerEngine, serving_images: ServingImages, tmp_path: Path
+) -> None:
+    """The generated stack's grafana service (its GF_* environment, the admin password from an
+    env file, the generated provisioning and dashboard files mounted read-only, a volume at
+    /var/lib/grafana) on the stand-in: /api/health says the database is ok, the compose health
+    check (wget) passes, the server runs as 472 and keeps grafana.db (owned by 472) in the volume;
+    the provisioned datasource and dashboard are in the database; the admin logs in with the
+    password from the env file (a wrong one is refused, and it is in no log); a dashboard saved
+    through the API survives `docker restart`, and a start that changes nothing rewrites nothing
+    (grafana.db's sha256 is the same after it)."""
+    service, files = _grafana_service()
+    for relative, text in files.items():
+        path = tmp_path / "grafana" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o644)
+    for directory in [tmp_path / "grafana", *(tmp_path / "grafana").rglob("*")]:
+        if directory.is_dir():
+            directory.chmod(0o755)
+    password = secrets.token_urlsafe(18)
+    env_file = tmp_path / "grafana.env"
+    env_file.write_text(f"GF_SECURITY_ADMIN_PASSWORD={password}\n")
+    mounts = []
+    for mount in service.mounts:
+        if mount.is_named_volume:
+            mounts += ["--volume", mount.target]  # anonymous: removed with the container
+        else:
+            source = tmp_path / "grafana" / Path(mount.source).relative_to("grafana")
+            mounts += ["--volume", f"{source}:{mount.target}:ro"]
+    config = _image_config(docker_engine, serving_images.grafana)
+    assert config["User"] == "472"
+    assert "3000/tcp" in config["ExposedPorts"]
+    assert config["Entrypoint"] == ["/run.sh"]
+    environment = [
+        arg for key, value in service.environment.items() for arg in ("--env", f"{key}={value}")
+    ]
+    with _container(
+        docker_engine,
+        "grafana",
+        *environment,
+        *("--env-file", str(env_file), *mounts),
+        *("--publish", f"{LOOPBACK}::3000", serving_images.grafana),
+    ) as name:
+        base = f"http://{LOOPBACK}:{_published_port(docker_engine, name, '3000/tcp')}"
+        _wait_until(docker_engine, name, "healthy", _http_ok(f"{base}/api/health"))
+        status, body = _http("GET", f"{base}/api/health")
+        assert json.loads(body)["database"] == "ok"
+        assert service.healthcheck is not None
+        probe = docker_engine.docker("exec", name, *service.healthcheck.command, check=False)
+        assert probe.returncode == 0, probe.stderr
+        assert _uids(docker_engine, name)["python3"] == {472}
+        stat = ("exec", name, "stat", "-c", "%u %F", "/var/lib/grafana/grafana.db")
+        assert docker_engine.docker(*stat).stdout.split(maxsplit=1) == ["472", "regular file\n"]
+
+        admin = {
+            "Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+        }
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"admin:admin").decode()}
+        status, _ = _http("GET", f"{base}/api/search", headers=wrong)
+        assert status == 401
+        status, body = _http("GET", f"{base}/api/dashboards/uid/{DASHBOARD_UID}", headers=admin)
+        assert status == 200, body
+        provisioned = json.loads(body)
+        assert provisioned["meta"]["provisioned"] is True
+        assert provisioned["dashboard"]["title"] == json.loads(files[DASHBOARD_FILE])["title"]
+        status, body = _http("GET", f"{base}/api/datasources/uid/{DATASOURCE_UID}", headers=admin)
+        assert status == 200, body
+        assert json.loads(body)["url"] == "http://prometheus:9090"
+
+        made = {"dashboard": {"uid": "made-in-ui", "title": "Made in the UI"}, "overwrite": False}
+        status, body = _http("POST", f"{base}/api/dashboards/db", made, headers=admin)
+        assert status == 200, body
+        checksum = ("exec", name, "sha256sum", "/var/lib/grafana/grafana.db")
+        before = docker_engine.docker(*checksum).stdout.split()[0]
+        docker_engine.docker("restart", name, timeout=120)
+        base = f"http://{LOOPBACK}:{_published_port(docker_engine, name, '3000/tcp')}"
+        _wait_until(
+            docker_engine, name, "healthy after the restart", _http_ok(f"{base}/api/health")
+        )
+        status, body = _http("GET", f"{base}/api/dashboards/uid/made-in-ui", headers=admin)
+        assert status == 200, body
+        assert json.loads(body)["dashboard"]["title"] == "Made in the UI"
+        assert docker_engine.docker(*checksum).stdout.split()[0] == before
+        logs = _logs(docker_engine, name)
+        assert logs.count("created the admin user") == 1, (
+            "the admin is made at the first start only"
+        )
+        assert password not in logs

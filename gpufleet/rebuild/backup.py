@@ -242,12 +242,28 @@ def _copy_grafana(shell: HostShell, project: str, path: Path, say: Say) -> dict[
     say(f"  Grafana's database from {shell.name}")
     sent = shell.stream_to_file(f"docker exec {grafana} cat {GRAFANA_DB_PATH}", path)
     entry = _verified_copy(path, sent)
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
-        (result,) = database.execute("PRAGMA integrity_check").fetchone()
+    result = _sqlite_integrity(path)
     if result != "ok":
-        raise BackupError(f"{path.name}: SQLite's integrity check says {result}")
+        raise BackupError(
+            f"{path.name} from {shell.name}'s Grafana ({GRAFANA_DB_PATH}) is not a sound SQLite "
+            f"database: {result}"
+        )
     entry["verified"] += "; SQLite integrity_check ok"
     return entry
+
+
+def _sqlite_integrity(path: Path) -> str:
+    """SQLite's integrity check of the file ("ok"), or what SQLite says is wrong with it (a file
+    that is not a database at all is refused here too, not raised past the backup)."""
+    try:
+        database = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = database.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            database.close()
+    except sqlite3.Error as error:
+        return str(error)
+    return "; ".join(str(row[0]) for row in rows[:3]) or "no answer"
 
 
 def _verified_copy(path: Path, sent: tuple[str, int]) -> dict[str, Any]:

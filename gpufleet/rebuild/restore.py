@@ -3,8 +3,9 @@
 The registry: MLflow's artifacts and user store untarred into its volumes through its running
 container, then MLflow stopped, the dump restored into the new Postgres with
 `pg_restore --clean --if-exists --single-transaction` (all or nothing), and MLflow started
-again and waited for. Grafana's database is put back and Grafana restarted; Prometheus' history
-likewise when it was kept.
+again and waited for. Grafana's database is staged in its volume, its sha256 checked against the
+backup's, moved over the live one and Grafana restarted; Prometheus' history likewise (untarred)
+when it was kept.
 
     restored = restore_backup(environment, "gpu-a", backup, say=print)   # names restored
 """
@@ -50,14 +51,7 @@ def restore_backup(environment: Environment, host: str, backup: Backup, *, say: 
         restored += [POSTGRES_DUMP, ARTIFACTS_TAR, AUTH_TAR]
     grafana_db = backup.path(GRAFANA_DB)
     if grafana_db is not None:
-        grafana = container_of(shell, project, "grafana")
-        say(f"  Grafana's database back into {host}")
-        shell.stream_from_file(
-            f"docker exec -i {grafana} sh -c 'cat > {GRAFANA_DB_PATH}.restored && "
-            f"mv -f {GRAFANA_DB_PATH}.restored {GRAFANA_DB_PATH}'",
-            grafana_db,
-        )
-        shell.run(f"docker restart {grafana}")
+        _restore_grafana(shell, project, grafana_db, backup.files[GRAFANA_DB]["sha256"], say)
         restored.append(GRAFANA_DB)
     prometheus_tar = backup.path(PROMETHEUS_TAR)
     if prometheus_tar is not None:
@@ -69,6 +63,27 @@ def restore_backup(environment: Environment, host: str, backup: Backup, *, say: 
         shell.run(f"docker restart {prometheus}")
         restored.append(PROMETHEUS_TAR)
     return restored
+
+
+def _restore_grafana(shell: HostShell, project: str, path: Path, sha256: str, say: Say) -> None:
+    """grafana.db staged beside the live one in Grafana's volume, its sha256 checked there, then
+    moved over it (with the journal of the database it replaces) and Grafana restarted."""
+    grafana = container_of(shell, project, "grafana")
+    staged = f"{GRAFANA_DB_PATH}.restored"
+    say(f"  Grafana's database back into {shell.name}")
+    shell.stream_from_file(f"docker exec -i {grafana} sh -c 'cat > {staged}'", path)
+    found = shell.run(f"docker exec {grafana} sha256sum {staged}", timeout=120).stdout.split()
+    if found[:1] != [sha256]:
+        shell.run(f"docker exec {grafana} rm -f {staged}", check=False, timeout=60)
+        raise RemoteError(
+            f"{shell.name}: {staged} has sha256 {(found or ['nothing'])[0][:12]}..., not the "
+            f"backup's {sha256[:12]}...; Grafana's database was left as it was"
+        )
+    # A journal or WAL beside the path belongs to the database being replaced: SQLite would
+    # replay it into the restored one.
+    journals = " ".join(f"{GRAFANA_DB_PATH}{suffix}" for suffix in ("-journal", "-wal", "-shm"))
+    shell.run(f"docker exec {grafana} sh -c 'rm -f {journals} && mv -f {staged} {GRAFANA_DB_PATH}'")
+    shell.run(f"docker restart {grafana}")
 
 
 def _restore_registry(shell: HostShell, project: str, backup: Backup, dump: Path, say: Say) -> None:
