@@ -2,7 +2,7 @@
 
 The serving stack's docker-compose file names official images (``nvcr.io/nvidia/tritonserver``,
 an MLflow image with Postgres support, ``postgres``, ``prom/prometheus``) that cannot be pulled
-here. This plugin builds four images that honour the same interface (command line, environment
+here. This plugin builds images that honour the same interface (command line, environment
 variables, ports, paths, user), so that the same compose file runs with either set:
 
 ==============  =====================================================================================
@@ -18,6 +18,9 @@ postgres        stands in for ``postgres:16``: the official entrypoint's contrac
                 ``pg_isready`` on PATH, the server running as ``postgres`` (uid/gid 999), port 5432.
 prometheus      stands in for ``prom/prometheus``: the same ENTRYPOINT and CMD, ``USER 65534``,
                 ``/prometheus`` writable by nobody, ``promtool``, ``wget``, port 9090.
+gateway         stands in for the generated ``gpufleet/gateway-nginx`` (images/gateway/Dockerfile):
+                Debian 12's nginx on PATH, bash, ``/var/lib/gpufleet-gateway`` and
+                ``/var/log/gpufleet-gateway``, ports 8080/8081.
 ==============  =====================================================================================
 
 What is real: the Docker engine (``docker_engine``), Debian 12 packages from deb.debian.org
@@ -65,6 +68,7 @@ from pathlib import Path
 
 import pytest
 
+from generators.serving_stack.graph import GATEWAY_LOG_DIR, GATEWAY_WORK_DIR
 from tests.docker_hosts import (
     DockerEngine,
     _file_lock,
@@ -381,7 +385,23 @@ PROMETHEUS = ImageRecipe(
     + 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]\n',
 )
 
-RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS)
+# --- Gateway -----------------------------------------------------------------------------------
+
+# What the generated stack's gateway service expects (generators/serving_stack/graph.py): `nginx`
+# on PATH (the command names the configuration), bash for the health check, and the working
+# and log directories. The generated Dockerfile (images/gateway/) builds the same on a host
+# that reaches Debian's archive; test hosts reach none, so this one ships as an archive.
+GATEWAY = ImageRecipe(
+    name="gateway",
+    dockerfile="FROM {base}\n"
+    + f"RUN {_apt('nginx')}"
+    + f" && mkdir -p {GATEWAY_WORK_DIR} {GATEWAY_LOG_DIR}\n"
+    + "EXPOSE 8080 8081\n"
+    + "ENTRYPOINT []\n"
+    + 'CMD ["nginx", "-g", "daemon off;"]\n',
+)
+
+RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS, GATEWAY)
 
 
 # --- Build, save, load -------------------------------------------------------------------------
@@ -480,12 +500,13 @@ def ensure_image(
 
 @dataclass(frozen=True)
 class ServingImages:
-    """Tags of the four stand-in images, all present in the session's engine."""
+    """Tags of the stand-in images, all present in the session's engine."""
 
     tritonserver: str
     mlflow: str
     postgres: str
     prometheus: str
+    gateway: str
 
 
 def ensure_serving_images(

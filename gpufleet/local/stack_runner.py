@@ -25,7 +25,6 @@ it started itself before it reports the error, so nothing is leaked.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import secrets
@@ -62,9 +61,8 @@ from gpufleet.rollout.local_gateway import (
     LocalGateway,
     gateway_settings,
 )
-from gpufleet.rollout.state import RolloutRecord, active_records
+from gpufleet.rollout.state import RolloutRecord, active_records, served_specs
 from gpufleet.spec.loading import LoadedModelSpec, LoadedStackSpec
-from gpufleet.spec.model import VersionPolicy
 from gpufleet.spec.stack import GateName
 from validation.gates import GateContext, run_gates
 from validation.host import ExpectedProcess
@@ -361,17 +359,7 @@ class LocalStack:
 
     def _served_specs(self) -> list[LoadedModelSpec]:
         """The specs, with each model under an active rollout serving both its versions."""
-        versions = {record.model: record.served_versions for record in self._active_rollouts()}
-        served = []
-        for item in self.specs:
-            wanted = versions.get(item.spec.name)
-            if wanted is not None:
-                policy = VersionPolicy(specific=wanted)
-                item = dataclasses.replace(
-                    item, spec=item.spec.model_copy(update={"version_policy": policy})
-                )
-            served.append(item)
-        return served
+        return served_specs(self.specs, self._active_rollouts())
 
     def _seed_missing_models(self, registry: ModelRegistry) -> None:
         missing = [
@@ -516,6 +504,10 @@ class LocalStack:
             repository=self.repository,
         )
         return check_triton(target, expected_models(self._served_specs(), registry))
+
+    def triton_admin_headers(self) -> dict[str, str] | None:
+        """Triton's admin key as a gRPC header (its restricted APIs), None before a start."""
+        return self._admin_headers()
 
     def _admin_headers(self) -> dict[str, str] | None:
         """Triton's admin key as a gRPC header, for the gates' reads of restricted APIs."""
