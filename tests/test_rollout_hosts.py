@@ -111,7 +111,7 @@ def served_versions(site: Site, host: str, candidates: range) -> list[int]:
     for version in candidates:
         url = f"http://{site.addresses[host]}:8000/v2/models/{MODEL}/versions/{version}/ready"
         try:
-            with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=10) as answer:
                 if answer.status == 200:
                     ready.append(version)
         except urllib.error.HTTPError:
@@ -265,8 +265,7 @@ def test_a_stack_without_a_gateway_is_refused_before_anything_runs(tmp_path: Pat
     }
     (tmp_path / "stacks" / "Pulumi.nogw.yaml").write_text(yaml.safe_dump({"config": config}))
     result = subprocess.run(
-        [sys.executable, "-m", "gpufleet", "rollout", "start", "--stack", "nogw"]
-        + ["--model", MODEL],
+        [sys.executable, "-m", "gpufleet", "rollout", "start", "--stack", "nogw", "--model", MODEL],
         cwd=tmp_path,
         capture_output=True,
         text=True,
