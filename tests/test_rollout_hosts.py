@@ -13,6 +13,7 @@ Not real: no GPU; the Triton and gateway images are the project's stand-ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -91,18 +92,25 @@ def spec_of(site: Site) -> ModelSpec:
     return load_model_spec_file(site.project / "modelconfigs" / f"{MODEL}.yaml").spec
 
 
-def register_candidate(site: Site, seed: int) -> int:
-    spec = spec_of(site).model_copy(update={"source": f"models:/{MODEL}@candidate"})
+@contextlib.contextmanager
+def registry_login() -> Iterator[None]:
+    """The registry's login in this process's environment (the MLflow client reads it there)."""
     saved = {name: os.environ.get(name) for name in SECRETS}
-    os.environ.update(SECRETS)  # the registry's login
+    os.environ.update(SECRETS)
     try:
-        return register_torch_model(site.registry, spec, demo_network(spec, seed=seed)).version
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def register_candidate(site: Site, seed: int) -> int:
+    spec = spec_of(site).model_copy(update={"source": f"models:/{MODEL}@candidate"})
+    with registry_login():
+        return register_torch_model(site.registry, spec, demo_network(spec, seed=seed)).version
 
 
 def served_versions(site: Site, host: str, candidates: range) -> list[int]:
@@ -242,8 +250,9 @@ def test_blue_green_switch_and_promotion_under_load_fail_no_request(site: Site) 
     assert {answer.version for answer in answers[after_switch + 4 :]} == {str(green)}
     assert {answer.version for answer in answers[after_promote + 4 :]} == {str(green)}
 
-    # Promotion moved the alias; each host serves green alone, and a later `up` keeps it so.
-    assert site.registry.resolve(f"models:/{MODEL}@production").version == green
+    # Promotion moved the alias, and each host serves green alone.
+    with registry_login():
+        assert site.registry.resolve(f"models:/{MODEL}@production").version == green
     for host in HOSTS:
         assert served_versions(site, host, range(1, green + 1)) == [green], host
     events = [entry["event"] for entry in record(site).history]
