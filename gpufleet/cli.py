@@ -36,6 +36,7 @@ from gpufleet.spec.problems import SpecError
 from gpufleet.spec.stack import DEFAULT_MODEL_REPOSITORY, GateName
 
 if TYPE_CHECKING:
+    from generators.gateway import ModelRoute
     from gpufleet.configure.runner import ConfigureResult
     from gpufleet.local.stack_runner import LocalStack
     from validation.report import GateReport
@@ -130,13 +131,15 @@ def _file_errors_exit() -> Iterator[None]:
         _fail([f"{where}: {error.strerror}; check the path and its permissions"])
 
 
-def _served(loaded: LoadedStackSpec, specs: list[LoadedModelSpec]) -> list[LoadedModelSpec]:
-    """The stack's specs as it serves them (a model under an active rollout serves two versions:
-    docs/rollout.md), so that `generate` neither reports nor undoes a rollout."""
-    from gpufleet.rollout.state import served_specs
+def _served(
+    loaded: LoadedStackSpec, specs: list[LoadedModelSpec]
+) -> tuple[list[LoadedModelSpec], list[ModelRoute]]:
+    """The stack's specs and gateway routes as it serves them (a model under an active rollout
+    serves two versions: docs/rollout.md), so that `generate` neither reports nor undoes it."""
+    from gpufleet.rollout.state import as_served
 
     try:
-        return served_specs(specs, Path(loaded.spec.resolved_state_dir(loaded.name)))
+        return as_served(specs, Path(loaded.spec.resolved_state_dir(loaded.name)))
     except ValueError as error:
         _fail([str(error)])
 
@@ -181,10 +184,10 @@ def generate(
         repository = Path(DEFAULT_MODEL_REPOSITORY)
         if stack is not None:
             loaded_stack = load_stack_spec(stacks_dir, stack)
-            specs = _served(loaded_stack, select_stack_models(loaded_stack, specs))
+            specs, routes = _served(loaded_stack, select_stack_models(loaded_stack, specs))
             repository = Path(loaded_stack.spec.model_repository)
         with _file_errors_exit():
-            plans = plan_generated_files(out_dir or repository, specs, loaded_stack)
+            plans = plan_generated_files(out_dir or repository, specs, loaded_stack, routes=routes)
     except SpecError as error:
         _fail([str(problem) for problem in error.problems])
     serving_planned = len(plans) > 1

@@ -1,4 +1,7 @@
-"""`gpufleet rollout ...`: parse, call gpufleet.rollout.controller, print. Local stacks.
+"""`gpufleet rollout ...`: parse, call gpufleet.rollout.controller, print.
+
+A local stack's rollout acts on this machine's processes (gpufleet/rollout/local_backend.py); a
+static, proxmox or azure stack's on every host, over SSH (gpufleet/rollout/hosts_backend.py).
 
 Exit codes: 0 done (or within limits), 1 stopped by the correctness gate or a limit (the
 rollout was rolled back), 2 bad input or could not run.
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from gpufleet.rollout.backend import RolloutBackend
     from gpufleet.rollout.controller import RolloutController, RolloutOutcome
 
 rollout_app = typer.Typer(
@@ -24,7 +28,9 @@ rollout_app = typer.Typer(
 )
 
 ModelOption = Annotated[str, typer.Option("--model", help="The model whose rollout this is.")]
-StackOption = Annotated[str, typer.Option("--stack", help="Stack name (a local stack).")]
+StackOption = Annotated[
+    str, typer.Option("--stack", help="Stack name (a local stack, or one with hosts).")
+]
 SpecsOption = Annotated[Path, typer.Option("--specs", help="Directory of model specs.")]
 StacksOption = Annotated[
     Path, typer.Option("--stacks-dir", help="Directory of Pulumi.<stack>.yaml files.")
@@ -40,13 +46,20 @@ def _run(
     stacks_dir: Path,
     as_json: bool,
 ) -> None:
-    from gpufleet.cli import _could_not_run, _fail, _load_local_stack, _say, out
-    from gpufleet.rollout.controller import RolloutController, RolloutError
+    from gpufleet.cli import _could_not_run, _environment_kind, _fail, _say, _say_to_stderr, out
+    from gpufleet.rollout.backend import RolloutError
 
-    local_stack = _load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json)
+    say = _say_to_stderr if as_json else _say
     with _could_not_run():
         try:
-            outcome = verb(RolloutController(local_stack, model, say=local_stack.say))
+            backend: RolloutBackend = (
+                _local_backend(stack, specs_dir, stacks_dir, as_json)
+                if _environment_kind(stack, stacks_dir) == "local"
+                else _hosts_backend(stack, specs_dir, stacks_dir, say)
+            )
+            from gpufleet.rollout.controller import RolloutController
+
+            outcome = verb(RolloutController(backend, model, say=say))
         except RolloutError as error:
             _fail([str(error)])
     if as_json:
@@ -61,8 +74,28 @@ def _run(
         for version, counts in sorted(outcome.details.get("triton", {}).items()):
             _say(f"  v{version} in Triton: {counts['success']} ok, {counts['fail']} failed")
         _say(outcome.message)
-        _say(f"history: {local_stack.paths.root / 'rollout' / f'{model}.json'}")
+        _say(f"history: {backend.state_dir / 'rollout' / f'{model}.json'}")
     raise typer.Exit(outcome.exit_code)
+
+
+def _local_backend(stack: str, specs_dir: Path, stacks_dir: Path, as_json: bool) -> RolloutBackend:
+    from gpufleet.cli import _load_local_stack
+    from gpufleet.rollout.local_backend import LocalRolloutBackend
+
+    return LocalRolloutBackend(_load_local_stack(stack, specs_dir, stacks_dir, as_json=as_json))
+
+
+def _hosts_backend(
+    stack: str, specs_dir: Path, stacks_dir: Path, say: Callable[[str], None]
+) -> RolloutBackend:
+    from gpufleet.cli import err
+    from gpufleet.environment_cli import open_environment
+    from gpufleet.rollout.hosts_backend import HostsRolloutBackend
+
+    environment = open_environment(
+        stack, specs_dir=specs_dir, stacks_dir=stacks_dir, outputs_file=None, err=err
+    )
+    return HostsRolloutBackend(environment, say=say)
 
 
 @rollout_app.command()

@@ -35,7 +35,7 @@ from tests.docker_hosts import (
     SshKeyPair,
     image_cache_dir,
 )
-from tests.serving_images import TRITON_TORCH
+from tests.serving_images import GATEWAY, TRITON_TORCH, ImageRecipe
 from validation.loopback import pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +107,20 @@ def known_hosts_line(host: ContainerHost, address: str) -> str:
     return "".join(lines)
 
 
+def image_archive(recipe: ImageRecipe, tag: str) -> Path:
+    """Where tests/serving_images.py keeps the archive of the image `tag` of `recipe`."""
+    return image_cache_dir() / f"{recipe.name}-{tag.rsplit(':', 1)[1]}.tar.gz"
+
+
 def write_project(
-    project: Path, addresses: dict[str, str], key: Path, known_hosts: Path, triton_image: str
+    project: Path,
+    addresses: dict[str, str],
+    key: Path,
+    known_hosts: Path,
+    triton_image: str,
+    gateway_image: str | None = None,
 ) -> int:
+    """The project's files; with `gateway_image`, every host's stack runs the gateway too."""
     (project / "modelconfigs").mkdir()
     spec = yaml.safe_load((PROJECT_ROOT / "modelconfigs" / f"{MODEL}.yaml").read_text())
     # Objectives a CPU host shared with the rest of the suite meets; the gates still measure.
@@ -130,7 +141,16 @@ def write_project(
             "mlflow": mlflow,
         },
     }
-    archive = image_cache_dir() / f"{TRITON_TORCH.name}-{triton_image.rsplit(':', 1)[1]}.tar.gz"
+    archives = [str(image_archive(TRITON_TORCH, triton_image))]
+    publish = ["triton_http", "triton_grpc"]
+    serving: dict[str, Any] = {
+        "images": {"triton": triton_image},
+        "image_archives": archives,
+        "publish": publish,
+        "monitoring": {"prometheus": False, "grafana": False},
+        # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
+        "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
+    }
     site = {
         "environment": "static",
         "models": [MODEL],
@@ -148,15 +168,12 @@ def write_project(
             "ssh_private_key_file": str(key),
             "ssh_known_hosts_file": str(known_hosts),
         },
-        "serving": {
-            "images": {"triton": triton_image},
-            "image_archives": [str(archive)],
-            "publish": ["triton_http", "triton_grpc"],
-            "monitoring": {"prometheus": False, "grafana": False},
-            # This sandbox refuses to raise RLIMIT_MEMLOCK ("operation not permitted").
-            "triton": {"shm_size_mb": 256, "unlimited_memlock": False},
-        },
+        "serving": serving,
     }
+    if gateway_image is not None:
+        archives.append(str(image_archive(GATEWAY, gateway_image)))
+        publish += ["gateway_http", "gateway_grpc"]
+        serving["gateway"] = {"image": gateway_image}
     for name, config in ((REGISTRY, registry), (SITE, site)):
         document = {"config": {f"gpufleet:{key}": value for key, value in config.items()}}
         (stacks / f"Pulumi.{name}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
@@ -165,9 +182,15 @@ def write_project(
 
 @contextlib.contextmanager
 def open_site(
-    engine: DockerEngine, host_image: str, key: SshKeyPair, project: Path, triton_image: str
+    engine: DockerEngine,
+    host_image: str,
+    key: SshKeyPair,
+    project: Path,
+    triton_image: str,
+    gateway_image: str | None = None,
 ) -> Iterator[Site]:
-    """Bare hosts, the project written, the registry seeded; everything removed afterwards."""
+    """Bare hosts, the project written, the registry seeded; everything removed afterwards.
+    With `gateway_image`, the hosts' stacks run the rollout gateway (docs/rollout.md)."""
     with HostPool(engine, host_image, key, project, "up") as pool:
         started = dict(zip(HOSTS, pool.start(len(HOSTS)), strict=True))
         addresses = {name: bridge_address(engine, host) for name, host in started.items()}
@@ -175,7 +198,9 @@ def open_site(
         known_hosts.write_text(
             "".join(known_hosts_line(started[name], addresses[name]) for name in HOSTS)
         )
-        port = write_project(project, addresses, key.private_key, known_hosts, triton_image)
+        port = write_project(
+            project, addresses, key.private_key, known_hosts, triton_image, gateway_image
+        )
         site = Site(project, engine, started, addresses, port)
         try:
             seeded = site.gpufleet("registry", "seed-demo", "--stack", REGISTRY)

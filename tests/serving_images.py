@@ -2,7 +2,7 @@
 
 The serving stack's docker-compose file names official images (``nvcr.io/nvidia/tritonserver``,
 an MLflow image with Postgres support, ``postgres``, ``prom/prometheus``, ``grafana/grafana``)
-that cannot be pulled here. This plugin builds five images that honour the same interface
+that cannot be pulled here. This plugin builds six images that honour the same interface
 (command line, environment variables, ports, paths, user), so that the same compose file runs
 with either set:
 
@@ -25,6 +25,9 @@ grafana         stands in for ``grafana/grafana``: ENTRYPOINT ``/run.sh``, ``USE
                 ``GF_SECURITY_ADMIN_PASSWORD`` at the first start, datasources and file-provisioned
                 dashboards from ``/etc/grafana/provisioning``, ``wget``, port 3000 with
                 ``/api/health`` and the dashboard, search, datasource and user API it needs.
+gateway         stands in for the generated ``gpufleet/gateway-nginx`` (images/gateway/Dockerfile):
+                Debian 12's nginx on PATH, bash, ``/var/lib/gpufleet-gateway`` and
+                ``/var/log/gpufleet-gateway``, ports 8080/8081.
 ==============  =====================================================================================
 
 What is real: the Docker engine (``docker_engine``), Debian 12 packages from deb.debian.org
@@ -76,6 +79,7 @@ from pathlib import Path
 
 import pytest
 
+from generators.serving_stack.graph import GATEWAY_LOG_DIR, GATEWAY_WORK_DIR
 from tests.docker_hosts import (
     DockerEngine,
     _file_lock,
@@ -427,7 +431,23 @@ GRAFANA = ImageRecipe(
     + 'ENTRYPOINT ["/run.sh"]\n',
 )
 
-RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS, GRAFANA)
+# --- Gateway -----------------------------------------------------------------------------------
+
+# What the generated stack's gateway service expects (generators/serving_stack/graph.py): `nginx`
+# on PATH (the command names the configuration), bash for the health check, and the working
+# and log directories. The generated Dockerfile (images/gateway/) builds the same on a host
+# that reaches Debian's archive; test hosts reach none, so this one ships as an archive.
+GATEWAY = ImageRecipe(
+    name="gateway",
+    dockerfile="FROM {base}\n"
+    + f"RUN {_apt('nginx')}"
+    + f" && mkdir -p {GATEWAY_WORK_DIR} {GATEWAY_LOG_DIR}\n"
+    + "EXPOSE 8080 8081\n"
+    + "ENTRYPOINT []\n"
+    + 'CMD ["nginx", "-g", "daemon off;"]\n',
+)
+
+RECIPES = (TRITON, MLFLOW, POSTGRES, PROMETHEUS, GRAFANA, GATEWAY)
 
 
 # --- Build, save, load -------------------------------------------------------------------------
@@ -526,13 +546,14 @@ def ensure_image(
 
 @dataclass(frozen=True)
 class ServingImages:
-    """Tags of the five stand-in images, all present in the session's engine."""
+    """Tags of the six stand-in images, all present in the session's engine."""
 
     tritonserver: str
     mlflow: str
     postgres: str
     prometheus: str
     grafana: str
+    gateway: str
 
 
 def ensure_serving_images(

@@ -212,7 +212,7 @@ def test_a_serving_stack_gateway_is_published_on_the_private_address_and_nginx_a
     assert "ports" not in compose["services"]["triton"] or all(
         port.startswith("10.1.2.3:") for port in compose["services"]["triton"]["ports"]
     )
-    assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert gateway["depends_on"] == {"triton": {"condition": "service_started"}}
     assert "nginx" in files["cpu-a/images/gateway/Dockerfile"]
 
     text = files["cpu-a/gateway/nginx.conf"]
@@ -242,3 +242,54 @@ def test_a_serving_stack_gateway_is_published_on_the_private_address_and_nginx_a
         check=False,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_hosts_gateway_config_follows_the_active_rollouts_as_the_deploy_step_writes_it(
+    tmp_path: Path,
+) -> None:
+    """What a rollout writes over SSH (render_host_gateway_config) is byte for byte what the
+    deploy step generates for that host with the active rollouts' routes, so a later
+    `gpufleet up` copies nothing new; without an active rollout the model passes through."""
+    from generators.serving_stack.files import render_host_gateway_config
+    from gpufleet.lifecycle.deploy import write_serving_files
+    from gpufleet.lifecycle.environment import load_environment
+    from gpufleet.rollout.state import RolloutRecord, active_records, served_specs
+
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "modelconfigs").mkdir()
+    spec = (SAMPLE_SPECS / "tabular_mlp.yaml").read_text()
+    (tmp_path / "modelconfigs" / "tabular_mlp.yaml").write_text(spec)
+    fields = {
+        "environment": "static",
+        "models": ["tabular_mlp"],
+        "hosts": [
+            {"name": "cpu-a", "address": "10.1.2.3"},
+            {"name": "cpu-b", "address": "10.1.2.4"},
+        ],
+        "serving": {"gateway": {}, "publish": ["gateway_http", "triton_grpc"]},
+        "registry": {"tracking_uri": "https://mlflow.example.internal"},
+    }
+    (tmp_path / "stacks" / "Pulumi.hosts.yaml").write_text(
+        yaml.safe_dump({"config": {f"gpufleet:{k}": v for k, v in fields.items()}})
+    )
+    environment = load_environment("hosts", project_root=tmp_path)
+    record = RolloutRecord("hosts", "tabular_mlp", "canary", 1, 2, "models:/tabular_mlp@c")
+    record.phase, record.candidate_percent, record.sticky_header = "serving", 10.0, "x-user-id"
+    record.save(environment.state_dir / "rollout" / "tabular_mlp.json")
+    records = active_records(environment.state_dir)
+    (served,) = served_specs(environment.models, records)
+    assert served.spec.version_policy is not None
+    assert served.spec.version_policy.specific == [1, 2]
+
+    routes = [item.route() for item in records]
+    write_serving_files(environment, say=lambda _: None, routes=routes)
+    for host in ("cpu-a", "cpu-b"):
+        written = environment.state_dir / "serving" / host / "gateway" / "nginx.conf"
+        text = render_host_gateway_config(environment.loaded, host, environment.models, routes)
+        assert written.read_text() == text
+        config = parsed(tmp_path, text)
+        (split,) = find(config, "split_clients")
+        assert [node["directive"] for node in split["block"]] == ["10%", "*"]
+        assert [node["args"] for node in split["block"]] == [["2"], ["1"]]
+    direct = render_host_gateway_config(environment.loaded, "cpu-a", environment.models, [])
+    assert not find(parsed(tmp_path, direct), "split_clients")

@@ -59,10 +59,10 @@ def _service(graph: ServiceGraph, service: Service) -> dict[str, Any]:
             for mount in service.mounts
         ]
     rendered["networks"] = list(service.networks)
-    if service.depends_on_healthy:
-        rendered["depends_on"] = {
-            name: {"condition": "service_healthy"} for name in service.depends_on_healthy
-        }
+    depends_on = {name: {"condition": "service_started"} for name in service.depends_on_started}
+    depends_on |= {name: {"condition": "service_healthy"} for name in service.depends_on_healthy}
+    if depends_on:
+        rendered["depends_on"] = depends_on
     if service.healthcheck:
         rendered["healthcheck"] = _healthcheck(service.healthcheck)
     if service.shm_size_mb:

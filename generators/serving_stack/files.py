@@ -12,6 +12,7 @@ anything else (the host's env file with the secrets) alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from generators.gateway import GatewaySettings, ModelRoute, render_gateway_config
@@ -44,6 +45,7 @@ from gpufleet.spec.stack import CONFIG_NAMESPACE
 
 MANIFEST = ".gpufleet-generated.json"
 COMPOSE_FILE = "docker-compose.yml"
+GATEWAY_CONFIG = "gateway/nginx.conf"
 _MLFLOW_DOCKERFILE = """\
 # MLflow's own image has no Postgres driver: the same server, plus psycopg2, and Flask-WTF
 # for its basic-auth app (MLflow's `auth` extra); /mlflow/auth holds the app's user store.
@@ -66,8 +68,15 @@ def serving_directory(loaded: LoadedStackSpec) -> Path:
     return Path(loaded.spec.resolved_state_dir(loaded.name)) / "serving"
 
 
-def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec]) -> dict[str, str]:
-    """`<host>/<path>` -> content for every host of the stack; SpecError when a host can't."""
+def render_serving_files(
+    loaded: LoadedStackSpec,
+    models: list[LoadedModelSpec],
+    routes: Sequence[ModelRoute] = (),
+) -> dict[str, str]:
+    """`<host>/<path>` -> content for every host of the stack; SpecError when a host can't.
+
+    `routes`: the gateway's routes of the models under an active rollout (the others pass
+    straight through)."""
     spec = loaded.spec
     if spec.serving is None:
         return {}
@@ -96,21 +105,7 @@ def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec])
             launcher = Path(secret_args.__file__).read_text(encoding="utf-8")
             host_files[f"{TRITON_LAUNCHER_DIR[2:]}/secret_args.py"] = launcher
         if graph.has("gateway") and spec.serving.gateway is not None:
-            host_files["gateway/nginx.conf"] = header + render_gateway_config(
-                GatewaySettings(
-                    http_listen=str(GATEWAY_HTTP),
-                    grpc_listen=str(GATEWAY_GRPC),
-                    triton_http=f"triton:{TRITON_HTTP}",
-                    triton_grpc=f"triton:{TRITON_GRPC}",
-                    work_dir=GATEWAY_WORK_DIR,
-                    access_log=f"{GATEWAY_LOG_DIR}/access.log",
-                    error_log=f"{GATEWAY_LOG_DIR}/error.log",
-                    worker_processes=spec.serving.gateway.worker_processes,
-                    in_container=True,
-                ),
-                # Rollout verbs run on local stacks only for now: models pass straight through.
-                [ModelRoute(model.spec.name) for model in models],
-            )
+            host_files[GATEWAY_CONFIG] = header + _gateway_config(spec.serving, models, routes)
             if graph.service("gateway").build_context:
                 host_files["images/gateway/Dockerfile"] = _GATEWAY_DOCKERFILE
         if graph.has("mlflow"):
@@ -123,6 +118,40 @@ def render_serving_files(loaded: LoadedStackSpec, models: list[LoadedModelSpec])
     if problems:
         raise SpecError(problems)
     return files
+
+
+def render_host_gateway_config(
+    loaded: LoadedStackSpec,
+    host: str,
+    models: list[LoadedModelSpec],
+    routes: Sequence[ModelRoute],
+) -> str:
+    """The host's `gateway/nginx.conf`, byte for byte what render_serving_files writes: what a
+    rollout puts on the host between two deploys."""
+    files = render_serving_files(loaded, models, routes)
+    return files[f"{host}/{GATEWAY_CONFIG}"]
+
+
+def _gateway_config(
+    serving: ServingSpec, models: list[LoadedModelSpec], routes: Sequence[ModelRoute]
+) -> str:
+    assert serving.gateway is not None
+    by_model = {route.model: route for route in routes}
+    return render_gateway_config(
+        GatewaySettings(
+            http_listen=str(GATEWAY_HTTP),
+            grpc_listen=str(GATEWAY_GRPC),
+            triton_http=f"triton:{TRITON_HTTP}",
+            triton_grpc=f"triton:{TRITON_GRPC}",
+            work_dir=GATEWAY_WORK_DIR,
+            access_log=f"{GATEWAY_LOG_DIR}/access.log",
+            error_log=f"{GATEWAY_LOG_DIR}/error.log",
+            worker_processes=serving.gateway.worker_processes,
+            in_container=True,
+        ),
+        # A model under an active rollout is routed by it; the others pass straight through.
+        [by_model.get(model.spec.name, ModelRoute(model.spec.name)) for model in models],
+    )
 
 
 def _mlflow_dockerfile(serving: ServingSpec) -> str:
@@ -154,15 +183,17 @@ def plan_generated_files(
     models: list[LoadedModelSpec],
     loaded: LoadedStackSpec | None,
     project_root: Path = Path(),
+    routes: Sequence[ModelRoute] = (),
 ) -> list[RepositoryPlan]:
     """What `gpufleet generate` would write: the repository's `config.pbtxt` files, then (a
-    stack with gpufleet:serving) its hosts' serving files. Raises SpecError and OSError.
+    stack with gpufleet:serving) its hosts' serving files, the gateway routing `routes`.
+    Raises SpecError and OSError.
 
     `generate` applies these plans, `generate --check` and `gpufleet drift` (files layer) diff
     them."""
     plans = [plan_repository(repository, render_repository_files(models))]
     if loaded is not None and loaded.spec.serving is not None:
         root = project_root / serving_directory(loaded)
-        files = render_serving_files(loaded, models)
+        files = render_serving_files(loaded, models, routes)
         plans.append(plan_files(root, files, generated_files_on_disk(root)))
     return plans

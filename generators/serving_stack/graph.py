@@ -101,6 +101,7 @@ class Service:
     networks: tuple[str, ...] = (BACKEND_NETWORK,)
     healthcheck: HealthCheck | None = None
     depends_on_healthy: tuple[str, ...] = ()
+    depends_on_started: tuple[str, ...] = ()  # started first, healthy or not
     gpu_device_ids: tuple[str, ...] = ()
     shm_size_mb: int | None = None
     ulimits: dict[str, int] = field(default_factory=dict)
@@ -248,7 +249,11 @@ def build_service_graph(
                 healthcheck=HealthCheck(
                     ("bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{GATEWAY_HTTP}"), start_period_s=10
                 ),
-                depends_on_healthy=("triton",),
+                # Started after Triton (nginx resolves the name `triton` at its start), but not
+                # held until Triton is healthy: compose v1 fails `up` outright when a dependency
+                # turns unhealthy, as a Triton still loading large models past its start period
+                # does. Until Triton is ready, requests through the gateway get a 502.
+                depends_on_started=("triton",),
                 build_context="./images/gateway" if gateway.image.startswith("gpufleet/") else None,
             )
         )

@@ -10,8 +10,10 @@ One checked object per generated file; a file missing, different (its diff is th
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from generators.gateway import ModelRoute
 from generators.model_repository import RepositoryPlan, diff_plan
 from generators.serving_stack.files import plan_generated_files
 from gpufleet.drift.items import DriftItem, LayerCheck
@@ -25,13 +27,15 @@ def check_files(
     *,
     repository: Path,
     project_root: Path = Path(),
+    routes: Sequence[ModelRoute] = (),
 ) -> LayerCheck:
-    """Compare the stack's generated files on this machine with what its specs generate."""
+    """Compare the stack's generated files on this machine with what its specs generate (the
+    gateway routing `routes`)."""
     started = time.monotonic()
     check = LayerCheck("files", "")
     repair = f"gpufleet generate --stack {loaded.name}"
     try:
-        plans = plan_generated_files(repository, models, loaded, project_root)
+        plans = plan_generated_files(repository, models, loaded, project_root, routes)
     except SpecError as error:
         check.error = "could not be checked: " + "; ".join(map(str, error.problems))
     except OSError as error:

@@ -28,7 +28,7 @@ from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
 from gpufleet.lifecycle.outputs import OutputsError
 from gpufleet.local.stack_runner import LocalStack, StackRunError
-from gpufleet.rollout.state import served_specs
+from gpufleet.rollout.state import as_served
 from gpufleet.spec.loading import (
     LoadedModelSpec,
     LoadedStackSpec,
@@ -106,17 +106,7 @@ def _local_jobs(
         if layer in asked:
             report.not_applicable[layer] = "a local stack has no hosts, containers or VMs"
     if "files" in asked:
-        repository = project_root / loaded.spec.model_repository
-
-        def files() -> list[LayerCheck]:
-            state_dir = project_root / loaded.spec.resolved_state_dir(loaded.name)
-            try:
-                served = served_specs(models, state_dir)  # as `up` writes them
-            except ValueError as error:
-                return [LayerCheck("files", "", error=f"could not be checked: {error}")]
-            return [check_files(loaded, served, repository=repository)]
-
-        jobs.append(files)
+        jobs.append(lambda: _files(loaded, models, project_root))
     if "triton" in asked:
 
         def triton() -> list[LayerCheck]:
@@ -139,16 +129,30 @@ def _stack_jobs(
     """The layers that need no host address: files, infrastructure."""
     jobs: list[Job] = []
     if "files" in asked:
-        repository = project_root / loaded.spec.model_repository
-        jobs.append(
-            lambda: [check_files(loaded, models, repository=repository, project_root=project_root)]
-        )
+        jobs.append(lambda: _files(loaded, models, project_root))
     if "infrastructure" in asked:
         jobs.append(lambda: _infrastructure(loaded, project_root))
     for layer in ("triton", "containers"):
         if layer in asked and loaded.spec.serving is None:
             report.not_applicable[layer] = "the stack has no gpufleet:serving"
     return jobs
+
+
+def _files(
+    loaded: LoadedStackSpec, models: list[LoadedModelSpec], project_root: Path
+) -> list[LayerCheck]:
+    """The files layer, against the specs and gateway routes as the stack serves them (a model
+    under an active rollout serves two versions: `up` and the deploy step write them so)."""
+    repository = project_root / loaded.spec.model_repository
+    state_dir = project_root / loaded.spec.resolved_state_dir(loaded.name)
+    try:
+        served, routes = as_served(models, state_dir)
+    except ValueError as error:
+        return [LayerCheck("files", "", error=f"could not be checked: {error}")]
+    check = check_files(
+        loaded, served, repository=repository, project_root=project_root, routes=routes
+    )
+    return [check]
 
 
 def _host_jobs(environment: Environment, asked: list[Layer], report: DriftReport) -> list[Job]:
@@ -174,7 +178,8 @@ def _triton_jobs(environment: Environment, repair: str) -> list[Job]:
     def job(host: str) -> list[LayerCheck]:
         with lock:  # one registry round per run, shared by the hosts
             if not expected:
-                expected.append(expected_models(environment.models, environment.registry))
+                served, _routes = as_served(environment.models, environment.state_dir)
+                expected.append(expected_models(served, environment.registry))
         wanted = expected[0]
         try:
             url = triton_grpc_url(environment, host)

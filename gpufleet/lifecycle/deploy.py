@@ -5,16 +5,25 @@ the serving_stack role run on the hosts (playbooks/serving_stack.yml).
 Files are written only where they changed, so a deploy with nothing new rewrites nothing, copies
 nothing and restarts no container (the role reports changed=0).
 
+A model under an active rollout (`<state_dir>/rollout/<model>.json`, gpufleet/rollout/) is served
+at both its stable and its candidate version, and each host's gateway routes it as the rollout
+says, also across `gpufleet up`. A rollout's own deploy passes `live=True`: the role then
+restarts neither Triton nor the gateway, and the models are loaded through Triton's API
+(converge_tritons), so no request fails meanwhile; the rollout reloads the gateways itself.
+
     outcomes = deploy(environment, ["gpu-a", "gpu-b"], say=print)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import os
 import time
 from collections.abc import Iterator, Sequence
 
+from generators.gateway import ModelRoute
 from generators.model_repository import (
     apply_plan,
     plan_files,
@@ -39,18 +48,33 @@ from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
 from gpufleet.lifecycle.outcome import StepOutcome
 from gpufleet.registry.client import RegistryError
+from gpufleet.rollout.state import as_served
 from gpufleet.spec.problems import SpecError
+
+# Read by the serving_stack role (serving_stack_live_changes): changes are loaded live.
+LIVE_CHANGES_VARIABLE = "GPUFLEET_SERVING_LIVE_CHANGES"
 
 
 def deploy(
-    environment: Environment, hosts: Sequence[str], *, say: Say, fill: bool = True
+    environment: Environment,
+    hosts: Sequence[str],
+    *,
+    say: Say,
+    fill: bool = True,
+    live: bool = False,
 ) -> list[StepOutcome]:
     """Fill the repository, generate the hosts' files, run the serving_stack role on `hosts`.
 
     `fill=False` deploys the repository as this machine holds it, without asking the registry:
     what a rebuild of the registry host does before its registry is restored (the registry runs
-    on the host being deployed)."""
+    on the host being deployed). `live=True`: model changes are loaded through Triton's API,
+    never by restarting it, and the gateway is left for the caller to reload (a rollout)."""
     started = time.monotonic()
+    try:
+        served, routes = as_served(environment.models, environment.state_dir)
+    except ValueError as error:
+        return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
+    environment = dataclasses.replace(environment, models=served)
     if environment.spec.serving is None:
         say(f"  stack {environment.name!r} has no gpufleet:serving: nothing to deploy")
         details = {"note": "no gpufleet:serving: nothing to deploy"}
@@ -62,14 +86,17 @@ def deploy(
                 if fill
                 else repository_versions(environment, say=say)
             )
-            write_serving_files(environment, say=say)
+            write_serving_files(environment, say=say, routes=routes)
     except (RegistryError, AssemblyError) as error:
         return [StepOutcome("deploy", host, "error", [str(error)]) for host in hosts]
     except SpecError as error:
         reasons = [str(problem) for problem in error.problems]
         return [StepOutcome("deploy", host, "error", reasons) for host in hosts]
     prepared = time.monotonic() - started
-    outcomes = run_playbook(environment, hosts, step="deploy", playbook=SERVING_PLAYBOOK, say=say)
+    with _live_changes(live):
+        outcomes = run_playbook(
+            environment, hosts, step="deploy", playbook=SERVING_PLAYBOOK, say=say
+        )
     for outcome in outcomes:
         outcome.seconds += prepared
         outcome.details["models"] = models
@@ -123,6 +150,20 @@ def converge_tritons(
 
 
 @contextlib.contextmanager
+def _live_changes(live: bool) -> Iterator[None]:
+    """The role reads this variable from the environment Ansible runs in (ansible-runner
+    passes this process's environment on): it has no other channel for a per-run setting."""
+    if not live:
+        yield
+        return
+    os.environ[LIVE_CHANGES_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(LIVE_CHANGES_VARIABLE, None)
+
+
+@contextlib.contextmanager
 def _preparing(environment: Environment) -> Iterator[None]:
     """One deploy at a time fills the repository and writes the generated files: Pulumi runs
     the hosts' deployments in parallel, and they share both. Waits, never refuses."""
@@ -157,10 +198,13 @@ def repository_versions(environment: Environment, *, say: Say) -> dict[str, list
     }
 
 
-def write_serving_files(environment: Environment, *, say: Say) -> None:
-    """Each host's serving stack (compose, Prometheus, Grafana) under build/<stack>/serving/."""
+def write_serving_files(
+    environment: Environment, *, say: Say, routes: Sequence[ModelRoute] = ()
+) -> None:
+    """Each host's serving stack (compose, Prometheus, Grafana, the gateway routing `routes`)
+    under build/<stack>/serving/."""
     root = environment.project_root / serving_directory(environment.loaded)
-    files = render_serving_files(environment.loaded, environment.models)
+    files = render_serving_files(environment.loaded, environment.models, routes)
     plan = plan_files(root, files, generated_files_on_disk(root))
     apply_plan(plan)
     written = len(plan.created) + len(plan.updated) + len(plan.stale)

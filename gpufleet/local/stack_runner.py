@@ -359,10 +359,7 @@ class LocalStack:
 
     def _served_specs(self) -> list[LoadedModelSpec]:
         """The specs, with each model under an active rollout serving both its versions."""
-        try:
-            return served_specs(self.specs, self.paths.root)
-        except ValueError as error:
-            raise StackRunError(str(error)) from None
+        return served_specs(self.specs, self._active_rollouts())
 
     def _seed_missing_models(self, registry: ModelRegistry) -> None:
         missing = [
@@ -507,6 +504,10 @@ class LocalStack:
             repository=self.repository,
         )
         return check_triton(target, expected_models(self._served_specs(), registry))
+
+    def triton_admin_headers(self) -> dict[str, str] | None:
+        """Triton's admin key as a gRPC header (its restricted APIs), None before a start."""
+        return self._admin_headers()
 
     def _admin_headers(self) -> dict[str, str] | None:
         """Triton's admin key as a gRPC header, for the gates' reads of restricted APIs."""

@@ -1,7 +1,9 @@
-"""The rollout of one model on a local stack: start, status, switch, promote, rollback, watch.
+"""The rollout of one model on a stack: start, status, switch, promote, rollback, watch.
 
-Each verb is one method; the CLI (`gpufleet rollout ...`) only parses and prints. The order of
-each verb's steps is what keeps callers from ever seeing a failed request:
+Each verb is one method; the CLI (`gpufleet rollout ...`) only parses and prints. Where the
+stack runs (the local stack's processes, or each host of a static stack over SSH) is the
+backend's business (backend.py); the order of each verb's steps, which is what keeps callers
+from ever seeing a failed request, is decided here once for both:
 
 - start: record the rollout with the gateway pinning every request to the stable version,
   load the candidate beside it in Triton, replay the candidate's golden examples (the
@@ -14,7 +16,7 @@ each verb's steps is what keeps callers from ever seeing a failed request:
   of the spec's `rollout.limits`; a breached limit rolls the rollout back at once (so does
   `watch`, which checks on an interval).
 
-    controller = RolloutController(local_stack, "tabular_mlp", say=print)
+    controller = RolloutController(LocalRolloutBackend(local_stack), "tabular_mlp", say=print)
     outcome = controller.start()            # outcome.exit_code: 0 ok, 1 stopped by a gate/limit
 """
 
@@ -25,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpufleet.local.stack_runner import TRITON, LocalStack, StackRunError
 from gpufleet.registry.client import MODEL_URI, RegistryVersion
+from gpufleet.rollout.backend import RolloutBackend, RolloutError
 from gpufleet.rollout.limits import LimitBreach, check_limits
 from gpufleet.rollout.state import RolloutRecord, record_path
-from gpufleet.rollout.traffic import log_size, read_access_log, triton_version_counts
+from gpufleet.rollout.traffic import triton_version_counts
 from gpufleet.spec.loading import LoadedModelSpec
 from gpufleet.spec.model import Objectives
 from gpufleet.spec.rollout import Rollout
@@ -37,10 +39,6 @@ from validation.correctness import CorrectnessTarget, run_correctness_gate
 from validation.report import write_reports
 
 Say = Callable[[str], None]
-
-
-class RolloutError(Exception):
-    """The rollout verb cannot run (bad input, wrong phase, servers down): exit 2."""
 
 
 @dataclass
@@ -62,18 +60,13 @@ class RolloutOutcome:
 
 
 class RolloutController:
-    """Rollouts of one model of a local stack that has a gateway."""
+    """Rollouts of one model of a stack that has a gateway."""
 
-    def __init__(self, stack: LocalStack, model: str, *, say: Say = print) -> None:
-        self.stack = stack
+    def __init__(self, backend: RolloutBackend, model: str, *, say: Say = print) -> None:
+        self.backend = backend
         self.model = model
         self.say = say
-        self.path = record_path(stack.paths.root, model)
-        if stack.stack.spec.gateway is None:
-            raise RolloutError(
-                f"stack {stack.stack.name!r} has no gateway to split traffic with; add "
-                "gpufleet:gateway (http and grpc ports) to its stack file and run `gpufleet up`"
-            )
+        self.path = record_path(backend.state_dir, model)
 
     # -- verbs -------------------------------------------------------------------------------
 
@@ -85,7 +78,7 @@ class RolloutController:
                 f"{self.model}: a rollout to version {previous.candidate} is under way (phase "
                 f"{previous.phase}); promote it or roll it back first"
             )
-        registry = self.stack.registry()
+        registry = self.backend.registry()
         stable = registry.resolve(item.spec.source or "")
         candidate = registry.resolve(rollout.candidate)
         if candidate.version == stable.version:
@@ -93,9 +86,9 @@ class RolloutController:
                 f"{self.model}: {rollout.candidate} and {item.spec.source} are both version "
                 f"{stable.version}; register the candidate as a new version first"
             )
-        self._require_triton()
+        self.backend.tritons()  # each one live, or RolloutError
         record = RolloutRecord(
-            stack=self.stack.stack.name,
+            stack=self.backend.stack_name,
             model=self.model,
             strategy=rollout.strategy,
             stable=stable.version,
@@ -107,9 +100,9 @@ class RolloutController:
         self._save(record)
         self.say(f"  {self.model}: stable v{stable.version}, candidate v{candidate.version}")
         # Pin callers to the stable version before Triton serves a second one.
-        self.stack.apply_gateway()
+        self.backend.apply_gateway()
         try:
-            self.stack.refresh_models()
+            self.backend.refresh_models()
         except BaseException as error:
             self._end(record, "rolled_back", "load failed", error=str(error))
             raise
@@ -128,10 +121,10 @@ class RolloutController:
             record.add("correctness gate passed", version=candidate.version)
         record.phase = "serving"
         record.candidate_percent = rollout.canary_weight if rollout.strategy == "canary" else 0.0
-        record.access_log_offset = log_size(self.stack.paths.gateway.access_log)
+        record.access_log_offsets = self.backend.log_offsets()
         record.add("traffic opened", candidate_percent=record.candidate_percent)
         self._save(record)
-        self.stack.apply_gateway()
+        self.backend.apply_gateway()
         return RolloutOutcome(record, self._routing_sentence(record))
 
     def switch(self) -> RolloutOutcome:
@@ -145,7 +138,7 @@ class RolloutController:
         record.candidate_percent = 100.0
         record.add("switched", candidate_percent=100.0)
         self._save(record)
-        self.stack.apply_gateway()
+        self.backend.apply_gateway()
         return RolloutOutcome(record, self._routing_sentence(record))
 
     def status(self, *, act: bool = True) -> RolloutOutcome:
@@ -186,7 +179,7 @@ class RolloutController:
         record.add("rollback", reason=reason, automatic=automatic)
         self._drain(record, keep=record.stable)
         self._end(record, "rolled_back", "candidate unloaded")
-        self.stack.apply_gateway()
+        self.backend.apply_gateway()
         return RolloutOutcome(
             record,
             f"{self.model}: rolled back to v{record.stable} ({reason}); v{record.candidate} "
@@ -205,11 +198,11 @@ class RolloutController:
         name, alias = match["name"], match["alias"]
         record.add("promote", alias=alias)
         self._drain(record, keep=record.candidate)
-        self.stack.registry().set_alias(name, alias, record.candidate)
+        self.backend.registry().set_alias(name, alias, record.candidate)
         record.add("alias moved", alias=alias, version=record.candidate)
         self._save(record)
         self._end(record, "promoted", "old version unloaded")
-        self.stack.apply_gateway()
+        self.backend.apply_gateway()
         return RolloutOutcome(
             record,
             f"{self.model}: promoted v{record.candidate} ({name}@{alias} now points at it); "
@@ -223,13 +216,13 @@ class RolloutController:
         record.phase, record.pinned = "draining", keep
         record.add("drain", to=keep)
         self._save(record)
-        self.stack.apply_gateway()  # returns once the previous nginx workers have exited
+        self.backend.apply_gateway()  # returns once the previous nginx workers have exited
 
     def _end(self, record: RolloutRecord, phase: Any, event: str, **details: Any) -> None:
         """End the rollout: Triton goes back to the spec's own versions."""
         record.phase = phase
         self._save(record)
-        self.stack.refresh_models()
+        self.backend.refresh_models()
         record.add(event, **details)
         self._save(record)
 
@@ -238,29 +231,40 @@ class RolloutController:
         target = CorrectnessTarget(
             model=self.model,
             version=candidate.version,
-            examples=self.stack.registry().golden_examples(candidate),
+            examples=self.backend.registry().golden_examples(candidate),
             atol=objectives.output_atol,
             rtol=objectives.output_rtol,
         )
-        triton = self._require_triton()
-        report = run_correctness_gate(
-            f"127.0.0.1:{triton.ports['grpc']}", [target], stack=self.stack.stack.name
-        )
-        write_reports(report, self.stack.paths.reports / "rollout")
-        if report.status == "pass":
-            return None
-        return "; ".join(check.message for check in report.checks if check.status != "pass")
+        failures = []
+        for triton in self.backend.tritons():
+            report = run_correctness_gate(
+                triton.grpc_url,
+                [target],
+                stack=f"{self.backend.stack_name}/{triton.label}",
+                admin_headers=triton.headers,
+            )
+            write_reports(report, self.backend.reports_dir / triton.label)
+            failures += [
+                f"{triton.label}: {check.message}"
+                for check in report.checks
+                if check.status != "pass"
+            ]
+        return "; ".join(failures) or None
 
     def _traffic(self, record: RolloutRecord) -> dict[str, Any]:
-        gateway = read_access_log(
-            self.stack.paths.gateway.access_log, self.model, offset=record.access_log_offset
-        )
-        triton = self.stack.running_server(TRITON)
-        counts = (
-            triton_version_counts(f"127.0.0.1:{triton.ports['http']}", self.model)
-            if triton is not None
-            else {}
-        )
+        gateway = self.backend.read_traffic(self.model, record.access_log_offsets)
+        counts: dict[int, dict[str, int]] = {}
+        try:
+            tritons = self.backend.tritons()
+        except RolloutError:
+            tritons = []  # status still reports the gateways' side
+        for triton in tritons:
+            for version, count in triton_version_counts(
+                triton.grpc_url, self.model, triton.headers
+            ).items():
+                total = counts.setdefault(version, {"success": 0, "fail": 0})
+                total["success"] += count["success"]
+                total["fail"] += count["fail"]
         return {
             "gateway": {str(version): traffic.summary() for version, traffic in gateway.items()},
             "triton": {str(version): count for version, count in counts.items()},
@@ -269,7 +273,7 @@ class RolloutController:
     # -- helpers -----------------------------------------------------------------------------
 
     def _spec_with_rollout(self) -> tuple[LoadedModelSpec, Rollout]:
-        for item in self.stack.specs:
+        for item in self.backend.specs:
             if item.spec.name == self.model:
                 if item.spec.rollout is None:
                     raise RolloutError(
@@ -278,8 +282,8 @@ class RolloutController:
                     )
                 return item, item.spec.rollout
         raise RolloutError(
-            f"stack {self.stack.stack.name!r} serves no model {self.model!r} (its models: "
-            f"{', '.join(item.spec.name for item in self.stack.specs) or 'none'})"
+            f"stack {self.backend.stack_name!r} serves no model {self.model!r} (its models: "
+            f"{', '.join(item.spec.name for item in self.backend.specs) or 'none'})"
         )
 
     def _active(
@@ -293,15 +297,6 @@ class RolloutController:
                 f"start --model {self.model}`"
             )
         return record
-
-    def _require_triton(self) -> Any:
-        triton = self.stack.running_server(TRITON)
-        if triton is None:
-            raise RolloutError(
-                f"Triton of stack {self.stack.stack.name!r} is not running; start the stack "
-                f"with `gpufleet up --stack {self.stack.stack.name}`"
-            )
-        return triton
 
     def _load(self) -> RolloutRecord | None:
         try:
@@ -335,4 +330,4 @@ def _breach_sentence(model: str, breaches: list[LimitBreach]) -> str:
     return f"{model}: limit breached: " + "; ".join(breach.message for breach in breaches)
 
 
-__all__ = ["RolloutController", "RolloutError", "RolloutOutcome", "StackRunError"]
+__all__ = ["RolloutController", "RolloutError", "RolloutOutcome"]

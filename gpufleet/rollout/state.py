@@ -12,9 +12,11 @@ until the next `rollout start` of that model replaces it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +49,9 @@ class RolloutRecord:
     candidate_percent: float = 0.0
     sticky_header: str | None = None
     pinned: int | None = None  # loading and draining: the one version that gets requests
-    access_log_offset: int = 0  # where this rollout's requests start in the gateway's log
+    # Per gateway (`local`, or each host's name): where this rollout's requests start in its
+    # access log.
+    access_log_offsets: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -104,6 +108,8 @@ class RolloutRecord:
             raise ValueError(f"{path}: not a gpufleet rollout record: {error}") from None
         if not isinstance(document, dict) or document.pop("format", None) != FORMAT:
             raise ValueError(f"{path}: not a gpufleet rollout record (format is not {FORMAT})")
+        if "access_log_offset" in document:  # a record of the local stack's first release
+            document["access_log_offsets"] = {"local": document.pop("access_log_offset")}
         try:
             return cls(**document)
         except TypeError as error:
@@ -112,6 +118,24 @@ class RolloutRecord:
 
 def record_path(state_dir: Path, model: str) -> Path:
     return state_dir / "rollout" / f"{model}.json"
+
+
+def served_specs(
+    specs: Sequence[LoadedModelSpec], records: Sequence[RolloutRecord]
+) -> list[LoadedModelSpec]:
+    """The specs, with each model under an active rollout serving both its versions (whatever
+    its spec's version policy says): what Triton must load, locally and on every host."""
+    versions = {record.model: record.served_versions for record in records if record.active}
+    served = []
+    for item in specs:
+        wanted = versions.get(item.spec.name)
+        if wanted is not None:
+            policy = VersionPolicy(specific=wanted)
+            item = dataclasses.replace(
+                item, spec=item.spec.model_copy(update={"version_policy": policy})
+            )
+        served.append(item)
+    return served
 
 
 def active_records(state_dir: Path) -> list[RolloutRecord]:
@@ -124,17 +148,12 @@ def active_records(state_dir: Path) -> list[RolloutRecord]:
     return found
 
 
-def served_specs(models: list[LoadedModelSpec], state_dir: Path) -> list[LoadedModelSpec]:
-    """The specs as the stack serves them: a model under an active rollout serves its stable and
-    candidate versions (``version_policy: specific``) whatever its spec says. `up` writes and
-    loads these, so `generate` and drift's files layer compare with these too. ValueError for a
-    rollout record that cannot be read."""
-    versions = {record.model: record.served_versions for record in active_records(state_dir)}
-    served = []
-    for item in models:
-        wanted = versions.get(item.spec.name)
-        if wanted is not None:
-            policy = VersionPolicy(specific=wanted)
-            item = replace(item, spec=item.spec.model_copy(update={"version_policy": policy}))
-        served.append(item)
-    return served
+def as_served(
+    models: Sequence[LoadedModelSpec], state_dir: Path
+) -> tuple[list[LoadedModelSpec], list[ModelRoute]]:
+    """The specs and gateway routes as the stack whose state is in ``state_dir`` serves them
+    now (its active rollouts). The deploy step and local `up` write and load these, so
+    `generate --stack` and every drift layer compare with these too. ValueError for a rollout
+    record that cannot be read."""
+    records = active_records(state_dir)
+    return served_specs(models, records), [record.route() for record in records]

@@ -3,12 +3,12 @@
 - the gateway's access log (one JSON object per request, generators/gateway.py): requests,
   failures (status >= 400, or no answer) and latency percentiles per version, as callers saw
   them;
-- Triton's per-version statistics (`GET /v2/models/<m>/stats`): successes and failures each
+- Triton's per-version statistics (its gRPC statistics API): successes and failures each
   version counted itself, which includes the mirrored requests of a shadow the gateway does not
   log (their answers never reach a caller).
 
     traffic = read_access_log(Path("build/local/gateway/access.log"), "tabular_mlp", offset=0)
-    counts = triton_version_counts("127.0.0.1:18000", "tabular_mlp")
+    counts = triton_version_counts("127.0.0.1:18001", "tabular_mlp", admin_headers)
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from validation.loopback import http_request
 
 # Any answer but a success counts as a failure of the version that gave it: a version that is
 # not loaded answers 400 too, and a caller's malformed request fails on every version alike.
@@ -67,7 +65,7 @@ def read_access_log(path: Path, model: str, *, offset: int = 0) -> dict[int, Ver
             lines = log.read().splitlines()
     except FileNotFoundError:
         return {}
-    return tally(_entries(lines), model)
+    return parse_log_lines(lines, model)
 
 
 def tally(entries: Iterable[dict[str, Any]], model: str) -> dict[int, VersionTraffic]:
@@ -93,13 +91,40 @@ def log_size(path: Path) -> int:
         return 0
 
 
-def triton_version_counts(http_address: str, model: str) -> dict[int, dict[str, int]]:
-    """Per loaded version: Triton's own count of successful and failed inferences."""
-    status, body = http_request("GET", f"http://{http_address}/v2/models/{model}/stats", 10.0)
-    if status != 200:
+def merge_traffic(parts: Iterable[dict[int, VersionTraffic]]) -> dict[int, VersionTraffic]:
+    """Several gateways' traffic (one per host) summed per version."""
+    merged: dict[int, VersionTraffic] = {}
+    for part in parts:
+        for version, traffic in part.items():
+            total = merged.setdefault(version, VersionTraffic(version))
+            total.requests += traffic.requests
+            total.failures += traffic.failures
+            total.latencies_s.extend(traffic.latencies_s)
+    return dict(sorted(merged.items()))
+
+
+def parse_log_lines(lines: list[bytes], model: str) -> dict[int, VersionTraffic]:
+    """Per version: `model`'s infer requests in these access-log lines."""
+    return tally(_entries(lines), model)
+
+
+def triton_version_counts(
+    grpc_url: str, model: str, headers: dict[str, str] | None = None
+) -> dict[int, dict[str, int]]:
+    """Per loaded version: Triton's own count of successful and failed inferences (its
+    statistics API, restricted on generated stacks: `headers` carry the admin key)."""
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with triton_grpc.InferenceServerClient(grpc_url) as client:
+            statistics = client.get_inference_statistics(
+                model, headers=headers, as_json=True, client_timeout=10.0
+            )
+    except InferenceServerException:
         return {}
     counts = {}
-    for stats in json.loads(body).get("model_stats", []):
+    for stats in statistics.get("model_stats", []):
         inference = stats.get("inference_stats", {})
         counts[int(stats["version"])] = {
             "success": int(inference.get("success", {}).get("count", 0)),
