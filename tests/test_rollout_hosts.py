@@ -209,6 +209,14 @@ def test_canary_at_10_percent_through_the_hosts_gateways_then_rollback_under_loa
     assert gateway[str(candidate)]["failures"] == 0
     assert report["triton"][str(candidate)]["success"] >= gateway[str(candidate)]["requests"]
 
+    # The rollout is what the stack serves now, not drift: the repository's config and each
+    # gateway's nginx.conf with both versions and the canary route, both loaded in each Triton.
+    drift = site.gpufleet(
+        "drift", "--stack", SITE, "--specs", str(canary), "--layer", "files", "--layer",
+        "triton", "--json", timeout=600,
+    )  # fmt: skip
+    assert drift.returncode == 0, drift.stdout[-4000:] + drift.stderr[-3000:]
+
     # Rollback under a steady load through serve-a: no caller sees a failure, and every
     # answer after it is the stable version's.
     with load(site, "serve-a", threads=4) as steady:

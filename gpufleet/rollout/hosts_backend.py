@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from generators.serving_stack.files import render_host_gateway_config
-from gpufleet.lifecycle.deploy import deploy
+from gpufleet.lifecycle.deploy import deploy, write_serving_files
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
 from gpufleet.lifecycle.lock import EnvironmentLocked, environment_lock
@@ -26,7 +27,7 @@ from gpufleet.rebuild.remote import HostShell, RemoteError
 from gpufleet.registry.client import ModelRegistry
 from gpufleet.rollout.backend import RolloutError, TritonEndpoint
 from gpufleet.rollout.host_gateway import HostGateway, HostGatewayError
-from gpufleet.rollout.state import RolloutRecord, active_records, served_specs
+from gpufleet.rollout.state import RolloutRecord, active_records, as_served, served_specs
 from gpufleet.rollout.traffic import VersionTraffic, merge_traffic, parse_log_lines
 from gpufleet.spec.loading import LoadedModelSpec
 
@@ -115,11 +116,17 @@ class HostsRolloutBackend:
         self._check_served_versions()
 
     def apply_gateway(self) -> None:
-        routes = [record.route() for record in self._records()]
-        for host in self.environment.host_names:
-            text = render_host_gateway_config(
-                self.environment.loaded, host, self.environment.models, routes
-            )
+        """Each host's gateway routed by the active rollouts. The generated serving files here
+        are written first, so that `generate --check` and drift's files layer, which compare
+        with them, see what the hosts run."""
+        try:
+            served, routes = as_served(self.environment.models, self.state_dir)
+        except ValueError as error:
+            raise RolloutError(str(error)) from None
+        environment = dataclasses.replace(self.environment, models=served)
+        write_serving_files(environment, say=self.say, routes=routes)
+        for host in environment.host_names:
+            text = render_host_gateway_config(environment.loaded, host, environment.models, routes)
             try:
                 self._gateway(host).apply(text)
             except HostGatewayError as error:
