@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import signal
@@ -78,6 +79,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: bench/results/tune_model_analyzer*.json")
     parser.add_argument("--logs", type=Path, help="keep Triton's and perf_analyzer's logs here")
     parser.add_argument(
+        "--min-instances",
+        type=int,
+        default=1,
+        help="run_config_search_min_instance_count: where the quick search starts climbing",
+    )
+    parser.add_argument(
         "--ma-defaults",
         action="store_true",
         help="Model Analyzer's own perf_analyzer settings (count windows), to show the failure",
@@ -105,11 +112,21 @@ def main() -> None:
         )
         wall_s = time.monotonic() - started
         rows = _rows(root / "export" / "results" / "metrics-model-inference.csv")
+        source = "metrics-model-inference.csv"
+        if not rows:  # interrupted: Model Analyzer writes its CSV only at the end
+            rows = _checkpoint_rows(root / "checkpoints" / "0.ckpt")
+            source = "checkpoint"
         if arguments.logs:
             arguments.logs.mkdir(parents=True, exist_ok=True)
-            for name in ("perf_analyzer.log", "triton.log", "config.yaml"):
+            for name in (
+                "perf_analyzer.log",
+                "triton.log",
+                "config.yaml",
+                "export/perf_analyzer_error.log",
+                "checkpoints/0.ckpt",
+            ):
                 if (root / name).is_file():
-                    shutil.copy(root / name, arguments.logs / name)
+                    shutil.copy(root / name, arguments.logs / Path(name).name)
             (arguments.logs / "model-analyzer.log").write_text(output)
     meeting = [row for row in rows if _number(row, "p99 Latency (ms)") <= P99_MAX_MS]
     best = max(meeting, key=lambda row: _number(row, "Throughput (infer/sec)"), default=None)
@@ -123,13 +140,16 @@ def main() -> None:
         "perf_analyzer_max_auto_adjusts": None if arguments.ma_defaults else MAX_AUTO_ADJUSTS,
         "load_average_before": [round(value, 2) for value in load_before],
         "load_average_after": [round(value, 2) for value in os.getloadavg()],
+        "run_config_search_min_instance_count": arguments.min_instances,
         "returncode": returncode,
         "timed_out": timed_out,
         "wall_s": round(wall_s, 1),
         "configs_profiled": len({row.get("Model Config Path", "") for row in rows}),
+        "configs_tried": sum("Creating model config:" in line for line in log_lines),
         "measurements": len(rows),
         "failed_measurements": sum("no valid requests recorded" in line for line in log_lines),
         "auto_adjusts": sum("is too small, increased to" in line for line in log_lines),
+        "rows_from": source,
         "best_at_slo": best,
         "rows": rows,
         "log_tail": output[-3000:],
@@ -190,6 +210,8 @@ def _analyzer_config(
         config["perf_analyzer_flags"] = dict(PERF_ANALYZER_FLAGS)
         config["perf_analyzer_max_auto_adjusts"] = MAX_AUTO_ADJUSTS
         config["perf_analyzer_timeout"] = PERF_ANALYZER_TIMEOUT_S
+    if arguments.min_instances != 1:
+        config["run_config_search_min_instance_count"] = arguments.min_instances
     if arguments.mode == "brute":  # quick mode refuses a list of concurrencies
         config["concurrency"] = [SPEC_CONCURRENCY]
     return config
@@ -221,6 +243,37 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return []
     with path.open() as stream:
         return list(csv.DictReader(stream))
+
+
+def _checkpoint_rows(path: Path) -> list[dict[str, str]]:
+    """The measurements of Model Analyzer's checkpoint, in its CSV's columns."""
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())["ResultManager.results"]["_results"].get(MODEL, {})
+    rows = []
+    for variant, (run_config, measurements) in results.items():
+        model_config = run_config["_model_run_configs"][0]["_model_config_variant"]["model_config"]
+        groups = ",".join(
+            f"{group.get('count', 1)}:{group.get('kind', 'KIND_CPU').removeprefix('KIND_')}"
+            for group in model_config.get("instanceGroup", [])
+        )
+        for measurement in measurements.values():
+            for per_model in measurement["_model_config_measurements"]:
+                data = {name: value["_value"] for name, value in per_model["_non_gpu_data"]}
+                rows.append(
+                    {
+                        "Model": MODEL,
+                        "Concurrency": str(
+                            per_model["_model_specific_pa_params"]["concurrency-range"]
+                        ),
+                        "Model Config Path": variant,
+                        "Instance Group": groups,
+                        "Max Batch Size": str(model_config.get("maxBatchSize", 0)),
+                        "Throughput (infer/sec)": str(data.get("perf_throughput", "")),
+                        "p99 Latency (ms)": str(data.get("perf_latency_p99", "")),
+                    }
+                )
+    return rows
 
 
 def _number(row: dict[str, str], column: str) -> float:
