@@ -12,20 +12,25 @@ concurrency 8 (the spec's level); quick search refuses a list of concurrencies a
 
 Measurement settings. With Model Analyzer's defaults perf_analyzer measures in `count_windows`
 mode: windows of 50 requests (25 ms at concurrency 2 here), three in a row within 10% of each
-other. On this 2-CPU machine under load (another bench beside it) the windows never agree:
+other. On this 2-CPU machine under load (another bench beside it) such windows often never agree:
 perf_analyzer says "Failed to obtain stable measurement", Model Analyzer raises the count by 50
-and tries again, up to 10 times, then records nothing ("no valid requests recorded"); two such
-configs in a row stop the whole run. So, like the load gate (docs/load-gate.md), this script
-measures in time windows: `PERF_ANALYZER_FLAGS` below (2 s windows, three within 25%, up to 10
-windows) and at most 3 automatic adjustments (+1 s per window) per measurement. `--ma-defaults`
-runs with Model Analyzer's own settings instead, to show the failure.
+and tries again, up to 10 times, then records nothing ("no valid requests recorded"); when the
+first two configs get nothing, Model Analyzer stops the run. So, like the load gate
+(docs/load-gate.md), this script measures in time windows: `PERF_ANALYZER_FLAGS` below (2 s
+windows, three within 25%, up to 10 windows) and at most 3 automatic adjustments (+1 s per window)
+per measurement. `--ma-defaults` runs with Model Analyzer's own settings instead, to show the
+failure. One config stays unmeasurable: 1 instance with max_batch_size 1 swings between 5 and 120
+infer/s from window to window here. The quick search starts its climb there and ends when it gets
+no measurement; `--min-instances 2` starts it at 2 instances.
 
 Recorded: the mode, wall time, configs profiled (distinct model configs) and measurements (config
 and concurrency), the best throughput at the constraint with its config, from Model Analyzer's own
 CSV (results/metrics-model-inference.csv), the settings used and the machine's load average.
-Results: bench/results/tune_model_analyzer.json (quick), tune_model_analyzer_brute.json (brute).
+Results: bench/results/tune_model_analyzer.json (quick), tune_model_analyzer_brute.json (brute),
+tune_model_analyzer_quick_min2.json (`--out`, quick from 2 instances).
 
     .venv/bin/python bench/tune_model_analyzer.py --ma-venv /tmp/tune-ma-venv [--mode quick|brute]
+        [--min-instances N] [--logs DIR] [--ma-defaults] [--out FILE]
 """
 
 from __future__ import annotations
