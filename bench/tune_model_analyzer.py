@@ -19,9 +19,10 @@ first two configs get nothing, Model Analyzer stops the run. So, like the load g
 (docs/load-gate.md), this script measures in time windows: `PERF_ANALYZER_FLAGS` below (2 s
 windows, three within 25%, up to 10 windows) and at most 3 automatic adjustments (+1 s per window)
 per measurement. `--ma-defaults` runs with Model Analyzer's own settings instead, to show the
-failure. One config stays unmeasurable: 1 instance with max_batch_size 1 swings between 5 and 120
-infer/s from window to window here. The quick search starts its climb there and ends when it gets
-no measurement; `--min-instances 2` starts it at 2 instances.
+failure. One config was unmeasurable in every run but one: 1 instance with max_batch_size 1 swung
+between 5 and 600 infer/s from window to window here (stalls near 0.5 s; cause not found). The
+quick search starts its climb there and ends when it gets no measurement; `--min-instances 2`
+starts it at 2 instances.
 
 Recorded: the mode, wall time, configs profiled (distinct model configs) and measurements (config
 and concurrency), the best throughput at the constraint with its config, from Model Analyzer's own
