@@ -14,7 +14,9 @@ holds a KIND_GPU candidate Triton on this GPU-less machine must refuse). Windows
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from gpufleet.spec.model_checks import check_model_spec
 from gpufleet.spec.stack import LoadGateSettings
 from gpufleet.tune.objective import Objective
 from gpufleet.tune.report import pareto_front, write_reports
-from gpufleet.tune.search import TuneOptions, TuneResult, tune
+from gpufleet.tune.search import TritonStopped, TuneOptions, TuneResult, tune
 from gpufleet.tune.space import (
     Candidate,
     HostFacts,
@@ -290,3 +292,31 @@ def test_a_written_sample_spec_says_its_golden_file_is_stale(
     assert len(notes) == 1
     assert str(golden) in notes[0]
     assert "make golden" in notes[0]
+
+
+def test_a_triton_that_dies_ends_the_run_at_once(tmp_path: Path) -> None:
+    """A refused config is skipped, but a dead server is not a config: the run stops at the
+    first trial after Triton died instead of recording every later candidate as refused (seen
+    in bench/tune.py: 56 "refused" trials after Triton went away). Real: a Triton of its own,
+    killed with SIGKILL by the progress callback after the first measured candidate."""
+    limits = SpaceLimits(
+        instance_counts=(1, 2), max_batch_sizes=(1, 4), delays_us=(0,), preferred=("none",)
+    )
+    spec = spec_with()
+    space = build_space(spec, CPU_HOST, limits)
+    with LocalTritonServer(
+        write_repository(tmp_path), tmp_path / "triton", load_models=["mlp"]
+    ) as server:
+        target = TritonTarget(server, server.grpc_url, server.model_repository)
+        seen: list[str] = []
+
+        def progress(line: str) -> None:
+            seen.append(line)
+            if sum("trial" in item for item in seen) == 3 and server.pid is not None:
+                os.killpg(server.pid, signal.SIGKILL)  # after the spec twice and one candidate
+
+        options = TuneOptions(settings=SETTINGS, top=2, repeats=2, exhaustive=True)
+        with pytest.raises(TritonStopped, match="stopped answering during trial 4"):
+            tune(spec, space, target, synthetic_request(spec), options, progress=progress)
+    trial_lines = [line for line in seen if line.lstrip().startswith("trial")]
+    assert len(trial_lines) == 4, trial_lines

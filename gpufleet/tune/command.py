@@ -22,7 +22,7 @@ from gpufleet.spec.loading import (
     load_stack_spec,
     select_stack_models,
 )
-from gpufleet.tune.search import TuneOptions, TuneResult, tune
+from gpufleet.tune.search import TritonStopped, TuneOptions, TuneResult, tune
 from gpufleet.tune.space import HostFacts, SpaceError, SpaceLimits, build_space
 from gpufleet.tune.trial import TritonTarget, synthetic_request
 from gpufleet.tune.write_back import WriteBack, apply_write_back, plan_write_back
@@ -103,7 +103,7 @@ def run_tune(request: TuneRequest, say: Say) -> TuneOutcome:
                 ),
                 progress=say,
             )
-        except SpaceError as error:
+        except (SpaceError, TritonStopped) as error:
             raise TuneError(str(error)) from None
     edit = _plan_edit(loaded, result, host)
     out_dir = request.out_dir or local.paths.root / "tune" / spec.name

@@ -40,6 +40,11 @@ from gpufleet.tune.trial import Trial, TritonTarget, repository_config_override,
 
 Progress = Callable[[str], None]
 MAX_RANKING_ROUNDS = 4
+_LIVE_TIMEOUT_S = 10.0
+
+
+class TritonStopped(RuntimeError):
+    """Triton stopped answering during the run: no later trial could be measured."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,12 @@ class _Runner:
         )
         self.trials.append(trial)
         self.progress(_trial_line(trial, self.objective))
+        if not trial.loaded and not _live(self.target.grpc_url):
+            raise TritonStopped(
+                f"Triton at {self.target.grpc_url} stopped answering during trial {trial.number} "
+                f"({trial.load_error}): a refused config is skipped, a dead server ends the run; "
+                "see Triton's log, bring it back (`gpufleet up`) and tune again"
+            )
         return trial
 
     def assessment(self, candidate: Candidate) -> Assessment:
@@ -281,6 +292,18 @@ def _measure_top_again(runner: _Runner) -> None:
         for item in short:
             while len(runner.group(item.candidate, False)) < runner.options.repeats:
                 runner.measure(item.candidate)
+
+
+def _live(grpc_url: str) -> bool:
+    """Whether Triton answers its liveness check (a refused load from a live Triton is the
+    config's fault, not the server's)."""
+    import tritonclient.grpc as triton_grpc
+
+    try:
+        with triton_grpc.InferenceServerClient(grpc_url) as client:
+            return bool(client.is_server_live(client_timeout=_LIVE_TIMEOUT_S))
+    except Exception:  # refused, timed out, reset: not live
+        return False
 
 
 def _restore(target: TritonTarget, spec: ModelSpec, progress: Progress) -> None:
