@@ -186,8 +186,10 @@ def bench_model(
     settings: LoadGateSettings,
     model: dict[str, Any],
     save: Callable[[], None],
+    others: dict[str, Candidate],
 ) -> None:
-    """One model: the exhaustive search, ``runs`` quick searches, then the side-by-side."""
+    """One model: the exhaustive search, ``runs`` quick searches, then the side-by-side (with
+    ``others``: picks made elsewhere, such as Model Analyzer's)."""
     with tempfile.TemporaryDirectory() as scratch:
         repository = Path(scratch) / "model_repository"
         spec = write_model(repository, name)
@@ -227,6 +229,7 @@ def bench_model(
                     picks[f"quick_{run + 1}"] = quick.choice.chosen.candidate
                 model["quick_runs"].append(summary)
                 save()  # kept after every run
+            picks.update(others)
             if "exhaustive" in picks:
                 print(f"{name}: side by side", flush=True)
                 model["side_by_side"] = side_by_side(
@@ -241,12 +244,29 @@ def bench_model(
             save()
 
 
+def _other_pick(text: str) -> tuple[str, Candidate]:
+    name, _, values = text.partition("=")
+    count, batch, delay, preferred = values.split(",")
+    if preferred not in ("none", "max"):
+        raise SystemExit(f"--also {text}: the preferred sizes are none or max")
+    return name, Candidate(
+        int(count), int(batch), int(delay), "max" if preferred == "max" else "none"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="quick searches per model")
     parser.add_argument("--models", default="sleepy_mlp,tabular_mlp")
     parser.add_argument("--window-s", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=RESULTS / "tune.json")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=COUNT,MBS,DELAY_US,none|max",
+        help="a config found elsewhere (Model Analyzer's pick) measured in the side-by-side",
+    )
     arguments = parser.parse_args()
     settings = LoadGateSettings(
         window_s=arguments.window_s, stable_windows=3, stability_percent=15, max_windows=8
@@ -276,7 +296,8 @@ def main() -> None:
     for name in arguments.models.split(","):
         model: dict[str, Any] = {}
         results["models"][name] = model
-        bench_model(name, host, options, arguments.runs, settings, model, save)
+        others = dict(_other_pick(text) for text in arguments.also)
+        bench_model(name, host, options, arguments.runs, settings, model, save, others)
     results["cpu_canary_ms_end"] = cpu_canary_ms()
     save()
 

@@ -179,6 +179,7 @@ def generate(
       gpufleet generate --stack local --check # CI drift check of the local stack
     """
     loaded_stack: LoadedStackSpec | None = None
+    routes: list[ModelRoute] = []
     try:
         specs = load_model_specs(specs_dir)
         repository = Path(DEFAULT_MODEL_REPOSITORY)
