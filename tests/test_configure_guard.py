@@ -193,13 +193,19 @@ def test_ctrl_c_during_a_run_cancels_it_and_interrupts_the_caller(
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell without job control
+    # starts background commands with SIGINT ignored, and an ignored signal stays ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     sender = threading.Thread(target=interrupt_when_connected, daemon=True)
     sender.start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        configure_hosts(STACK, spec, project_root=project, say=lambda _line: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            configure_hosts(STACK, spec, project_root=project, say=lambda _line: None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     sender.join(timeout=5)
     assert listener.connections, "Ansible never reached the host: the signal came too early"
     assert time.monotonic() - started < 240
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert files_holding(data_dir, PASSWORD) == []

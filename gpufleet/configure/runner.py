@@ -299,7 +299,11 @@ def _interruptible() -> Iterator[Callable[[], bool]]:
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        number: handler
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if (handler := signal.getsignal(number)) != signal.SIG_IGN  # ignored stays ignored
+    }
     for number in previous:
         signal.signal(number, lambda got, _frame: received.append(signal.Signals(got)))
     try:
