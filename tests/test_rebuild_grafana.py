@@ -6,20 +6,23 @@ ansible-runner: Ansible over SSH installs Debian's docker.io and docker-compose 
 grafana service runs from the compose file `gpufleet generate --stack` wrote for that host, with
 the Grafana stand-in image of tests/serving_images.py in place of grafana/grafana (as
 `serving.images.grafana`, the way the test sites substitute the other stand-ins) and its env
-file written by the same render_env_files the serving_stack role's secrets come from.
+file written by the same render_env_files the serving_stack role's secrets come from; its
+prometheus service beside it (the Prometheus stand-in: Debian's Prometheus, scraping itself
+every 2 s into the project's named volume).
 
 What is real: SSH with strict host keys, Ansible, Docker and docker-compose inside the host, the
 generated compose file, env file and provisioning files, the stand-in's SQLite grafana.db in the
-compose project's named volume, and the rebuild's own functions (host_holdings, take_backup,
-open_backup, restore_backup) and command (`gpufleet rebuild` as a process for the refusals).
+compose project's named volume, Prometheus and its TSDB, and the rebuild's own functions
+(host_holdings, take_backup, open_backup, restore_backup) and command (`gpufleet rebuild` as a
+process for the refusals and the backups with and without --keep-prometheus).
 What is not: Grafana itself (a Python stand-in over SQLite that honours grafana/grafana's
 contract, see tests/serving_images.py); the serving_stack role is not run (it would start
 Triton and fill a model repository first): the generated stack directory is copied into the
-host with `docker cp`, the image loaded with `docker save | docker load`, and only the grafana
-service started (`docker-compose up --no-deps grafana`); the host is not replaced (its Grafana
-container and volume are destroyed, which is what a reinstall does to them).
+host with `docker cp`, the images loaded with `docker save | docker load`, and only the
+grafana and prometheus services started (`docker-compose up --no-deps`); the host is not
+replaced (its containers and volumes are destroyed, which is what a reinstall does to them).
 
-The module takes about 3 to 4 minutes, most of it the configure step.
+The module takes about 5 minutes on the busy machine, most of it the configure step.
 """
 
 from __future__ import annotations
