@@ -6,20 +6,23 @@ ansible-runner: Ansible over SSH installs Debian's docker.io and docker-compose 
 grafana service runs from the compose file `gpufleet generate --stack` wrote for that host, with
 the Grafana stand-in image of tests/serving_images.py in place of grafana/grafana (as
 `serving.images.grafana`, the way the test sites substitute the other stand-ins) and its env
-file written by the same render_env_files the serving_stack role's secrets come from.
+file written by the same render_env_files the serving_stack role's secrets come from; its
+prometheus service beside it (the Prometheus stand-in: Debian's Prometheus, scraping itself
+every 2 s into the project's named volume).
 
 What is real: SSH with strict host keys, Ansible, Docker and docker-compose inside the host, the
 generated compose file, env file and provisioning files, the stand-in's SQLite grafana.db in the
-compose project's named volume, and the rebuild's own functions (host_holdings, take_backup,
-open_backup, restore_backup) and command (`gpufleet rebuild` as a process for the refusals).
+compose project's named volume, Prometheus and its TSDB, and the rebuild's own functions
+(host_holdings, take_backup, open_backup, restore_backup) and command (`gpufleet rebuild` as a
+process for the refusals and the backups with and without --keep-prometheus).
 What is not: Grafana itself (a Python stand-in over SQLite that honours grafana/grafana's
 contract, see tests/serving_images.py); the serving_stack role is not run (it would start
 Triton and fill a model repository first): the generated stack directory is copied into the
-host with `docker cp`, the image loaded with `docker save | docker load`, and only the grafana
-service started (`docker-compose up --no-deps grafana`); the host is not replaced (its Grafana
-container and volume are destroyed, which is what a reinstall does to them).
+host with `docker cp`, the images loaded with `docker save | docker load`, and only the
+grafana and prometheus services started (`docker-compose up --no-deps`); the host is not
+replaced (its containers and volumes are destroyed, which is what a reinstall does to them).
 
-The module takes about 3 to 4 minutes, most of it the configure step.
+The module takes about 5 minutes on the busy machine, most of it the configure step.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +53,11 @@ from gpufleet.lifecycle.environment import Environment, load_environment
 from gpufleet.rebuild.backup import (
     GRAFANA_DB,
     GRAFANA_DB_PATH,
+    PROMETHEUS_TAR,
     _sqlite_integrity,
     open_backup,
     take_backup,
+    tar_hashes,
 )
 from gpufleet.rebuild.holdings import compose_project, host_holdings
 from gpufleet.rebuild.restore import restore_backup
@@ -101,6 +108,41 @@ class GrafanaSite:
             "docker ps -q --filter label=com.docker.compose.service=grafana "
             f"--filter label=com.docker.compose.project={project}"
         ).strip()
+
+    def prometheus(self) -> str:
+        """The id of the running prometheus container of the stack ("" when none runs)."""
+        project = compose_project(self.environment)
+        return self.sh(
+            "docker ps -q --filter label=com.docker.compose.service=prometheus "
+            f"--filter label=com.docker.compose.project={project}"
+        ).strip()
+
+    def prometheus_api(self, path: str, **params: str) -> Any:
+        """Prometheus's HTTP API inside its container (its port is not published): the data."""
+        url = f"http://127.0.0.1:9090{path}?{urllib.parse.urlencode(params)}"
+        command = f"docker exec {self.prometheus()} wget -q -O - {shlex.quote(url)}"
+        answer = json.loads(self.sh(command))
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    def up_samples(self, at: float) -> list[tuple[float, str]]:
+        """The raw samples of Prometheus scraping itself in the 10 minutes up to `at`."""
+        data = self.prometheus_api(
+            "/api/v1/query", query='up{job="prometheus"}[10m]', time=f"{at:.3f}"
+        )
+        return [(float(ts), value) for series in data["result"] for ts, value in series["values"]]
+
+    def wait_prometheus(self) -> None:
+        """/-/ready answers in the prometheus container, and its TSDB answers queries."""
+        deadline = time.monotonic() + _HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            container = self.prometheus()
+            ready = f"docker exec {container} wget -q -O /dev/null http://127.0.0.1:9090/-/ready"
+            if container and self.host.exec(ready, check=False).returncode == 0:
+                return
+            time.sleep(1)
+        logs = self.sh(f"docker logs --tail 30 {self.prometheus()} 2>&1", check=False)
+        raise AssertionError(f"Prometheus on {HOST} not ready:\n{logs}")
 
     def in_grafana(self, command: str, *, check: bool = True) -> str:
         return self.sh(f"docker exec {self.grafana()} sh -c {shlex.quote(command)}", check=check)
@@ -167,10 +209,11 @@ def _write_project(
             "ssh_known_hosts_file": str(known_hosts),
         },
         "serving": {
-            # The stand-ins in place of the official images; only Grafana runs here.
+            # The stand-ins in place of the official images; only Grafana and Prometheus run.
             "images": images,
             "publish": ["triton_http", "grafana"],
-            "monitoring": {"prometheus": True, "grafana": True},
+            # Every 2 s: a few seconds of Prometheus history to keep and find again.
+            "monitoring": {"prometheus": True, "grafana": True, "scrape_interval_s": 2},
         },
     }
     (project / "stacks").mkdir()
@@ -247,7 +290,7 @@ def site(
 ) -> Iterator[GrafanaSite]:
     """The host configured, the generated stack copied in, Grafana (stand-in) running."""
     images = {
-        "prometheus": ensure_image(docker_engine, PROMETHEUS, debian_host_image, print),  # not run
+        "prometheus": ensure_image(docker_engine, PROMETHEUS, debian_host_image, print),
         "grafana": ensure_image(docker_engine, GRAFANA, debian_host_image, print),
     }
     work = tmp_path_factory.mktemp("grafana-site")
@@ -269,6 +312,7 @@ def site(
         generated = _gpufleet(project, "generate", "--stack", SITE)
         assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
         _load_image(docker_engine, host, images["grafana"])
+        _load_image(docker_engine, host, images["prometheus"])
 
         stack = project / "build" / SITE / "serving" / HOST
         site.sh(f"install -d -m 755 {STACK_DIR}")
@@ -282,8 +326,9 @@ def site(
         ).items():
             write = f"umask 077 && cat > {secrets_dir}/{service}.env"
             host.exec(write, input=text + "\n")
-        site.compose("up", "--detach", "--no-deps", "grafana")
+        site.compose("up", "--detach", "--no-deps", "prometheus", "grafana")
         site.wait_healthy()
+        site.wait_prometheus()
         yield site
 
 
@@ -418,6 +463,95 @@ def test_grafana_database_comes_back_after_its_container_and_volume_are_destroye
     assert site.in_grafana(f"stat -c %u {GRAFANA_DB_PATH}").strip() == "472"
     leftovers = site.in_grafana(f"ls {GRAFANA_DB_PATH}.restored", check=False)
     assert leftovers == "", "the staged copy is moved, not left beside the database"
+
+
+def test_prometheus_history_is_kept_only_on_request_and_comes_back(site: GrafanaSite) -> None:
+    """Prometheus (Debian's, in the stand-in image) scrapes itself every 2 s into its named
+    volume. `gpufleet rebuild` as a process, without --keep-prometheus: the check step says the
+    history's size (what `du -sb` finds in the container) and that it is not kept, before the
+    backup starts; the backup (grafana.db only) is taken and verified and the rebuild waits at
+    the replace step for the operator (a static host still offering its known key: exit 2,
+    nothing destroyed), Prometheus never stopped. The same command again with
+    --keep-prometheus: the backup it would reuse lacks the history, so a new one is taken with
+    prometheus.tar (its sha256 checked again by open_backup; Prometheus stopped while it is
+    read, and running again after). The container and its volume removed, Prometheus started
+    again empty (none of the samples); restore_backup puts the history back: the very samples
+    of `up` queried before, at the same timestamp, through Prometheus's API."""
+    deadline = time.monotonic() + _HEALTH_TIMEOUT_S
+    # 5 s in the past: every scrape before it is in the TSDB (a scrape times out within 2 s).
+    at = time.time() - 5
+    while len(samples := site.up_samples(at)) < 3:
+        assert time.monotonic() < deadline, f"Prometheus scraped itself {len(samples)} time(s)"
+        time.sleep(2)
+        at = time.time() - 5
+    assert {value for _, value in samples} == {"1"}
+    started = site.sh(f"docker inspect --format '{{{{.State.StartedAt}}}}' {site.prometheus()}")
+    state_file = site.project / "build" / SITE / "rebuild" / f"{HOST}.json"
+    try:
+        run = _gpufleet(site.project, "rebuild", "--stack", SITE, "--host", HOST, "--json")
+        report = json.loads(run.stdout)
+        assert run.returncode == 2, run.stderr
+        assert [(step["step"], step["status"]) for step in report["steps"]] == [
+            ("check", "ok"),
+            ("backup", "ok"),
+            ("replace", "waiting"),
+        ], run.stderr
+        size = report["steps"][0]["details"]["prometheus_bytes"]
+        assert isinstance(size, int)
+        assert size > 0
+        said = f"Prometheus history on {HOST}: {size / 2**20:.1f} MiB, not kept; pass --keep"
+        assert said in run.stderr
+        assert run.stderr.index(said) < run.stderr.index(f"[backup] {HOST}: started")
+        first = report["steps"][1]["details"]
+        assert set(first["files"]) == {GRAFANA_DB}, "Prometheus is kept only on request"
+        now = site.sh(f"docker inspect --format '{{{{.State.StartedAt}}}}' {site.prometheus()}")
+        assert now == started, "Prometheus was stopped although its history was not kept"
+
+        run = _gpufleet(
+            site.project, "rebuild", "--stack", SITE, "--host", HOST, "--keep-prometheus", "--json"
+        )
+        report = json.loads(run.stdout)
+        assert run.returncode == 2, run.stderr
+        assert [(step["step"], step["status"]) for step in report["steps"]] == [
+            ("check", "ok"),
+            ("backup", "ok"),
+            ("replace", "waiting"),
+        ], run.stderr
+        assert "MiB, kept (--keep-prometheus)" in run.stderr
+        assert "lacks Prometheus' history" in run.stderr
+        second = report["steps"][1]["details"]
+        assert second["reused"] is False
+        assert second["id"] != first["id"]
+        assert set(second["files"]) == {GRAFANA_DB, PROMETHEUS_TAR}
+        assert Path(first["directory"]).is_dir(), "a backup is never overwritten"
+        backup = open_backup(Path(second["directory"]))
+        entry = backup.files[PROMETHEUS_TAR]
+        saved = backup.directory / PROMETHEUS_TAR
+        assert entry["sha256"] == hashlib.sha256(saved.read_bytes()).hexdigest()
+        assert "file(s) in the tar match the host's sha256" in entry["verified"]
+        kept = tar_hashes(saved)
+        assert any(name.startswith("wal/") for name in kept), sorted(kept)
+        site.wait_prometheus()
+        assert site.up_samples(at) == samples, "the restarted Prometheus lost samples"
+
+        container = site.prometheus()
+        mounts = json.loads(site.sh(f"docker inspect --format '{{{{json .Mounts}}}}' {container}"))
+        (volume,) = [m["Name"] for m in mounts if m["Destination"] == "/prometheus"]
+        assert volume.endswith("prometheus-data")
+        site.compose("rm", "--stop", "--force", "prometheus")
+        site.sh(f"docker volume rm {volume}")
+        site.compose("up", "--detach", "--no-deps", "prometheus")
+        site.wait_prometheus()
+        assert site.up_samples(at) == []
+
+        restored = restore_backup(site.environment, HOST, backup, say=print)
+        assert restored == [GRAFANA_DB, PROMETHEUS_TAR]
+        site.wait_prometheus()
+        site.wait_healthy()
+        assert site.up_samples(at) == samples
+    finally:
+        state_file.unlink(missing_ok=True)
+        shutil.rmtree(site.backups, ignore_errors=True)
 
 
 def test_the_backup_check_names_what_sqlite_finds_wrong(tmp_path: Path) -> None:

@@ -187,9 +187,7 @@ def _write_files(
     if holdings.grafana:
         files[GRAFANA_DB] = _copy_grafana(shell, project, directory / GRAFANA_DB, say)
     if holdings.prometheus and keep_prometheus:
-        files[PROMETHEUS_TAR] = _tar_volume(
-            shell, project, "prometheus", PROMETHEUS_DIR, directory / PROMETHEUS_TAR, say
-        )
+        files[PROMETHEUS_TAR] = _tar_prometheus(shell, project, directory / PROMETHEUS_TAR, say)
     return files
 
 
@@ -216,17 +214,54 @@ def _tar_volume(
 ) -> dict[str, Any]:
     container = container_of(shell, project, service)
     say(f"  {source} of {shell.name}'s {service} container as {path.name}")
+    return _tar_verified(shell, f"docker exec {container}", source, path)
+
+
+def _tar_prometheus(shell: HostShell, project: str, path: Path, say: Say) -> dict[str, Any]:
+    """Prometheus' TSDB as tar, read while Prometheus is stopped: a running one writes its WAL
+    at every scrape and rule evaluation, so no copy of it would match its own checksums. It
+    is stopped (its WAL flushed and closed), read through a throwaway container of its image
+    with its volumes, and started again whatever happens."""
+    prometheus = container_of(shell, project, "prometheus")
+    say(f"  stopping {shell.name}'s Prometheus to read {PROMETHEUS_DIR} as {path.name}")
+    shell.run(f"docker stop --time 60 {prometheus}", timeout=120)
+    try:
+        entry = _tar_verified(shell, stopped_volumes(shell, prometheus), PROMETHEUS_DIR, path)
+    finally:
+        shell.run(f"docker start {prometheus}", timeout=120)
+    say(f"  {shell.name}'s Prometheus started again")
+    return entry
+
+
+def stopped_volumes(shell: HostShell, container: str, *, stdin: bool = False) -> str:
+    """The prefix of a command run in a throwaway container of `container`'s image with its
+    volumes (for a container that is stopped: `docker exec` needs a running one)."""
+    image = shell.run(f"docker inspect --format '{{{{.Image}}}}' {container}", timeout=60)
+    interactive = " --interactive" if stdin else ""
+    return (
+        f"docker run --rm{interactive} --network none --volumes-from {container} "
+        f"--entrypoint '' {image.stdout.strip()}"
+    )
+
+
+def volume_hashes(shell: HostShell, prefix: str, source: str) -> dict[str, str]:
+    """Every file under `source` (run with `prefix`), by its path relative to it: its sha256."""
     listing = shell.run(
-        f"docker exec {container} sh -c 'cd {source} && find . -type f -exec sha256sum {{}} +'",
-        timeout=600,
+        f"{prefix} sh -c 'cd {source} && find . -type f -exec sha256sum {{}} +'", timeout=600
     ).stdout
-    expected = {}
+    hashes = {}
     for line in listing.splitlines():
         digest, _, name = line.partition("  ")
-        expected[name.removeprefix("./")] = digest
-    sent = shell.stream_to_file(f"docker exec {container} tar -C {source} -cf - .", path)
+        hashes[name.removeprefix("./")] = digest
+    return hashes
+
+
+def _tar_verified(shell: HostShell, prefix: str, source: str, path: Path) -> dict[str, Any]:
+    """`source` as tar into `path`, each file in it with the sha256 the host computed for it."""
+    expected = volume_hashes(shell, prefix, source)
+    sent = shell.stream_to_file(f"{prefix} tar -C {source} -cf - .", path)
     entry = _verified_copy(path, sent)
-    found = _tar_hashes(path)
+    found = tar_hashes(path)
     if found != expected:
         differing = sorted(set(found.items()) ^ set(expected.items()))
         raise BackupError(
@@ -297,7 +332,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _tar_hashes(path: Path) -> dict[str, str]:
+def tar_hashes(path: Path) -> dict[str, str]:
     hashes = {}
     try:
         with tarfile.open(path) as archive:

@@ -4,8 +4,8 @@ The registry: MLflow's artifacts and user store untarred into its volumes throug
 container, then MLflow stopped, the dump restored into the new Postgres with
 `pg_restore --clean --if-exists --single-transaction` (all or nothing), and MLflow started
 again and waited for. Grafana's database is staged in its volume, its sha256 checked against the
-backup's, moved over the live one and Grafana restarted; Prometheus' history likewise (untarred)
-when it was kept.
+backup's, moved over the live one and Grafana restarted. Prometheus' history, when it was kept,
+replaces the new Prometheus' (stopped meanwhile), every file's sha256 checked.
 
     restored = restore_backup(environment, "gpu-a", backup, say=print)   # names restored
 """
@@ -29,6 +29,9 @@ from gpufleet.rebuild.backup import (
     PROMETHEUS_DIR,
     PROMETHEUS_TAR,
     Backup,
+    stopped_volumes,
+    tar_hashes,
+    volume_hashes,
 )
 from gpufleet.rebuild.holdings import compose_project, container_of
 from gpufleet.rebuild.remote import HostShell, RemoteError
@@ -55,14 +58,38 @@ def restore_backup(environment: Environment, host: str, backup: Backup, *, say: 
         restored.append(GRAFANA_DB)
     prometheus_tar = backup.path(PROMETHEUS_TAR)
     if prometheus_tar is not None:
-        prometheus = container_of(shell, project, "prometheus")
-        say(f"  Prometheus' history back into {host}")
-        shell.stream_from_file(
-            f"docker exec -i {prometheus} tar -C {PROMETHEUS_DIR} -xf -", prometheus_tar
-        )
-        shell.run(f"docker restart {prometheus}")
+        _restore_prometheus(shell, project, prometheus_tar, say)
         restored.append(PROMETHEUS_TAR)
     return restored
+
+
+def _restore_prometheus(shell: HostShell, project: str, path: Path, say: Say) -> None:
+    """Prometheus stopped, its (new, nearly empty) TSDB emptied and the backup's untarred in its
+    place through a throwaway container of its image, every file's sha256 there checked
+    against the tar's, then Prometheus started again: it replays the restored WAL. Untarring
+    under a running Prometheus would mix its own WAL segments into the restored ones."""
+    prometheus = container_of(shell, project, "prometheus")
+    expected = tar_hashes(path)
+    say(f"  stopping {shell.name}'s Prometheus to put its history back ({len(expected)} files)")
+    shell.run(f"docker stop --time 60 {prometheus}", timeout=120)
+    try:
+        prefix = stopped_volumes(shell, prometheus)
+        shell.run(
+            f"{prefix} find {PROMETHEUS_DIR} -mindepth 1 -maxdepth 1 -exec rm -rf {{}} +",
+            timeout=600,
+        )
+        shell.stream_from_file(
+            f"{stopped_volumes(shell, prometheus, stdin=True)} tar -C {PROMETHEUS_DIR} -xf -", path
+        )
+        found = volume_hashes(shell, prefix, PROMETHEUS_DIR)
+        if found != expected:
+            differing = sorted(set(found.items()) ^ set(expected.items()))
+            raise RemoteError(
+                f"{shell.name}: {PROMETHEUS_DIR} does not hold what {path.name} holds after "
+                f"untarring it (first difference: {differing[0][0]})"
+            )
+    finally:
+        shell.run(f"docker start {prometheus}", timeout=120)
 
 
 def _restore_grafana(shell: HostShell, project: str, path: Path, sha256: str, say: Say) -> None:

@@ -20,7 +20,14 @@ from gpufleet.lifecycle.gate import gate
 from gpufleet.lifecycle.lock import environment_lock
 from gpufleet.lifecycle.outcome import StepOutcome
 from gpufleet.lifecycle.outputs import with_addresses
-from gpufleet.rebuild.backup import Backup, BackupError, backups_dir, open_backup, take_backup
+from gpufleet.rebuild.backup import (
+    PROMETHEUS_TAR,
+    Backup,
+    BackupError,
+    backups_dir,
+    open_backup,
+    take_backup,
+)
 from gpufleet.rebuild.holdings import Holdings, compose_project, container_of, host_holdings
 from gpufleet.rebuild.registry_snapshot import (
     compare_snapshots,
@@ -163,8 +170,9 @@ class _Rebuild:
         shell = HostShell.for_host(self.environment, self.host)
         try:
             container = container_of(shell, compose_project(self.environment), "prometheus")
-            output = shell.run(f"docker exec {container} du -sb /prometheus", timeout=120).stdout
-            size = int(output.split()[0])
+            # -k, not GNU's -b: prom/prometheus has busybox's du.
+            output = shell.run(f"docker exec {container} du -sk /prometheus", timeout=120).stdout
+            size = int(output.split()[0]) * 1024
         except (RemoteError, ValueError, IndexError):
             self.say("  Prometheus history: size unknown (Prometheus not running)")
             return None
@@ -176,6 +184,11 @@ class _Rebuild:
         self.say(f"  Prometheus history on {self.host}: {size / 2**20:.1f} MiB, {kept}")
         return size
 
+    def _lacks_prometheus(self, backup: Backup) -> bool:
+        """--keep-prometheus asked for, and `backup` (taken by an earlier run) has no history."""
+        wanted = self.options.keep_prometheus and self.holdings.prometheus
+        return wanted and backup.path(PROMETHEUS_TAR) is None
+
     def take_backup(self) -> tuple[str, list[str], dict[str, Any]]:
         state = self.state
         if state.backup_id is not None:
@@ -184,9 +197,32 @@ class _Rebuild:
                 self.backup = open_backup(directory)
             except BackupError as error:
                 raise _Stop("error", [str(error)]) from None
-            self.report.backup = self.backup.to_json()
-            self.say(f"  reusing backup {state.backup_id} (checksums verified again): {directory}")
-            return "skipped", [], {"reused": True, **self.backup.to_json()}
+            if not self._lacks_prometheus(self.backup):
+                self.report.backup = self.backup.to_json()
+                self.say(
+                    f"  reusing backup {state.backup_id} (checksums verified again): {directory}"
+                )
+                return "skipped", [], {"reused": True, **self.backup.to_json()}
+            # Another backup only of the machine the first was taken of: gpufleet has not
+            # remade it, and it still answers SSH with its known host key (strict checking).
+            untouched = "replace" not in state.done and (
+                "replace" not in state.notes or operator_replaces(self.environment)
+            )
+            if not (untouched and _reachable(self.environment, self.host)[0]):
+                raise _Stop(
+                    "error",
+                    [
+                        f"--keep-prometheus, but backup {state.backup_id} was taken without "
+                        f"Prometheus' history and {self.host} may have been replaced since (or "
+                        "does not answer with its known host key): its history cannot be taken "
+                        "now. Run again without --keep-prometheus to go on with that backup"
+                    ],
+                )
+            self.say(
+                f"  backup {state.backup_id} lacks Prometheus' history (taken without "
+                "--keep-prometheus) and nothing was replaced yet: a new backup with it"
+            )
+            self.backup = None
         if state.data_loss_accepted:
             return "skipped", ["no backup: data loss was accepted"], {}
         if "replace" in state.done:
