@@ -200,12 +200,13 @@ def repository_versions(environment: Environment, *, say: Say) -> dict[str, list
 
 def write_serving_files(
     environment: Environment, *, say: Say, routes: Sequence[ModelRoute] = ()
-) -> None:
+) -> dict[str, str]:
     """Each host's serving stack (compose, Prometheus, Grafana, the gateway routing `routes`)
-    under build/<stack>/serving/."""
+    under build/<stack>/serving/; the files as written (`<host>/<path>` -> text)."""
     root = environment.project_root / serving_directory(environment.loaded)
     files = render_serving_files(environment.loaded, environment.models, routes)
     plan = plan_files(root, files, generated_files_on_disk(root))
     apply_plan(plan)
     written = len(plan.created) + len(plan.updated) + len(plan.stale)
     say(f"  serving stacks in {root}: {written} file(s) written, {len(plan.unchanged)} unchanged")
+    return files

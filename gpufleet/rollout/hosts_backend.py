@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from generators.serving_stack.files import render_host_gateway_config
+from generators.serving_stack.files import GATEWAY_CONFIG
 from gpufleet.lifecycle.deploy import deploy, write_serving_files
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.gate import admin_key_headers, triton_grpc_url
@@ -124,11 +124,10 @@ class HostsRolloutBackend:
         except ValueError as error:
             raise RolloutError(str(error)) from None
         environment = dataclasses.replace(self.environment, models=served)
-        write_serving_files(environment, say=self.say, routes=routes)
+        files = write_serving_files(environment, say=self.say, routes=routes)
         for host in environment.host_names:
-            text = render_host_gateway_config(environment.loaded, host, environment.models, routes)
             try:
-                self._gateway(host).apply(text)
+                self._gateway(host).apply(files[f"{host}/{GATEWAY_CONFIG}"])
             except HostGatewayError as error:
                 raise RolloutError(str(error)) from None
             self.say(f"  {host}: gateway reloaded ({len(routes)} rollout route(s))")
