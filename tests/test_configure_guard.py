@@ -1,9 +1,12 @@
-"""A `gpufleet configure` killed with SIGKILL mid-run leaves no secret in its private data dir;
-Ctrl-C (SIGINT) and SIGTERM stop a run and, after it, act as they did before it.
+"""A `gpufleet configure` killed with SIGKILL mid-run leaves no secret in its private data dir
+and no Ansible running; Ctrl-C (SIGINT) and SIGTERM stop a run and, after it, act as they did
+before it.
 
 While a run is under way its `env/extravars` holds the sudo password (0600) and ansible-runner's
 `artifacts/<ident>/command` records the caller's whole environment; the run removes both when it
-ends, but SIGKILL skips that. The cleanup guard, a process of its own, removes them instead.
+ends, but SIGKILL skips that. The cleanup guard, a process of its own, removes them instead;
+it also stops the killed run's ansible-playbook, which ansible-runner starts in a session of its
+own (a kill of the run's process group does not reach it).
 
 Real: the `gpufleet` CLI as a process, ansible-runner and ansible-playbook, ssh connecting to a
 TCP listener on 127.0.0.1 that accepts and never answers (so the run hangs in its first task
@@ -26,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpufleet.configure.cleanup_guard import RUN_MARKER
 from gpufleet.configure.runner import configure_hosts
 from gpufleet.spec.loading import load_stack_spec
 
@@ -80,6 +84,22 @@ def files_holding(root: Path, *values: str) -> list[str]:
     return found
 
 
+def ansible_processes(data_dir: Path) -> list[str]:
+    """The command lines of the processes carrying a run marker under ``data_dir``."""
+    marker = f"\0{RUN_MARKER}={data_dir}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environment = b"\0" + (entry / "environ").read_bytes()
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in environment:
+                found.append(f"{entry.name}: {command}")
+    return found
+
+
 def write_stack(tmp_path: Path, ssh_port: int) -> Path:
     """A project whose one host is 127.0.0.1:``ssh_port``; its directory."""
     project = tmp_path / "project"
@@ -126,6 +146,8 @@ def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentLi
                 f"{next(data_dir.glob('artifacts/*/command'))}: {CREDENTIAL}",
             ]
         )
+        running = ansible_processes(data_dir)
+        assert any("ansible-playbook" in line for line in running), running
         os.kill(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
     finally:
@@ -140,6 +162,8 @@ def test_a_killed_run_leaves_no_secret_behind(tmp_path: Path, listener: SilentLi
     command = next(data_dir.glob("artifacts/*/command")).read_text()
     assert CREDENTIAL_VARIABLE in command, "the names of the variables are kept"
     assert list((data_dir / "env").iterdir()) == []
+    # The run's Ansible (ansible-playbook, its forks, ssh) did not outlive it.
+    assert ansible_processes(data_dir) == []
 
 
 def closed_port() -> int:

@@ -8,6 +8,12 @@ empties the run's `env/` directory (the 0600 extravars with the secrets) and red
 environment ansible-runner recorded in `artifacts/<ident>/command` to variable names. The run
 does the same itself when it ends normally; doing it twice is harmless.
 
+A run that ends normally (or by an exception: ansible-runner's cancel has stopped Ansible then)
+writes `ended` on the pipe first. Without it, the run was killed, and its ansible-playbook, which
+ansible-runner starts in a session of its own, would go on configuring hosts with nobody to read
+its results: the guard kills every process carrying the run's marker in its environment
+(`GPUFLEET_ANSIBLE_RUN=<artifacts/ident>`: ansible-playbook, its forks, its ssh connections).
+
     python3 -I cleanup_guard.py <private data dir>/env <private data dir>/artifacts/<ident>
 
 Standard library only, run with `-I`: it must start fast and owe nothing to the environment.
@@ -16,9 +22,13 @@ Standard library only, run with `-I`: it must start fast and owe nothing to the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
+
+RUN_MARKER = "GPUFLEET_ANSIBLE_RUN"  # in the environment of the run's ansible-playbook
+ENDED = b"ended\n"  # what a run that was not killed writes before closing the pipe
 
 
 def empty_env_dir(env_dir: Path) -> None:
@@ -49,10 +59,37 @@ def forget_environment(artifact_dir: Path) -> None:
         command_file.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def stop_run_processes(artifact_dir: Path) -> list[int]:
+    """SIGKILL to every process whose environment carries this run's marker; their pids.
+
+    The marker names the run's own artifact directory (a new one per run), so no other run's
+    processes match. Two passes: a fork started between the first look and its kill is found
+    by the second."""
+    marker = f"\0{RUN_MARKER}={artifact_dir}\0".encode()
+    killed: list[int] = []
+    for _ in range(2):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in killed:
+                continue
+            try:
+                environment = b"\0" + (entry / "environ").read_bytes()
+            except OSError:  # gone, or not ours to read
+                continue
+            if marker in environment:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(int(entry.name))
+    return killed
+
+
 def main(env_dir: str, artifact_dir: str) -> None:
     # Ctrl-C in the terminal reaches the run, which cleans up itself; the guard waits for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.stdin.buffer.read()  # returns when the run's end of the pipe is closed
+    said = sys.stdin.buffer.read()  # returns when the run's end of the pipe is closed
+    if said != ENDED:  # the run was killed: its Ansible must not go on without it
+        stop_run_processes(Path(artifact_dir))
     empty_env_dir(Path(env_dir))
     forget_environment(Path(artifact_dir))
 

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ HOST_PLAYBOOK = "host.yml"  # the host configuration alone (the lifecycle's conf
 SERVING_PLAYBOOK = "playbooks/serving_stack.yml"  # the lifecycle's deploy step
 KEPT_RUNS = 20
 EXIT_CONVERGED, EXIT_HOST_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
+ExtraVar = bool | int | str  # a role setting passed for one run (never a secret)
 
 
 class ConfigureError(RuntimeError):
@@ -96,6 +97,7 @@ def configure_hosts(
     limit: str | Sequence[str] | None = None,
     check: bool = False,
     playbook: str = SITE_PLAYBOOK,
+    extra_vars: Mapping[str, ExtraVar] | None = None,
 ) -> ConfigureResult:
     """Run `playbook` (default `ansible/site.yml`) against the stack's hosts (or only `limit`);
     never raises for a host that fails: that host's outcome says so. Raises InventoryError for
@@ -103,7 +105,10 @@ def configure_hosts(
 
     A run limited to one host gets a data directory (and lock) of its own, so that runs on
     different hosts of one stack (Pulumi's steps run hosts in parallel) do not wait for each
-    other; runs on the same host, or on the whole stack, are one at a time."""
+    other; runs on the same host, or on the whole stack, are one at a time.
+
+    `extra_vars` are this run's settings for the roles (a live deploy's switch). They reach
+    ansible-playbook's command line, so never a secret: secrets go through the 0600 file."""
     import ansible_runner  # type: ignore[import-untyped]  # slow to import; only for this command
 
     inventory = render_inventory(stack, spec, project_root=project_root, limit=limit)
@@ -125,7 +130,11 @@ def configure_hosts(
                     playbook=playbook,
                     ident=ident,
                     cmdline="--check --diff" if check else None,
-                    envvars=_ansible_environment(data_dir),
+                    extravars=dict(extra_vars) if extra_vars else None,
+                    envvars={
+                        **_ansible_environment(data_dir),
+                        cleanup_guard.RUN_MARKER: str(artifact_dir),
+                    },
                     # Facts live for this run only, not in the kept artifacts.
                     fact_cache_type="memory",
                     # Keep the arguments out of env/: a --check left there applies to the next run.
@@ -269,10 +278,11 @@ def _cleanup_guard(env_dir: Path, artifact_dir: Path) -> Iterator[None]:
         env={},  # it needs nothing from the environment, which may hold credentials
         start_new_session=True,
     )
+    assert guard.stdin is not None
     try:
         yield
-    finally:
-        assert guard.stdin is not None
+    finally:  # ended here, not killed: Ansible has stopped (ansible-runner waits for it)
+        guard.stdin.write(cleanup_guard.ENDED)
         guard.stdin.close()
         guard.wait()
 
