@@ -161,10 +161,15 @@ def test_canary_at_10_percent_through_the_hosts_gateways_then_rollback_under_loa
 ) -> None:
     candidate = register_candidate(site, seed=11)
     canary = specs(site, "canary", CANARY)
+    before = {host: site.triton_container(host)["State"]["StartedAt"] for host in HOSTS}
     started = rollout(site, "start", canary)
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-6000:]
     for host in HOSTS:
         assert served_versions(site, host, range(1, candidate + 1)) == [1, candidate], host
+        # A live deploy: the new version's files reached the host, and Triton loaded it through
+        # its API; the role, told so by the run's extra var, did not restart Triton for them.
+        started_at = site.triton_container(host)["State"]["StartedAt"]
+        assert started_at == before[host], f"{host}: Triton was restarted"
     assert record(site).phase == "serving"
 
     # 4,000 requests without a key through serve-a's gateway: 10% to the candidate.

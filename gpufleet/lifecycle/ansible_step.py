@@ -8,10 +8,10 @@ driver the `gpufleet configure` command uses too.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from generators.ansible_inventory import InventoryError
-from gpufleet.configure.runner import ConfigureError, configure_hosts
+from gpufleet.configure.runner import ConfigureError, ExtraVar, configure_hosts
 from gpufleet.lifecycle.environment import Environment
 from gpufleet.lifecycle.outcome import StepName, StepOutcome
 
@@ -26,6 +26,7 @@ def run_playbook(
     playbook: str,
     say: Say,
     check: bool = False,
+    extra_vars: Mapping[str, ExtraVar] | None = None,
 ) -> list[StepOutcome]:
     """One outcome per host: `changed`/`ok` from Ansible's counters, `failed` for a host that
     failed or was unreachable (with Ansible's reasons), `error` when Ansible could not run."""
@@ -40,6 +41,7 @@ def run_playbook(
             limit=limit,
             check=check,
             playbook=playbook,
+            extra_vars=extra_vars,
         )
     except (InventoryError, ConfigureError, OSError) as error:
         return [StepOutcome(step, host, "error", [str(error)]) for host in hosts]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -51,8 +50,8 @@ from gpufleet.registry.client import RegistryError
 from gpufleet.rollout.state import as_served
 from gpufleet.spec.problems import SpecError
 
-# Read by the serving_stack role (serving_stack_live_changes): changes are loaded live.
-LIVE_CHANGES_VARIABLE = "GPUFLEET_SERVING_LIVE_CHANGES"
+# The serving_stack role's switch for a live deploy (its defaults/main.yml says what it does).
+LIVE_CHANGES = {"serving_stack_live_changes": True}
 
 
 def deploy(
@@ -93,10 +92,14 @@ def deploy(
         reasons = [str(problem) for problem in error.problems]
         return [StepOutcome("deploy", host, "error", reasons) for host in hosts]
     prepared = time.monotonic() - started
-    with _live_changes(live):
-        outcomes = run_playbook(
-            environment, hosts, step="deploy", playbook=SERVING_PLAYBOOK, say=say
-        )
+    outcomes = run_playbook(
+        environment,
+        hosts,
+        step="deploy",
+        playbook=SERVING_PLAYBOOK,
+        say=say,
+        extra_vars=LIVE_CHANGES if live else None,
+    )
     for outcome in outcomes:
         outcome.seconds += prepared
         outcome.details["models"] = models
@@ -147,20 +150,6 @@ def converge_tritons(
                         "unloaded": sorted(findings.unload),
                     }
         outcome.seconds += time.monotonic() - started
-
-
-@contextlib.contextmanager
-def _live_changes(live: bool) -> Iterator[None]:
-    """The role reads this variable from the environment Ansible runs in (ansible-runner
-    passes this process's environment on): it has no other channel for a per-run setting."""
-    if not live:
-        yield
-        return
-    os.environ[LIVE_CHANGES_VARIABLE] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(LIVE_CHANGES_VARIABLE, None)
 
 
 @contextlib.contextmanager
