@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.mlflow_fixtures",
     "tests.docker_hosts",
     "tests.serving_images",
+    "tests.environment_site",
 ]
 
 # CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples on every run, so a red

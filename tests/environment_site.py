@@ -1,6 +1,9 @@
 """A static site of two Debian 12 hosts, a registry on this machine, and the gpufleet project
 that serves them: what tests/test_environment_up.py and bench/environment_up.py start.
 
+`shared_site` (a pytest plugin of tests/conftest.py) is one such site for the test modules of
+SHARING_MODULES: building a site takes minutes, so they share it, run last and in that order.
+
 Hosts are containers with systemd and sshd on a Docker engine (tests/docker_hosts.py), reached
 on their own addresses on the engine's bridge with strict host key checking; the registry is a
 local stack's MLflow, seeded with `gpufleet registry seed-demo`; the site's Triton image is the
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from gpufleet.registry.client import ModelRegistry
@@ -35,12 +39,15 @@ from tests.docker_hosts import (
     SshKeyPair,
     image_cache_dir,
 )
-from tests.serving_images import GATEWAY, TRITON_TORCH, ImageRecipe
+from tests.serving_images import GATEWAY, TRITON_TORCH, ImageRecipe, ensure_image
 from validation.loopback import pick_free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SITE, REGISTRY = "site", "registry"
 HOSTS = ("serve-a", "serve-b")
+# The modules that share one site, in the order they run: the first `up` of test_environment_up
+# meets bare hosts; each module leaves the site serving the registry's version 1.
+SHARING_MODULES = ("test_environment_up.py", "test_drift_environment.py", "test_rollout_hosts.py")
 MODEL = "tabular_mlp"
 SECRETS = {
     "GPUFLEET_POSTGRES_PASSWORD": "pg-Env-1d4f",
@@ -209,3 +216,31 @@ def open_site(
             yield site
         finally:
             site.gpufleet("down", "--stack", REGISTRY)
+
+
+@pytest.fixture(scope="session")
+def shared_site(
+    docker_engine: DockerEngine,
+    debian_host_image: str,
+    ssh_client_key: SshKeyPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Site]:
+    """Bare hosts, every host's stack with the rollout gateway, the registry seeded; removed
+    when the session ends, right after the last module of SHARING_MODULES."""
+    triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
+    gateway_image = ensure_image(docker_engine, GATEWAY, debian_host_image, print)
+    project = tmp_path_factory.mktemp("site")
+    with open_site(
+        docker_engine, debian_host_image, ssh_client_key, project, triton_image, gateway_image
+    ) as site:
+        yield site
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules of SHARING_MODULES run last, in that order (the others keep theirs)."""
+
+    def position(item: pytest.Item) -> int:
+        name = item.path.name
+        return SHARING_MODULES.index(name) + 1 if name in SHARING_MODULES else 0
+
+    items.sort(key=position)

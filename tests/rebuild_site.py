@@ -47,6 +47,7 @@ from tests.docker_hosts import (
     _cgroup_args,
     image_cache_dir,
 )
+from tests.process_environment import environment_variables
 from tests.serving_images import (
     GRAFANA,
     MLFLOW,
@@ -329,16 +330,8 @@ def open_rebuild_site(
 def mlflow_login() -> Iterator[None]:
     """This process's MLflow client logs in as the site's registry admin while inside."""
     names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: SECRETS[name] for name in names})
-    try:
+    with environment_variables({name: SECRETS[name] for name in names}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class InferenceLoad(threading.Thread):

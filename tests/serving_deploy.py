@@ -16,13 +16,11 @@ PYTEST_DONT_REWRITE: this module asserts nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from generators.ansible_inventory import inventory_yaml, render_inventory
 from gpufleet.configure.runner import ansible_secrets, unsafe_extravars
 from gpufleet.spec.loading import load_stack_spec
 from tests.docker_hosts import CommandFailed, DockerEngine
+from tests.process_environment import environment_variables
 from tests.serving_images import ServingImages
 from tests.serving_models import MODEL_NAME, affine_spec, write_affine_model
 from validation.loopback import LOOPBACK, pick_free_ports
@@ -155,7 +154,7 @@ def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
     (work / "hosts.yml").write_text(inventory_yaml(inventory))
     # The secrets travel as `gpufleet configure` sends them: read from the environment by the
     # runner, written as extra vars tagged !unsafe (Ansible must not template them).
-    with _environment(SECRETS):
+    with environment_variables(SECRETS):
         secrets = ansible_secrets(loaded.spec)
     extravars = work / "secrets.yml"
     extravars.touch(mode=0o600)
@@ -185,20 +184,6 @@ def run_role(project: Path, engine: DockerEngine, work: Path) -> str:
     if result.returncode != 0:
         raise CommandFailed(f"ansible-playbook exited {result.returncode}:\n{output[-6000:]}")
     return output
-
-
-@contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def prepare_stack(root: Path, engine: DockerEngine, images: ServingImages) -> DeployedStack:

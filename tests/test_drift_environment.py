@@ -6,8 +6,9 @@ Real: two Debian 12 hosts (containers with systemd, sshd and their own Docker en
 over SSH with strict host key checking), Ansible in check mode through ansible-runner, the
 serving stack's containers (Triton stand-in with torch, MLflow, Prometheus, Grafana) inspected
 over SSH, each host's Triton over gRPC with the admin key, a real MLflow registry on this
-machine. Nothing is mocked. The site takes minutes to build, so one serves the module and the
-tests run in order; each leaves the site repaired for the next.
+machine. Nothing is mocked. The site takes minutes to build: this module shares it with
+test_environment_up and test_rollout_hosts (tests/environment_site.py), and its hosts run the
+rollout gateway too. The tests run in order; each leaves the site repaired for the next.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.docker_hosts import DockerEngine, SshKeyPair
-from tests.environment_site import HOSTS, MODEL, SITE, Site, open_site
-from tests.serving_images import TRITON_TORCH, ensure_image
+from tests.environment_site import HOSTS, MODEL, SITE, Site
 from tests.test_environment_up import _wait_for_triton
 
 DAEMON_JSON = "/etc/docker/daemon.json"
@@ -33,17 +31,10 @@ REPORT_SCHEMA = json.loads((PROJECT_ROOT / "schemas/drift-report.schema.json").r
 
 
 @pytest.fixture(scope="module")
-def site(
-    docker_engine: DockerEngine,
-    debian_host_image: str,
-    ssh_client_key: SshKeyPair,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Site]:
-    triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
-    project = tmp_path_factory.mktemp("drift-environment")
-    with open_site(docker_engine, debian_host_image, ssh_client_key, project, triton_image) as site:
-        site.runs["first"] = site.gpufleet("up", "--stack", SITE, "--only", "host")
-        yield site
+def site(shared_site: Site) -> Site:
+    """The shared site (tests/environment_site.py), brought to the stack's state by an `up`."""
+    shared_site.runs["drift"] = shared_site.gpufleet("up", "--stack", SITE, "--only", "host")
+    return shared_site
 
 
 def drift(site: Site, *args: str) -> tuple[int, dict[str, Any]]:
@@ -78,7 +69,7 @@ def assert_clean(site: Site) -> dict[str, Any]:
 
 
 def test_the_site_up_is_in_sync_on_every_layer(site: Site) -> None:
-    first = site.runs["first"]
+    first = site.runs["drift"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = assert_clean(site)
     containers = {

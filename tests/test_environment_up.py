@@ -7,7 +7,9 @@ installing Docker from Debian's archive inside them; the serving_stack role load
 image from an archive (the site has no registry) and starting it with docker-compose inside each
 host; an MLflow registry on this machine (a local stack's, seeded with `gpufleet registry
 seed-demo`) that the model repository is filled from; the host gate over SSH, and the
-correctness and load gates over gRPC against each host's Triton.
+correctness and load gates over gRPC against each host's Triton. The site is shared with
+test_drift_environment and test_rollout_hosts (tests/environment_site.py; its stack runs the
+rollout gateway too); this module runs first, so its first `up` meets bare hosts.
 Not real: no GPU (the GPU checks report "no GPU present"); the Triton image is the project's
 stand-in (the nvidia-pytriton wheel's tritonserver with torch, tests/serving_images.py), not
 NVIDIA's; Docker's and NVIDIA's package repositories cannot be reached, so the hosts take
@@ -23,7 +25,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,26 +46,18 @@ from infra.steps.providers import (
     HostConfigurationProvider,
     ServingDeploymentProvider,
 )
-from tests.docker_hosts import DockerEngine, SshKeyPair
-from tests.environment_site import HOSTS, MODEL, SECRETS, SITE, Site, open_site
-from tests.serving_images import TRITON_TORCH, ensure_image
+from tests.environment_site import HOSTS, MODEL, SECRETS, SITE, Site
+from tests.serving_images import GATEWAY
 from tests.test_proxmox_provider import FAST, HOST, Agents, make_inputs
 
 
 @pytest.fixture(scope="module")
-def site(
-    docker_engine: DockerEngine,
-    debian_host_image: str,
-    ssh_client_key: SshKeyPair,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Site]:
-    triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
-    project = tmp_path_factory.mktemp("environment")
-    with open_site(docker_engine, debian_host_image, ssh_client_key, project, triton_image) as site:
-        before = time.monotonic()
-        site.runs["first"] = site.gpufleet("up", "--stack", SITE, "--json")
-        site.seconds["first"] = time.monotonic() - before
-        yield site
+def site(shared_site: Site) -> Site:
+    """The shared site (tests/environment_site.py), bare until this first `up`."""
+    before = time.monotonic()
+    shared_site.runs["first"] = shared_site.gpufleet("up", "--stack", SITE, "--json")
+    shared_site.seconds["first"] = time.monotonic() - before
+    return shared_site
 
 
 def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -255,13 +248,17 @@ def test_proxmox_path_vm_then_configuration_deployment_and_gate(
     assert created.outs is not None
     assert created.outs["address"] == address, "the agent reports the real host's address"
     _write_proxmox_stack(site, fakepve_url, fakepve_cafile, network)
-    steps = run_steps_in_order(site, "pve", HOST["name"], address, str(created.outs["vmid"]))
-    assert steps["configuration"]["outs"]["status"] == "ok", "serve-a is configured already"
-    assert steps["deployment"]["outs"]["status"] == "changed", "the second stack is new"
-    assert "correctness pass" in steps["gate"]["outs"]["summary"]
-    listed = site.inner_docker("serve-a", "ps", "--format", "'{{.Names}} {{.Ports}}'")
-    assert "gpufleet-pve" in listed
-    assert f"{address}:18001->8001" in listed
+    try:
+        steps = run_steps_in_order(site, "pve", HOST["name"], address, str(created.outs["vmid"]))
+        assert steps["configuration"]["outs"]["status"] == "ok", "serve-a is configured already"
+        assert steps["deployment"]["outs"]["status"] == "changed", "the second stack is new"
+        assert "correctness pass" in steps["gate"]["outs"]["summary"]
+        listed = site.inner_docker("serve-a", "ps", "--format", "'{{.Names}} {{.Ports}}'")
+        assert "gpufleet-pve" in listed
+        assert f"{address}:18001->8001" in listed
+    finally:  # the shared site's next user finds serve-a running its own stack alone
+        project = "label=com.docker.compose.project=gpufleet-pve"
+        site.hosts["serve-a"].exec(f"docker ps -aq --filter {project} | xargs -r docker rm -f")
 
 
 _TEMPLATE = {
@@ -300,7 +297,14 @@ def _write_proxmox_stack(site: Site, url: str, cafile: str, network: dict[str, s
             "gpufleet:hosts": [host],
         }
     )
-    config["gpufleet:serving"]["directory"] = "/opt/gpufleet/pve"
+    serving = config["gpufleet:serving"]
+    serving["directory"] = "/opt/gpufleet/pve"
+    # The site's own stack runs the gateway on serve-a's gateway ports: this one has none.
+    serving.pop("gateway", None)
+    serving["publish"] = [name for name in serving["publish"] if not name.startswith("gateway")]
+    serving["image_archives"] = [
+        path for path in serving["image_archives"] if GATEWAY.name not in path
+    ]
     (site.project / "stacks" / "Pulumi.pve.yaml").write_text(yaml.safe_dump(site_config))
 
 
@@ -386,7 +390,14 @@ def test_registered_wrong_weights_fail_up_naming_host_model_and_version(
         demo_network(spec, seed=7),
         golden_module=demo_network(spec, seed=0),
     )
-    _wait_for_triton(site)
+    try:
+        _wait_for_triton(site)
+        _wrong_weights_fail_up(site, wrong.version)
+    finally:  # the shared site's next user finds the registry selecting version 1 again
+        site.registry.set_alias(MODEL, spec.source.rsplit("@", 1)[1], 1)
+
+
+def _wrong_weights_fail_up(site: Site, wrong_version: int) -> None:
     result = site.gpufleet("up", "--stack", SITE, "--json")
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
     report = report_of(result)
@@ -395,12 +406,12 @@ def test_registered_wrong_weights_fail_up_naming_host_model_and_version(
         assert gate_step["status"] == "failed"
         assert gate_statuses(gate_step)["correctness"] == "fail"
         assert any(
-            f"{MODEL}" in reason and f"v{wrong.version}" in reason
+            f"{MODEL}" in reason and f"v{wrong_version}" in reason
             for reason in gate_step["reasons"]
         ), gate_step["reasons"]
     text = site.gpufleet("validate", "--stack", SITE, "--only", "correctness")
     assert text.returncode == 1
-    assert f"serve-a: gate: gate correctness: {MODEL} v{wrong.version}" in text.stdout
+    assert f"serve-a: gate: gate correctness: {MODEL} v{wrong_version}" in text.stdout
     # `pulumi up`: the moved alias is a change for the deployment; the gate step raises.
     deployment = site.deployed
     assert (

@@ -56,6 +56,7 @@ from tests.rebuild_site import (
     mlflow_login,
     open_rebuild_site,
 )
+from tests.test_configure_guard import ansible_processes
 
 HOST = "serve-a"
 REBUILD = ("rebuild", "--stack", SITE, "--host", HOST, "--json")
@@ -214,6 +215,12 @@ def test_a_rebuild_killed_mid_way_resumes_from_its_backup_and_loses_nothing(
     with contextlib.suppress(ProcessLookupError):
         os.killpg(first.pid, signal.SIGKILL)
     first.communicate(timeout=120)
+    # Its Ansible, in a session of its own, is stopped by the run's cleanup guard: nothing
+    # goes on deploying behind the back of the run that resumes.
+    deadline = time.monotonic() + 60
+    while left := ansible_processes(site.project):
+        assert time.monotonic() < deadline, f"the killed run's Ansible still runs: {left}"
+        time.sleep(0.5)
     assert f"[configure] {HOST}: changed" in seen, seen[-3000:]
     assert f"[deploy] {HOST}: started" in seen, seen[-3000:]
     assert f"[deploy] {HOST}: " not in seen.split(f"[deploy] {HOST}: started")[1]

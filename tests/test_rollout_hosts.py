@@ -33,9 +33,8 @@ from gpufleet.registry.demo import demo_network, golden_inputs, register_torch_m
 from gpufleet.rollout.state import RolloutRecord
 from gpufleet.spec.loading import load_model_spec_file
 from gpufleet.spec.model import ModelSpec
-from tests.docker_hosts import DockerEngine, SshKeyPair
-from tests.environment_site import HOSTS, MODEL, SECRETS, SITE, Site, open_site
-from tests.serving_images import GATEWAY, TRITON_TORCH, ensure_image
+from tests.environment_site import HOSTS, MODEL, SECRETS, SITE, Site
+from tests.process_environment import environment_variables
 from validation.http_load import LoadResult, SteadyLoad, infer_body
 
 ALPHA = 0.001
@@ -55,23 +54,13 @@ BLUE_GREEN = """rollout:
 
 
 @pytest.fixture(scope="module")
-def site(
-    docker_engine: DockerEngine,
-    debian_host_image: str,
-    ssh_client_key: SshKeyPair,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Site]:
-    triton_image = ensure_image(docker_engine, TRITON_TORCH, debian_host_image, print)
-    gateway_image = ensure_image(docker_engine, GATEWAY, debian_host_image, print)
-    project = tmp_path_factory.mktemp("rollout-hosts")
-    with open_site(
-        docker_engine, debian_host_image, ssh_client_key, project, triton_image, gateway_image
-    ) as site:
-        started = time.monotonic()
-        up = site.gpufleet("up", "--stack", SITE, "--only", "host", "--json")
-        site.seconds["up"] = time.monotonic() - started
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-6000:]
-        yield site
+def site(shared_site: Site) -> Site:
+    """The shared site (tests/environment_site.py), brought to the stack's state by an `up`."""
+    started = time.monotonic()
+    up = shared_site.gpufleet("up", "--stack", SITE, "--only", "host", "--json")
+    shared_site.seconds["up"] = time.monotonic() - started
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-6000:]
+    return shared_site
 
 
 def specs(site: Site, name: str, rollout: str) -> Path:
@@ -95,16 +84,8 @@ def spec_of(site: Site) -> ModelSpec:
 @contextlib.contextmanager
 def registry_login() -> Iterator[None]:
     """The registry's login in this process's environment (the MLflow client reads it there)."""
-    saved = {name: os.environ.get(name) for name in SECRETS}
-    os.environ.update(SECRETS)
-    try:
+    with environment_variables(SECRETS):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def register_candidate(site: Site, seed: int) -> int:
