@@ -14,6 +14,7 @@ holds a KIND_GPU candidate Triton on this GPU-less machine must refuse). Windows
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -255,6 +256,13 @@ def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTri
 
     assert exhaustive.configs_tried == 4
     assert quick.configs_tried <= exhaustive.configs_tried
+    for result in (quick, exhaustive):
+        # After the first two figures of the spec as written, no config is measured twice in
+        # a row (a load over itself shares that load's state), and the spec as written is
+        # measured again beside the top candidates.
+        order = [(trial.candidate, trial.baseline) for trial in result.trials[2:]]
+        assert all(one != other for one, other in itertools.pairwise(order)), order
+        assert sum(trial.baseline for trial in result.trials) > 2
     assert quick.choice.chosen is not None
     assert exhaustive.choice.chosen is not None
     assert quick.choice.chosen.candidate == exhaustive.choice.chosen.candidate
