@@ -8,10 +8,10 @@ empties the run's `env/` directory (the 0600 extravars with the secrets) and red
 environment ansible-runner recorded in `artifacts/<ident>/command` to variable names. The run
 does the same itself when it ends normally; doing it twice is harmless.
 
-A run that ends normally (or by an exception: ansible-runner's cancel has stopped Ansible then)
-writes `ended` on the pipe first. Without it, the run was killed, and its ansible-playbook, which
-ansible-runner starts in a session of its own, would go on configuring hosts with nobody to read
-its results: the guard kills every process carrying the run's marker in its environment
+A run that returns (ansible-runner waited for Ansible to end) writes `ended` on the pipe first.
+Without it, the run was killed or raised, and its ansible-playbook, which ansible-runner starts
+in a session of its own, may go on configuring hosts with nobody to read its results: the guard
+kills every process carrying the run's marker in its environment
 (`GPUFLEET_ANSIBLE_RUN=<artifacts/ident>`: ansible-playbook, its forks, its ssh connections).
 
     python3 -I cleanup_guard.py <private data dir>/env <private data dir>/artifacts/<ident>
@@ -29,6 +29,7 @@ from pathlib import Path
 
 RUN_MARKER = "GPUFLEET_ANSIBLE_RUN"  # in the environment of the run's ansible-playbook
 ENDED = b"ended\n"  # what a run that was not killed writes before closing the pipe
+MAX_LOOKS = 50
 
 
 def empty_env_dir(env_dir: Path) -> None:
@@ -63,11 +64,12 @@ def stop_run_processes(artifact_dir: Path) -> list[int]:
     """SIGKILL to every process whose environment carries this run's marker; their pids.
 
     The marker names the run's own artifact directory (a new one per run), so no other run's
-    processes match. Two passes: a fork started between the first look and its kill is found
-    by the second."""
+    processes match. Looks again until a look finds none: a process forked (an ssh, say) while
+    its parent was being killed is found by the next look, and a killed process forks nothing."""
     marker = f"\0{RUN_MARKER}={artifact_dir}\0".encode()
     killed: list[int] = []
-    for _ in range(2):
+    for _ in range(MAX_LOOKS):
+        found = False
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) in killed:
                 continue
@@ -76,11 +78,14 @@ def stop_run_processes(artifact_dir: Path) -> list[int]:
             except OSError:  # gone, or not ours to read
                 continue
             if marker in environment:
+                found = True
                 try:
                     os.kill(int(entry.name), signal.SIGKILL)
                 except ProcessLookupError:
                     continue
                 killed.append(int(entry.name))
+        if not found:
+            break
     return killed
 
 

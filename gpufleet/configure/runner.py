@@ -281,8 +281,9 @@ def _cleanup_guard(env_dir: Path, artifact_dir: Path) -> Iterator[None]:
     assert guard.stdin is not None
     try:
         yield
-    finally:  # ended here, not killed: Ansible has stopped (ansible-runner waits for it)
+        # Returned: ansible-runner waited for Ansible to end. On an exception it may not have.
         guard.stdin.write(cleanup_guard.ENDED)
+    finally:
         guard.stdin.close()
         guard.wait()
 
