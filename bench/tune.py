@@ -23,6 +23,7 @@ figure (the spread of repeated trials) is recorded with each run, and so is the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -43,7 +44,7 @@ from gpufleet.spec.loading import load_model_spec_file  # noqa: E402
 from gpufleet.spec.model import ModelSpec  # noqa: E402
 from gpufleet.spec.stack import LoadGateSettings  # noqa: E402
 from gpufleet.tune.objective import Objective  # noqa: E402
-from gpufleet.tune.search import TuneOptions, TuneResult, tune  # noqa: E402
+from gpufleet.tune.search import TritonStopped, TuneOptions, TuneResult, tune  # noqa: E402
 from gpufleet.tune.space import (  # noqa: E402
     Candidate,
     HostFacts,
@@ -63,6 +64,7 @@ BENCH_GRID = SpaceLimits(
 )
 TOP, REPEATS = 3, 3  # both searches re-measure their top 3 to 3 measurements each, in turn
 SIDE_BY_SIDE_ROUNDS = 3
+TRITON_RESTARTS = 2  # per search, when Triton dies under it
 SLEEPY = {
     "name": "sleepy_mlp",
     "backend": "python",
@@ -187,9 +189,10 @@ def bench_model(
     model: dict[str, Any],
     save: Callable[[], None],
     others: dict[str, Candidate],
+    earlier: dict[str, Any] | None = None,
 ) -> None:
-    """One model: the exhaustive search, ``runs`` quick searches, then the side-by-side (with
-    ``others``: picks made elsewhere, such as Model Analyzer's)."""
+    """One model: the exhaustive search (or ``earlier``'s), ``runs`` quick searches, then the
+    side-by-side (with ``others``: picks made elsewhere, such as Model Analyzer's)."""
     with tempfile.TemporaryDirectory() as scratch:
         repository = Path(scratch) / "model_repository"
         spec = write_model(repository, name)
@@ -200,31 +203,55 @@ def bench_model(
             inputs = synthetic_request(spec)
 
             def search(mode: str, label: str) -> tuple[TuneResult, dict[str, Any]]:
-                print(f"{name}: {label}", flush=True)
-                result = tune(
-                    spec,
-                    space,
-                    target,
-                    inputs,
-                    options[mode],
-                    progress=lambda line: print(line, flush=True),
-                )
-                return result, run_summary(result)
+                """One search; when Triton dies under it (seen twice in this bench: the
+                python backend's stub), its log's tail is kept, Triton is started again and
+                the search starts over."""
+                nonlocal target
+                for attempt in range(1, TRITON_RESTARTS + 2):
+                    print(f"{name}: {label}", flush=True)
+                    try:
+                        result = tune(
+                            spec,
+                            space,
+                            target,
+                            inputs,
+                            options[mode],
+                            progress=lambda line: print(line, flush=True),
+                        )
+                    except TritonStopped as error:
+                        if attempt > TRITON_RESTARTS:
+                            raise
+                        tail = server.log_text()[-3000:]
+                        model.setdefault("triton_deaths", []).append(
+                            {"during": label, "error": str(error), "log_tail": tail}
+                        )
+                        print(f"{name}: Triton died ({error}); starting it again", flush=True)
+                        server.stop()
+                        server.start()
+                        target = TritonTarget(server, server.grpc_url, repository)
+                        continue
+                    return result, run_summary(result)
+                raise AssertionError("unreachable")
 
-            full, model["exhaustive"] = search("exhaustive", "exhaustive search")
-            save()
             picks: dict[str, Candidate] = {}
-            if full.choice.chosen is not None:
-                picks["exhaustive"] = full.choice.chosen.candidate
+            if earlier is not None:  # the exhaustive search of an earlier run of this bench
+                model["exhaustive"] = earlier["exhaustive"]
+                model["exhaustive_from"] = earlier["from"]
+                picks["exhaustive"] = _candidate_of(earlier["exhaustive"]["chosen"])
+            else:
+                full, model["exhaustive"] = search("exhaustive", "exhaustive search")
+                if full.choice.chosen is not None:
+                    picks["exhaustive"] = full.choice.chosen.candidate
+            save()
             for run in range(runs):
                 quick, summary = search("quick", f"quick search {run + 1}")
                 summary["trials_share_of_exhaustive"] = round(
                     summary["trials"] / model["exhaustive"]["trials"], 3
                 )
-                if quick.choice.chosen and full.choice.chosen:
+                best = model["exhaustive"]["chosen_throughput_per_s"]
+                if quick.choice.chosen and best:
                     summary["share_of_exhaustive_best_in_search"] = round(
-                        quick.choice.chosen.throughput_per_s / full.choice.chosen.throughput_per_s,
-                        3,
+                        quick.choice.chosen.throughput_per_s / best, 3
                     )
                     picks[f"quick_{run + 1}"] = quick.choice.chosen.candidate
                 model["quick_runs"].append(summary)
@@ -233,7 +260,7 @@ def bench_model(
             if "exhaustive" in picks:
                 print(f"{name}: side by side", flush=True)
                 model["side_by_side"] = side_by_side(
-                    target, spec, space, full.objective, picks, settings
+                    target, spec, space, Objective.of(spec), picks, settings
                 )
                 for run, summary in enumerate(model["quick_runs"], start=1):
                     figures = model["side_by_side"].get(f"quick_{run}")
@@ -242,6 +269,17 @@ def bench_model(
                             "share_of_exhaustive_pick"
                         ]
             save()
+
+
+def _candidate_of(chosen: dict[str, Any]) -> Candidate:
+    """The candidate a results file recorded (Candidate.as_dict)."""
+    return Candidate(
+        chosen["instance_count"],
+        chosen["max_batch_size"],
+        chosen["max_queue_delay_us"],
+        "max" if chosen["preferred_batch_sizes"] else "none",
+        chosen["instance_kind"],
+    )
 
 
 def _other_pick(text: str) -> tuple[str, Candidate]:
@@ -266,6 +304,12 @@ def main() -> None:
         default=[],
         metavar="NAME=COUNT,MBS,DELAY_US,none|max",
         help="a config found elsewhere (Model Analyzer's pick) measured in the side-by-side",
+    )
+    parser.add_argument(
+        "--exhaustive-from",
+        type=Path,
+        metavar="RESULTS",
+        help="take each model's exhaustive search from an earlier run's results file",
     )
     arguments = parser.parse_args()
     settings = LoadGateSettings(
@@ -297,7 +341,11 @@ def main() -> None:
         model: dict[str, Any] = {}
         results["models"][name] = model
         others = dict(_other_pick(text) for text in arguments.also)
-        bench_model(name, host, options, arguments.runs, settings, model, save, others)
+        earlier = None
+        if arguments.exhaustive_from:
+            recorded = json.loads(arguments.exhaustive_from.read_text())["models"][name]
+            earlier = {"exhaustive": recorded["exhaustive"], "from": str(arguments.exhaustive_from)}
+        bench_model(name, host, options, arguments.runs, settings, model, save, others, earlier)
     results["cpu_canary_ms_end"] = cpu_canary_ms()
     save()
 
