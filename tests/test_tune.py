@@ -30,7 +30,7 @@ from gpufleet.spec.loading import load_model_spec_file, model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import check_model_spec
 from gpufleet.spec.stack import LoadGateSettings
-from gpufleet.tune.objective import Objective
+from gpufleet.tune.objective import Objective, assess_all, choose, measure_noise
 from gpufleet.tune.report import pareto_front, write_reports
 from gpufleet.tune.search import TritonStopped, TuneOptions, TuneResult, tune
 from gpufleet.tune.space import (
@@ -40,7 +40,7 @@ from gpufleet.tune.space import (
     SpaceLimits,
     build_space,
 )
-from gpufleet.tune.trial import TritonTarget, synthetic_request
+from gpufleet.tune.trial import LevelResult, Trial, TritonTarget, synthetic_request
 from gpufleet.tune.write_back import COMMENT_PREFIX, apply_write_back, plan_write_back
 from tests.conftest import SAMPLE_SPECS
 from validation.tritonserver import LocalTritonServer
@@ -251,8 +251,11 @@ def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTri
     limits = SpaceLimits(
         instance_counts=(1, 2), max_batch_sizes=(1, 4), delays_us=(0,), preferred=("none",)
     )
-    quick = run(served, spec_with(), limits, exhaustive=False)
-    exhaustive = run(served, spec_with(), limits, exhaustive=True)
+    # The spec as written serves one request per execution (~50/s): the best candidate beats it
+    # far beyond the noise, so both searches must replace it, and with the same config.
+    slow = spec_with(max_batch_size=1, dynamic_batching={"max_queue_delay_us": 0})
+    quick = run(served, slow, limits, exhaustive=False)
+    exhaustive = run(served, slow, limits, exhaustive=True)
 
     assert exhaustive.configs_tried == 4
     assert quick.configs_tried <= exhaustive.configs_tried
@@ -265,6 +268,7 @@ def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTri
         assert sum(trial.baseline for trial in result.trials) > 2
     assert quick.choice.chosen is not None
     assert exhaustive.choice.chosen is not None
+    assert not exhaustive.choice.chosen.baseline, exhaustive.choice.decided_by
     assert quick.choice.chosen.candidate == exhaustive.choice.chosen.candidate
     assert exhaustive.choice.chosen.candidate == Candidate(2, 4, 0, "none")
     assert exhaustive.noise.measurements >= 4  # the spec twice, the top two twice each
@@ -328,3 +332,49 @@ def test_a_triton_that_dies_ends_the_run_at_once(tmp_path: Path) -> None:
             tune(spec, space, target, synthetic_request(spec), options, progress=progress)
     trial_lines = [line for line in seen if line.lstrip().startswith("trial")]
     assert len(trial_lines) == 4, trial_lines
+
+
+def figures(
+    candidate: Candidate, per_s: list[float], p99_ms: float, *, baseline: bool = False
+) -> list[Trial]:
+    """Trials of ``candidate`` at c=8 with these throughputs (the measurements are the input)."""
+    return [
+        Trial(
+            number,
+            candidate,
+            (LevelResult(8, value, p99_ms, p99_ms / 2, 0, True),),
+            baseline=baseline,
+            repeat=number,
+        )
+        for number, value in enumerate(per_s)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pick_per_s", "pick_p99_ms", "written_p99_ms", "kept"),
+    [
+        ([5000, 5100, 4900], 4.5, 4.5, True),  # within the noise on both counts
+        ([6000, 6100, 5900], 4.4, 4.5, False),  # a higher throughput, beyond the noise
+        ([5000, 5100, 4900], 2.5, 4.5, False),  # the same throughput, a lower p99
+        ([5000, 5100, 4900], 4.4, 60.0, False),  # the spec as written misses the 50 ms p99
+    ],
+)
+def test_the_spec_as_written_is_kept_unless_the_pick_beats_it_beyond_the_noise(
+    pick_per_s: list[float], pick_p99_ms: float, written_p99_ms: float, kept: bool
+) -> None:
+    """The decision alone, on given figures (no server). The spec as written read 4,700-5,000/s
+    (noise ±6%, the largest spread of a repeated candidate): a pick within that is no change."""
+    objective = Objective((8,), 50.0, None)
+    written = Candidate(2, 16, 2000, "max")
+    pick = Candidate(4, 8, 2000, "max")
+    trials = figures(written, [4700, 5000, 4800], written_p99_ms, baseline=True)
+    trials += figures(pick, pick_per_s, pick_p99_ms)
+    assessments = assess_all(objective, trials)
+    choice = choose(assessments, measure_noise(assessments))
+
+    assert choice.chosen is not None
+    assert choice.chosen.baseline is kept, choice.decided_by
+    if kept:
+        assert choice.decided_by.startswith("the spec as written: the best candidate")
+    else:
+        assert choice.chosen.candidate == pick

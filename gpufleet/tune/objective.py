@@ -6,7 +6,12 @@ the highest level is at least ``min_throughput_per_s`` (when set). Among those:
 
 1. the highest throughput at the highest level decides;
 2. candidates whose throughput lies within the measured noise of the best are told apart by the
-   lowest p99 at the lowest level, when that difference exceeds the noise too.
+   lowest p99 at the lowest level, when that difference exceeds the noise too;
+3. the pick replaces the spec as written only when it beats it (measured side by side in the
+   same run) by more than the noise: it meets the objective where the spec as written does
+   not, or has a higher throughput, or the same throughput and a lower p99 at the lowest level.
+   Otherwise the spec as written is kept: a change the measurements cannot tell from noise is
+   not a recommendation.
 
 The noise is the spread of repeated trials of one candidate: (max - min) / median of its
 throughput (highest level) and of its p99 (lowest level), the largest over the candidates
@@ -182,9 +187,37 @@ class Choice:
 
 
 def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
-    """The objective applied to every grid candidate (see the module docstring). The spec as
-    written is a reference only (its preferred sizes may be off the grid): when it is as good,
-    the grid point with its values wins and the diff is empty."""
+    """The objective applied to every grid candidate, then the pick against the spec as written
+    (see the module docstring): kept when the pick does not beat it by more than the noise."""
+    choice = _choose_candidate(assessments, noise)
+    written = next((item for item in assessments if item.baseline and item.loaded), None)
+    pick = choice.chosen
+    if pick is None or written is None or _beats_written(pick, written, noise):
+        return choice
+    return Choice(
+        written,
+        written,
+        f"the spec as written: the best candidate ({pick.candidate.label}, "
+        f"{pick.throughput_per_s:.0f}/s, p99 {pick.p99_lowest_ms:.2f} ms) does not beat it "
+        f"({written.throughput_per_s:.0f}/s, p99 {written.p99_lowest_ms:.2f} ms) by more than "
+        "the noise",
+        choice.within_noise,
+    )
+
+
+def _beats_written(pick: Assessment, written: Assessment, noise: Noise) -> bool:
+    if not written.meets:
+        return pick.meets
+    if pick.throughput_per_s > written.throughput_per_s * (1 + noise.throughput):
+        return True
+    return pick.throughput_per_s >= written.throughput_per_s * (
+        1 - noise.throughput
+    ) and pick.p99_lowest_ms < written.p99_lowest_ms * (1 - noise.p99)
+
+
+def _choose_candidate(assessments: Sequence[Assessment], noise: Noise) -> Choice:
+    """The objective applied to every grid candidate (the spec as written is not one: its
+    preferred sizes may be off the grid)."""
     loaded = [item for item in assessments if item.loaded and not item.baseline]
     if not loaded:
         return Choice(None, None, "no candidate loaded")
