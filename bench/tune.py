@@ -106,7 +106,9 @@ def run_summary(result: TuneResult) -> dict[str, Any]:
         },
         "noise": result.summary()["noise"],
         "decided_by": result.choice.decided_by,
-        "chosen": chosen.candidate.as_dict() if chosen else None,
+        "chosen": (
+            ("as written" if chosen.baseline else chosen.candidate.as_dict()) if chosen else None
+        ),
         "chosen_throughput_per_s": round(chosen.throughput_per_s, 1) if chosen else None,
         "chosen_p99_ms": [round(v, 2) for v in chosen.p99_ms] if chosen else None,
         "load_average": os.getloadavg()[0],
@@ -118,17 +120,18 @@ def side_by_side(
     spec: ModelSpec,
     space: SearchSpace,
     objective: Objective,
-    picks: dict[str, Candidate],
+    picks: dict[str, Candidate | None],
     settings: LoadGateSettings,
 ) -> dict[str, Any]:
-    """The spec as written and each distinct pick, in turn, SIDE_BY_SIDE_ROUNDS times, at every
-    level the spec names: the load drifts on a shared machine, and alternating spreads the drift
-    over all of them. Medians per level."""
+    """The spec as written and each distinct pick (None: the search kept the spec as written),
+    in turn, SIDE_BY_SIDE_ROUNDS times, at every level the spec names: the load drifts on a
+    shared machine, and alternating spreads the drift over all of them. Medians per level."""
     levels = list(objective.levels)
     inputs = synthetic_request(spec)
     served: dict[Candidate | None, ModelSpec] = {None: spec}
     for candidate in picks.values():
-        served.setdefault(candidate, space.spec_for(candidate))
+        if candidate is not None:
+            served.setdefault(candidate, space.spec_for(candidate))
     runs: dict[Candidate | None, list[Trial]] = {key: [] for key in served}
     for _ in range(SIDE_BY_SIDE_ROUNDS):
         for key, model_spec in served.items():
@@ -142,7 +145,7 @@ def side_by_side(
     for name, candidate in picks.items():
         mine = figures[candidate]
         out[name] = {
-            "candidate": candidate.as_dict(),
+            "candidate": candidate.as_dict() if candidate else "the spec as written",
             "per_level": mine,
             "beats_as_written_at_every_level": all(
                 _beats(level, other) for level, other in zip(mine, written, strict=True)
@@ -233,15 +236,16 @@ def bench_model(
                     return result, run_summary(result)
                 raise AssertionError("unreachable")
 
-            picks: dict[str, Candidate] = {}
+            picks: dict[str, Candidate | None] = {}
             if earlier is not None:  # the exhaustive search of an earlier run of this bench
                 model["exhaustive"] = earlier["exhaustive"]
                 model["exhaustive_from"] = earlier["from"]
-                picks["exhaustive"] = _candidate_of(earlier["exhaustive"]["chosen"])
+                chosen = earlier["exhaustive"]["chosen"]
+                picks["exhaustive"] = None if chosen == "as written" else _candidate_of(chosen)
             else:
                 full, model["exhaustive"] = search("exhaustive", "exhaustive search")
                 if full.choice.chosen is not None:
-                    picks["exhaustive"] = full.choice.chosen.candidate
+                    picks["exhaustive"] = _pick(full)
             save()
             for run in range(runs):
                 quick, summary = search("quick", f"quick search {run + 1}")
@@ -253,7 +257,7 @@ def bench_model(
                     summary["share_of_exhaustive_best_in_search"] = round(
                         quick.choice.chosen.throughput_per_s / best, 3
                     )
-                    picks[f"quick_{run + 1}"] = quick.choice.chosen.candidate
+                    picks[f"quick_{run + 1}"] = _pick(quick)
                 model["quick_runs"].append(summary)
                 save()  # kept after every run
             picks.update(others)
@@ -269,6 +273,13 @@ def bench_model(
                             "share_of_exhaustive_pick"
                         ]
             save()
+
+
+def _pick(result: TuneResult) -> Candidate | None:
+    """The search's pick; None where it kept the spec as written."""
+    chosen = result.choice.chosen
+    assert chosen is not None
+    return None if chosen.baseline else chosen.candidate
 
 
 def _candidate_of(chosen: dict[str, Any]) -> Candidate:
