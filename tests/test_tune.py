@@ -30,6 +30,7 @@ from gpufleet.spec.loading import load_model_spec_file, model_spec_hash
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import check_model_spec
 from gpufleet.spec.stack import LoadGateSettings
+from gpufleet.tune.command import _plan_edit
 from gpufleet.tune.objective import Objective, assess_all, choose, measure_noise
 from gpufleet.tune.report import pareto_front, write_reports
 from gpufleet.tune.search import TritonStopped, TuneOptions, TuneResult, tune
@@ -273,6 +274,32 @@ def test_quick_search_finds_the_exhaustive_best_on_a_small_grid(served: LocalTri
     assert exhaustive.choice.chosen.candidate == Candidate(2, 4, 0, "none")
     assert exhaustive.noise.measurements >= 4  # the spec twice, the top two twice each
     assert Objective.of(spec_with()).levels == (8,)
+
+
+def test_a_spec_no_candidate_beats_is_kept_and_the_diff_is_empty(
+    served: LocalTritonServer, tmp_path: Path
+) -> None:
+    """Real Triton, 20 ms per execution: the spec as written (2 instances, batches of 8, about
+    800/s) against a grid of one instance without batching (about 50/s). The run keeps the
+    spec, says why, and the edit `--write` would make changes nothing."""
+    spec = spec_with(instance_groups=[{"kind": "cpu", "count": 2}])
+    limits = SpaceLimits(
+        instance_counts=(1,), max_batch_sizes=(1,), delays_us=(0,), preferred=("none",)
+    )
+    result = run(served, spec, limits, exhaustive=True)
+
+    chosen = result.choice.chosen
+    assert chosen is not None
+    assert chosen.baseline, result.choice.decided_by
+    assert result.choice.decided_by.startswith("the spec as written: the best candidate (1xcpu")
+    path = tmp_path / "mlp.yaml"
+    path.write_text(
+        yaml.safe_dump(SPEC | {"instance_groups": spec.model_dump()["instance_groups"]})
+    )
+    edit = _plan_edit(load_model_spec_file(path), result, CPU_HOST)
+    assert edit is not None
+    assert edit.new_text == edit.old_text == path.read_text()
+    assert edit.diff == ""
 
 
 def test_pareto_front_keeps_points_no_other_beats() -> None:
