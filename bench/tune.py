@@ -210,7 +210,8 @@ def bench_model(
                 python backend's stub), its log's tail is kept, Triton is started again and
                 the search starts over."""
                 nonlocal target
-                for attempt in range(1, TRITON_RESTARTS + 2):
+                deaths = 0
+                while True:
                     print(f"{name}: {label}", flush=True)
                     try:
                         result = tune(
@@ -222,7 +223,8 @@ def bench_model(
                             progress=lambda line: print(line, flush=True),
                         )
                     except TritonStopped as error:
-                        if attempt > TRITON_RESTARTS:
+                        deaths += 1
+                        if deaths > TRITON_RESTARTS:
                             raise
                         tail = server.log_text()[-3000:]
                         model.setdefault("triton_deaths", []).append(
@@ -234,7 +236,6 @@ def bench_model(
                         target = TritonTarget(server, server.grpc_url, repository)
                         continue
                     return result, run_summary(result)
-                raise AssertionError("unreachable")
 
             picks: dict[str, Candidate | None] = {}
             if earlier is not None:  # the exhaustive search of an earlier run of this bench

@@ -326,12 +326,10 @@ def open_rebuild_site(
         yield site
 
 
-@contextlib.contextmanager
-def mlflow_login() -> Iterator[None]:
+def mlflow_login() -> contextlib.AbstractContextManager[None]:
     """This process's MLflow client logs in as the site's registry admin while inside."""
     names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    with environment_variables({name: SECRETS[name] for name in names}):
-        yield
+    return environment_variables({name: SECRETS[name] for name in names})
 
 
 class InferenceLoad(threading.Thread):

@@ -16,6 +16,7 @@ is configured, which is not what this test is about.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.configure.cleanup_guard import RUN_MARKER
+from gpufleet.configure.cleanup_guard import RUN_MARKER, marked_processes
 from gpufleet.configure.runner import configure_hosts
 from gpufleet.spec.loading import load_stack_spec
 
@@ -86,17 +87,11 @@ def files_holding(root: Path, *values: str) -> list[str]:
 
 def ansible_processes(data_dir: Path) -> list[str]:
     """The command lines of the processes carrying a run marker under ``data_dir``."""
-    marker = f"\0{RUN_MARKER}={data_dir}/".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environment = b"\0" + (entry / "environ").read_bytes()
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in environment:
-                found.append(f"{entry.name}: {command}")
+    for pid in marked_processes(f"\0{RUN_MARKER}={data_dir}/".encode()):
+        with contextlib.suppress(OSError):  # gone since
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append(f"{pid}: {command}")
     return found
 
 

@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +80,9 @@ def spec_of(site: Site) -> ModelSpec:
     return load_model_spec_file(site.project / "modelconfigs" / f"{MODEL}.yaml").spec
 
 
-@contextlib.contextmanager
-def registry_login() -> Iterator[None]:
+def registry_login() -> contextlib.AbstractContextManager[None]:
     """The registry's login in this process's environment (the MLflow client reads it there)."""
-    with environment_variables(SECRETS):
-        yield
+    return environment_variables(SECRETS)
 
 
 def register_candidate(site: Site, seed: int) -> int:

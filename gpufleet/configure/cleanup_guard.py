@@ -21,6 +21,7 @@ Standard library only, run with `-I`: it must start fast and owe nothing to the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,6 +61,21 @@ def forget_environment(artifact_dir: Path) -> None:
         command_file.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def marked_processes(marker: bytes) -> list[int]:
+    """The pids of the processes whose environment holds ``marker`` (NUL-delimited text, as in
+    ``/proc/<pid>/environ``; a leading NUL matches a whole variable name)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environment = b"\0" + (entry / "environ").read_bytes()
+            except OSError:  # gone, or not ours to read
+                continue
+            if marker in environment:
+                found.append(int(entry.name))
+    return found
+
+
 def stop_run_processes(artifact_dir: Path) -> list[int]:
     """SIGKILL to every process whose environment carries this run's marker; their pids.
 
@@ -69,23 +85,13 @@ def stop_run_processes(artifact_dir: Path) -> list[int]:
     marker = f"\0{RUN_MARKER}={artifact_dir}\0".encode()
     killed: list[int] = []
     for _ in range(MAX_LOOKS):
-        found = False
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in killed:
-                continue
-            try:
-                environment = b"\0" + (entry / "environ").read_bytes()
-            except OSError:  # gone, or not ours to read
-                continue
-            if marker in environment:
-                found = True
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
-                killed.append(int(entry.name))
-        if not found:
+        new = [pid for pid in marked_processes(marker) if pid not in killed]
+        if not new:
             break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     return killed
 
 

@@ -206,13 +206,15 @@ def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
 
 
 def _beats_written(pick: Assessment, written: Assessment, noise: Noise) -> bool:
-    if not written.meets:
-        return pick.meets
-    if pick.throughput_per_s > written.throughput_per_s * (1 + noise.throughput):
+    """``better`` (the objective met, or the throughput), or the same throughput and a p99 at
+    the lowest level lower by more than the noise."""
+    if better(pick, written, noise):
         return True
-    return pick.throughput_per_s >= written.throughput_per_s * (
-        1 - noise.throughput
-    ) and pick.p99_lowest_ms < written.p99_lowest_ms * (1 - noise.p99)
+    return (
+        written.meets
+        and pick.throughput_per_s >= written.throughput_per_s * (1 - noise.throughput)
+        and pick.p99_lowest_ms < written.p99_lowest_ms * (1 - noise.p99)
+    )
 
 
 def _choose_candidate(assessments: Sequence[Assessment], noise: Noise) -> Choice:
