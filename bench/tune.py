@@ -9,8 +9,8 @@ Two CPU-servable models, each served by its own Triton (the nvidia-pytriton whee
   sleepy_mlp   tests/data/python_models/torch_mlp.py with a 2 ms sleep per execution (a fixed
                per-batch cost, as a GPU launch or an I/O wait), p99 20 ms at c=1 and c=8
 
-Per model: the exhaustive search once on the bench grid (148 configs; the CLI's default on two
-cores has 292), then the quick search three times on the same grid, each compared with the
+Per model: the exhaustive search once on the bench grid (184 configs; the CLI's default on two
+cores has 364), then the quick search three times on the same grid, each compared with the
 exhaustive search's best (its trials, and its pick's throughput); then the spec as written, the
 exhaustive pick and every quick pick measured side by side, alternating, at every level the
 spec names, with the load gate's method: the fair comparison on a machine whose load drifts.
@@ -55,8 +55,9 @@ from gpufleet.tune.space import (  # noqa: E402
 from gpufleet.tune.trial import Trial, TritonTarget, run_trial, synthetic_request  # noqa: E402
 from validation.tritonserver import LocalTritonServer  # noqa: E402
 
-# 4 instance counts x (max_batch_size 1, or 6 sizes x 3 delays x 2 preferred) = 148 configs: wide
-# enough that a trial share means something, narrow enough that the exhaustive walk fits an hour.
+# 4 instance counts x (max_batch_size 1, or 6 sizes x 3 delays x (none, max, and the level's batch
+# of 8 where the size is above 8)) = 184 configs: wide enough that a trial share means something,
+# narrow enough that the exhaustive walk fits a quarter of an hour.
 BENCH_GRID = SpaceLimits(
     instance_counts=(1, 2, 3, 4),
     max_batch_sizes=(1, 2, 4, 8, 16, 32, 64),
@@ -285,11 +286,12 @@ def _pick(result: TuneResult) -> Candidate | None:
 
 def _candidate_of(chosen: dict[str, Any]) -> Candidate:
     """The candidate a results file recorded (Candidate.as_dict)."""
+    sizes, batch = chosen["preferred_batch_sizes"], chosen["max_batch_size"]
     return Candidate(
         chosen["instance_count"],
-        chosen["max_batch_size"],
+        batch,
         chosen["max_queue_delay_us"],
-        "max" if chosen["preferred_batch_sizes"] else "none",
+        "none" if not sizes else "max" if sizes == [batch] else str(sizes[0]),
         chosen["instance_kind"],
     )
 
@@ -297,11 +299,9 @@ def _candidate_of(chosen: dict[str, Any]) -> Candidate:
 def _other_pick(text: str) -> tuple[str, Candidate]:
     name, _, values = text.partition("=")
     count, batch, delay, preferred = values.split(",")
-    if preferred not in ("none", "max"):
-        raise SystemExit(f"--also {text}: the preferred sizes are none or max")
-    return name, Candidate(
-        int(count), int(batch), int(delay), "max" if preferred == "max" else "none"
-    )
+    if preferred not in ("none", "max") and not preferred.isdigit():
+        raise SystemExit(f"--also {text}: the preferred size is none, max or a number")
+    return name, Candidate(int(count), int(batch), int(delay), preferred)
 
 
 def main() -> None:
@@ -314,7 +314,7 @@ def main() -> None:
         "--also",
         action="append",
         default=[],
-        metavar="NAME=COUNT,MBS,DELAY_US,none|max",
+        metavar="NAME=COUNT,MBS,DELAY_US,none|max|SIZE",
         help="a config found elsewhere (Model Analyzer's pick) measured in the side-by-side",
     )
     parser.add_argument(

@@ -109,6 +109,29 @@ def test_dependent_settings_are_derived_so_the_specs_own_values_refuse_nothing()
     assert max(space.axes["max_queue_delay_us"]) < 50_000
 
 
+def test_preferred_sizes_include_the_batch_each_named_level_can_fill() -> None:
+    """At c=8 no more than 8 requests wait: a batcher preferring 64 waits out its delay every
+    time. The space offers the level's batch (8) beside none and max_batch_size; the sample's
+    own [8, 16] snaps to it, so the quick search starts at the sample's behaviour; where 8 is
+    not below max_batch_size it is max_batch_size itself, and the climb steps over it."""
+    spec = load_model_spec_file(SAMPLE_SPECS / "tabular_mlp.yaml").spec
+    space = build_space(spec, CPU_HOST)
+    assert space.axes["preferred"] == ("none", "8", "max")
+    start = space.snap(spec)
+    assert (start.instance_count, start.max_batch_size, start.max_queue_delay_us) == (2, 64, 2000)
+    assert start.preferred_batch_sizes == [8]
+    assert space.spec_for(start).dynamic_batching.preferred_batch_sizes == [8]  # type: ignore[union-attr]
+    grid = space.grid()
+    assert Candidate(1, 16, 500, "8") in grid
+    assert Candidate(1, 8, 500, "8") not in grid  # the same as max: tried once, as max
+    assert Candidate(1, 8, 500, "max") in grid
+    at_eight = Candidate(1, 8, 500, "max")
+    assert space.neighbour(at_eight, "preferred", -1) == Candidate(1, 8, 500, "none")
+    assert space.neighbour(at_eight, "preferred", 1) is None
+    two_levels = spec_with(objectives={"p99_latency_ms": 50, "concurrency": [1, 4, 16]})
+    assert build_space(two_levels, CPU_HOST).axes["preferred"] == ("none", "4", "16", "max")
+
+
 def test_space_is_bounded_by_the_backend_the_host_and_the_objective() -> None:
     trt = spec_with(backend="tensorrt", max_batch_size=16, parameters={})
     with pytest.raises(SpaceError, match="runs on a GPU only and this host has no GPU"):
@@ -405,3 +428,27 @@ def test_the_spec_as_written_is_kept_unless_the_pick_beats_it_beyond_the_noise(
         assert choice.decided_by.startswith("the spec as written: the best candidate")
     else:
         assert choice.chosen.candidate == pick
+
+
+def test_a_candidate_whose_figures_swing_blurs_only_its_own_comparisons() -> None:
+    """Given figures (no server). A third candidate read 5,400/s, 2,000/s and 5,500/s (the
+    swing one config showed on tabular_mlp): its spread (±65%) must not hide that the pick's
+    6,000/s beats the spec's 4,800/s (each repeated within ±6%). The typical spread is the
+    median over the repeated candidates, and the swinging one's own spread still applies to it."""
+    objective = Objective((8,), 50.0, None)
+    written = Candidate(2, 16, 2000, "max")
+    pick = Candidate(4, 8, 2000, "max")
+    swinging = Candidate(1, 32, 500, "max")
+    trials = figures(written, [4700, 5000, 4800], 4.5, baseline=True)
+    trials += figures(pick, [6000, 6100, 5900], 4.4)
+    trials += figures(swinging, [5400, 2000, 5500], 4.4)
+    assessments = assess_all(objective, trials)
+    noise = measure_noise(assessments)
+    by_candidate = {item.candidate: item for item in assessments if not item.baseline}
+
+    assert noise.throughput == pytest.approx(0.0625, abs=1e-3)  # the written spec's 300/4800
+    assert noise.between(by_candidate[pick], by_candidate[swinging]).throughput > 0.6
+    choice = choose(assessments, noise)
+    assert choice.chosen is not None
+    assert choice.chosen.candidate == pick, choice.decided_by
+    assert "the largest own spread: throughput ±64.8%" in noise.text

@@ -14,9 +14,13 @@ the highest level is at least ``min_throughput_per_s`` (when set). Among those:
    not a recommendation.
 
 The noise is the spread of repeated trials of one candidate: (max - min) / median of its
-throughput (highest level) and of its p99 (lowest level), the largest over the candidates
-measured more than once. When nothing meets the objective, the closest candidate is the one
-whose worst ratio (p99 / objective, objective / throughput) is smallest.
+throughput (highest level) and of its p99 (lowest level). A difference between two candidates
+must exceed the larger of their own spreads, and never less than the typical spread (the median
+over the candidates measured more than once), which also stands in for a candidate measured
+once. One candidate whose figures swing (measured on tabular_mlp: one instance at batch 32 read
+4,098/s, then 1,525/s) thus blurs its own comparisons only, not every comparison of the run.
+When nothing meets the objective, the closest candidate is the one whose worst ratio
+(p99 / objective, objective / throughput) is smallest.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpufleet.spec.model import ModelSpec
 from gpufleet.tune.space import Candidate, SpaceError
 from gpufleet.tune.trial import Trial
 
 FAILED = math.inf
+ConfigKey = tuple[Candidate, bool]  # a candidate, and whether it is the spec as written
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,10 @@ class Assessment:
     def label(self) -> str:
         return "the spec as written" if self.baseline else self.candidate.label
 
+    @property
+    def key(self) -> ConfigKey:
+        return (self.candidate, self.baseline)
+
     def rank(self) -> tuple[bool, float]:
         """Sort key, best last: meeting first, then throughput; otherwise the closest."""
         return (self.meets, self.throughput_per_s if self.meets else -self.violation)
@@ -128,19 +137,42 @@ def assess_all(objective: Objective, trials: Sequence[Trial]) -> list[Assessment
 
 
 @dataclass(frozen=True)
-class Noise:
-    """Spread of repeated trials, as fractions of the median (0.05 = 5%)."""
+class Spread:
+    """A spread of repeated trials, as fractions of the median (0.05 = 5%)."""
 
     throughput: float
     p99: float
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The spreads of repeated trials: typical (the median over the candidates measured more
+    than once) and each such candidate's own."""
+
+    throughput: float  # typical
+    p99: float  # typical
     candidates: int  # candidates measured more than once
     measurements: int
+    own: dict[ConfigKey, Spread] = field(default_factory=dict)
+
+    def between(self, one: Assessment, other: Assessment) -> Spread:
+        """What a difference between these two must exceed: the larger of their own spreads,
+        never less than the typical spread."""
+        spreads = [Spread(self.throughput, self.p99)]
+        spreads += [self.own[key] for key in (one.key, other.key) if key in self.own]
+        return Spread(
+            max(spread.throughput for spread in spreads), max(spread.p99 for spread in spreads)
+        )
 
     @property
     def text(self) -> str:
+        largest = ""
+        if self.own:
+            worst = max(self.own.values(), key=lambda spread: spread.throughput)
+            largest = f"; the largest own spread: throughput ±{worst.throughput:.1%}"
         return (
-            f"throughput ±{self.throughput:.1%}, p99 ±{self.p99:.1%} (spread of "
-            f"{self.measurements} measurements of {self.candidates} candidates)"
+            f"throughput ±{self.throughput:.1%}, p99 ±{self.p99:.1%} (typical spread of "
+            f"{self.measurements} measurements of {self.candidates} candidates{largest})"
         )
 
 
@@ -148,19 +180,31 @@ MIN_NOISE = 0.01  # never call a difference under 1% real: windows agree to a fe
 
 
 def measure_noise(assessments: Sequence[Assessment]) -> Noise:
-    throughput_spreads, p99_spreads, measurements = [], [], 0
+    own: dict[ConfigKey, Spread] = {}
+    measurements = 0
     for assessment in assessments:
         loaded = [trial for trial in assessment.trials if trial.loaded and trial.levels]
         if len(loaded) < 2:
             continue
         measurements += len(loaded)
-        throughput_spreads.append(_spread([t.levels[-1].throughput_per_s for t in loaded]))
-        p99_spreads.append(_spread([t.levels[0].p99_ms for t in loaded]))
+        own[assessment.key] = Spread(
+            _spread([t.levels[-1].throughput_per_s for t in loaded]),
+            _spread([t.levels[0].p99_ms for t in loaded]),
+        )
+    typical = (
+        Spread(
+            statistics.median(spread.throughput for spread in own.values()),
+            statistics.median(spread.p99 for spread in own.values()),
+        )
+        if own
+        else Spread(0.0, 0.0)
+    )
     return Noise(
-        max([MIN_NOISE, *throughput_spreads]),
-        max([MIN_NOISE, *p99_spreads]),
-        len(throughput_spreads),
+        max(MIN_NOISE, typical.throughput),
+        max(MIN_NOISE, typical.p99),
+        len(own),
         measurements,
+        own,
     )
 
 
@@ -170,12 +214,13 @@ def _spread(values: Sequence[float]) -> float:
 
 
 def better(one: Assessment, other: Assessment, noise: Noise) -> bool:
-    """Whether ``one`` beats ``other`` by more than the noise."""
+    """Whether ``one`` beats ``other`` by more than the noise between them."""
     if one.meets != other.meets:
         return one.meets
+    spread = noise.between(one, other)
     if one.meets:
-        return one.throughput_per_s > other.throughput_per_s * (1 + noise.throughput)
-    return one.violation < other.violation * (1 - noise.p99)
+        return one.throughput_per_s > other.throughput_per_s * (1 + spread.throughput)
+    return one.violation < other.violation * (1 - spread.p99)
 
 
 @dataclass(frozen=True)
@@ -210,10 +255,11 @@ def _beats_written(pick: Assessment, written: Assessment, noise: Noise) -> bool:
     the lowest level lower by more than the noise."""
     if better(pick, written, noise):
         return True
+    spread = noise.between(pick, written)
     return (
         written.meets
-        and pick.throughput_per_s >= written.throughput_per_s * (1 - noise.throughput)
-        and pick.p99_lowest_ms < written.p99_lowest_ms * (1 - noise.p99)
+        and pick.throughput_per_s >= written.throughput_per_s * (1 - spread.throughput)
+        and pick.p99_lowest_ms < written.p99_lowest_ms * (1 - spread.p99)
     )
 
 
@@ -228,17 +274,23 @@ def _choose_candidate(assessments: Sequence[Assessment], noise: Noise) -> Choice
         closest = min(loaded, key=lambda assessment: assessment.violation)
         return Choice(None, closest, "no candidate meets the objective; the closest is shown")
     best = max(meeting, key=lambda assessment: assessment.throughput_per_s)
-    floor = best.throughput_per_s * (1 - noise.throughput)
     band = tuple(
         sorted(
-            (assessment for assessment in meeting if assessment.throughput_per_s >= floor),
+            (
+                assessment
+                for assessment in meeting
+                if assessment.throughput_per_s
+                >= best.throughput_per_s * (1 - noise.between(best, assessment).throughput)
+            ),
             key=lambda assessment: -assessment.throughput_per_s,
         )
     )
     if len(band) == 1:
         return Choice(best, best, "throughput: no other candidate came within the noise", band)
     lowest = min(band, key=lambda assessment: assessment.p99_lowest_ms)
-    if lowest is not best and lowest.p99_lowest_ms < best.p99_lowest_ms * (1 - noise.p99):
+    if lowest is not best and lowest.p99_lowest_ms < best.p99_lowest_ms * (
+        1 - noise.between(best, lowest).p99
+    ):
         return Choice(
             lowest,
             lowest,

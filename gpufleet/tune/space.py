@@ -1,14 +1,16 @@
 """The search space of `gpufleet tune`: which batching and instance settings may be tried.
 
 Axes: ``instance_count``, ``max_batch_size``, ``max_queue_delay_us`` and ``preferred`` (no
-preferred batch sizes, or ``max_batch_size`` itself), plus the instance ``kind``. They are
+preferred batch size; the batch one of the spec's concurrency levels can fill; or
+``max_batch_size`` itself), plus the instance ``kind``. They are
 bounded by the backend (TensorRT engines are built for the spec's ``max_batch_size`` and run on
 GPUs only), by the host (no GPU: CPU instances only; instance counts up to twice its cores) and
 by the objective (a queue delay at or above the p99 objective can never meet it).
 
 Dependent settings are derived per candidate, so a spec's own values never make a candidate
-invalid: preferred sizes are none or ``[max_batch_size]``, a ``max_batch_size`` of 1 batches
-nothing (no delay, no preferred sizes). Every candidate is validated by the spec's own checks
+invalid: a preferred size is never above the candidate's ``max_batch_size`` (a level's batch
+that would be becomes ``[max_batch_size]``), and a ``max_batch_size`` of 1 batches nothing (no
+delay, no preferred sizes). Every candidate is validated by the spec's own checks
 (``ModelSpec`` and gpufleet/spec/model_checks.py); those it refuses are listed, never tried.
 
     space = build_space(spec, HostFacts.this_machine())
@@ -28,12 +30,15 @@ from pydantic import ValidationError
 
 from gpufleet.spec.model import DynamicBatching, InstanceGroup, ModelSpec
 
-Preferred = Literal["none", "max"]
+# "none", "max" (the candidate's max_batch_size) or a concurrency level as text ("8"): with a
+# closed loop of c clients, no more than c requests wait, so a batcher that prefers more than c
+# waits out its whole queue delay (measured on tabular_mlp at c=8: batch 64 with a 2 ms delay and
+# preferred size 64 read 2,300/s, preferred size 8 about 5,000/s).
+Preferred = str
 Kind = Literal["cpu", "gpu"]
 AXES = ("instance_count", "max_batch_size", "max_queue_delay_us", "preferred")
 
 DEFAULT_DELAYS_US = (0, 100, 500, 1000, 2000, 5000)
-DEFAULT_PREFERRED: tuple[Preferred, ...] = ("none", "max")
 MAX_INSTANCES = 8
 MAX_BATCH_LIMIT = 256
 # Backends that run only on a GPU, and those that run only on a CPU.
@@ -73,14 +78,19 @@ class Candidate:
 
     @property
     def preferred_batch_sizes(self) -> list[int]:
-        return [self.max_batch_size] if self.preferred == "max" and self.max_batch_size > 1 else []
+        if self.max_batch_size <= 1 or self.preferred == "none":
+            return []
+        if self.preferred == "max":
+            return [self.max_batch_size]
+        return [min(int(self.preferred), self.max_batch_size)]
 
     @property
     def label(self) -> str:
         if self.max_batch_size == 0:
             batching = "no batching"
         else:
-            preferred = f"pref {self.max_batch_size}" if self.preferred_batch_sizes else "no pref"
+            sizes = self.preferred_batch_sizes
+            preferred = f"pref {sizes[0]}" if sizes else "no pref"
             batching = f"mbs {self.max_batch_size}, delay {self.max_queue_delay_us} us, {preferred}"
         return f"{self.instance_count}x{self.kind}, {batching}"
 
@@ -116,6 +126,8 @@ class SearchSpace:
         """The canonical form: settings that change nothing where they cannot act are zeroed."""
         if candidate.max_batch_size <= 1:
             return replace(candidate, max_queue_delay_us=0, preferred="none")
+        if candidate.preferred.isdigit() and int(candidate.preferred) >= candidate.max_batch_size:
+            return replace(candidate, preferred="max")  # a level's batch the size cannot hold
         return candidate
 
     def raw_grid(self) -> Iterator[Candidate]:
@@ -124,7 +136,7 @@ class SearchSpace:
             for values in itertools.product(*(self.axes[axis] for axis in AXES)):
                 count, batch, delay, preferred = values
                 candidate = self.normalize(
-                    Candidate(int(count), int(batch), int(delay), preferred, kind)  # type: ignore[arg-type]
+                    Candidate(int(count), int(batch), int(delay), str(preferred), kind)
                 )
                 if candidate not in seen:
                     seen.add(candidate)
@@ -140,25 +152,27 @@ class SearchSpace:
         return candidate_spec(self.spec, candidate, tunes_instances=self.tunes_instances)
 
     def neighbour(self, candidate: Candidate, axis: str, step: int) -> Candidate | None:
-        """The next value along one axis (``step`` +1 or -1), or None past the end."""
+        """The next distinct point along one axis (``step`` +1 or -1), or None past the end.
+        Values that change nothing for this candidate are stepped over (max_batch_size 1 has no
+        delay; a level's preferred batch of 8 is ``max`` at max_batch_size 8)."""
         values = self.axes[axis]
         current = getattr(candidate, axis)
         if current not in values:
             return None
         index = values.index(current) + step
-        if not 0 <= index < len(values):
-            return None
-        changes: dict[str, Any] = {axis: values[index]}
-        moved = self.normalize(replace(candidate, **changes))
-        # Where the axis cannot act (max_batch_size 1 has no delay), a step changes nothing.
-        return None if moved == candidate else moved
+        while 0 <= index < len(values):
+            changes: dict[str, Any] = {axis: values[index]}
+            moved = self.normalize(replace(candidate, **changes))
+            if moved != candidate:
+                return moved
+            index += step
+        return None
 
     def snap(self, spec: ModelSpec) -> Candidate:
         """The grid point nearest to the spec's own settings (the quick search starts there)."""
         batching = spec.dynamic_batching or DynamicBatching()
         groups = spec.instance_groups
         count = (groups[0].count or 1) if len(groups) == 1 else 1
-        preferred: Preferred = "max" if batching.preferred_batch_sizes else "none"
         return self.normalize(
             Candidate(
                 instance_count=int(_nearest(self.axes["instance_count"], count)),
@@ -166,10 +180,23 @@ class SearchSpace:
                 max_queue_delay_us=int(
                     _nearest(self.axes["max_queue_delay_us"], batching.max_queue_delay_us)
                 ),
-                preferred=preferred if preferred in self.axes["preferred"] else "none",
+                preferred=self._snap_preferred(spec.max_batch_size, batching.preferred_batch_sizes),
                 kind=self.kinds[0],
             )
         )
+
+    def _snap_preferred(self, max_batch_size: int, sizes: Sequence[int]) -> Preferred:
+        """``max`` when the spec prefers its own max_batch_size, else the largest of its
+        preferred sizes that is a level's batch, else ``max`` or ``none``."""
+        options = self.axes["preferred"]
+        levels = [str(size) for size in sorted(sizes, reverse=True) if str(size) in options]
+        if not sizes:
+            wanted = "none"
+        elif max_batch_size in sizes or not levels:
+            wanted = "max"
+        else:
+            wanted = levels[0]
+        return str(wanted) if wanted in options else str(options[0])
 
 
 def _nearest(values: Sequence[int | str], wanted: int) -> int | str:
@@ -208,7 +235,7 @@ def build_space(spec: ModelSpec, host: HostFacts, limits: SpaceLimits | None = N
         "instance_count": tuple(sorted(set(counts))),
         "max_batch_size": tuple(sorted(set(limits.max_batch_sizes or batch_sizes(spec)))),
         "max_queue_delay_us": tuple(sorted(set(limits.delays_us or delays_us(spec)))),
-        "preferred": limits.preferred or DEFAULT_PREFERRED,
+        "preferred": limits.preferred or preferred_options(spec),
     }
     if spec.max_batch_size == 0:  # the model's tensors have no batch dimension: keep it so
         axes["max_batch_size"] = (0,)
@@ -258,6 +285,16 @@ def batch_sizes(spec: ModelSpec) -> tuple[int, ...]:
         upper = min(max(spec.max_batch_size, 64), MAX_BATCH_LIMIT)
     sizes = {2**power for power in range(upper.bit_length()) if 2**power <= upper}
     return tuple(sorted(sizes | {spec.max_batch_size} - {0}))
+
+
+def preferred_options(spec: ModelSpec) -> tuple[Preferred, ...]:
+    """None, the batch of each concurrency level the spec names (above 1), and max_batch_size."""
+    levels = (
+        sorted({level for level in spec.objectives.concurrency if level > 1})
+        if spec.objectives
+        else []
+    )
+    return ("none", *(str(level) for level in levels), "max")
 
 
 def delays_us(spec: ModelSpec) -> tuple[int, ...]:
