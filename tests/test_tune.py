@@ -452,3 +452,26 @@ def test_a_candidate_whose_figures_swing_blurs_only_its_own_comparisons() -> Non
     assert choice.chosen is not None
     assert choice.chosen.candidate == pick, choice.decided_by
     assert "the largest own spread: throughput ±64.8%" in noise.text
+
+
+def test_one_outlier_among_four_measurements_of_the_spec_does_not_hide_a_faster_pick() -> None:
+    """Given figures (no server), as sleepy_mlp read on a quiet machine: the spec as written at
+    1,382-1,490/s and once 2,067/s, a candidate at 1,949-2,073/s. From four measurements on, the
+    one farthest from the median is left out of the spread: the spec's spread is 7.5%, not 47%,
+    and the pick replaces it. With three measurements nothing is left out."""
+    objective = Objective((8,), 50.0, None)
+    written = Candidate(1, 32, 1000, "8")
+    pick = Candidate(3, 32, 500, "8")
+    trials = figures(written, [1400, 1382, 2067, 1490], 7.0, baseline=True)
+    trials += figures(pick, [1949, 2073, 2033], 6.0)
+    assessments = assess_all(objective, trials)
+    noise = measure_noise(assessments)
+    by_key = {item.key: item for item in assessments}
+
+    assert noise.own[(written, True)].throughput == pytest.approx(108 / 1445, abs=1e-3)
+    assert noise.own[(pick, False)].throughput == pytest.approx(124 / 2033, abs=1e-3)
+    assert noise.between(by_key[(pick, False)], by_key[(written, True)]).throughput < 0.08
+    choice = choose(assessments, noise)
+    assert choice.chosen is not None
+    assert choice.chosen.candidate == pick, choice.decided_by
+    assert not choice.chosen.baseline
