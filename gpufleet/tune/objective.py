@@ -166,11 +166,14 @@ class Noise:
         )
 
     @property
+    def largest_own_throughput(self) -> float:
+        return max((spread.throughput for spread in self.own.values()), default=0.0)
+
+    @property
     def text(self) -> str:
         largest = ""
         if self.own:
-            worst = max(self.own.values(), key=lambda spread: spread.throughput)
-            largest = f"; the largest own spread: throughput ±{worst.throughput:.1%}"
+            largest = f"; the largest own spread: throughput ±{self.largest_own_throughput:.1%}"
         return (
             f"throughput ±{self.throughput:.1%}, p99 ±{self.p99:.1%} (typical spread of "
             f"{self.measurements} measurements of {self.candidates} candidates{largest})"

@@ -98,9 +98,7 @@ class TuneResult:
                 "p99": round(self.noise.p99, 4),
                 "candidates": self.noise.candidates,
                 "measurements": self.noise.measurements,
-                "largest_own_throughput": round(
-                    max((spread.throughput for spread in self.noise.own.values()), default=0.0), 4
-                ),
+                "largest_own_throughput": round(self.noise.largest_own_throughput, 4),
             },
             "decided_by": self.choice.decided_by,
             "chosen": _assessment_json(chosen) if chosen else None,

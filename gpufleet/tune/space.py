@@ -196,7 +196,7 @@ class SearchSpace:
             wanted = "max"
         else:
             wanted = levels[0]
-        return str(wanted) if wanted in options else str(options[0])
+        return wanted if wanted in options else str(options[0])
 
 
 def _nearest(values: Sequence[int | str], wanted: int) -> int | str:
