@@ -16,6 +16,8 @@ exhaustive pick and every quick pick measured side by side, alternating, at ever
 spec names, with the load gate's method: the fair comparison on a machine whose load drifts.
 The machine is shared with other busy processes: every figure is noisy. The tuner's own noise
 figure (the spread of repeated trials) is recorded with each run, and so is the load average.
+Every trial of every search is kept beside the results, one JSON line each
+(``<results>.trials.jsonl``): bench/tune_replay.py replays the quick search on them.
 
     .venv/bin/python bench/tune.py [--runs 3] [--models sleepy_mlp,tabular_mlp] [--window-s 0.3]
 """
@@ -116,6 +118,26 @@ def run_summary(result: TuneResult) -> dict[str, Any]:
     }
 
 
+def trial_rows(model: str, search: str, trials: list[Trial]) -> list[dict[str, Any]]:
+    """One row per trial, in order: the config's label ("as written" for the spec as written)
+    and [concurrency, throughput/s, p99 ms] per level, or what Triton refused."""
+    rows: list[dict[str, Any]] = []
+    for trial in trials:
+        row: dict[str, Any] = {
+            "model": model,
+            "search": search,
+            "config": "as written" if trial.baseline else trial.candidate.label,
+            "levels": [
+                [level.concurrency, round(level.throughput_per_s, 1), round(level.p99_ms, 3)]
+                for level in trial.levels
+            ],
+        }
+        if not trial.loaded:
+            row["refused"] = trial.load_error
+        rows.append(row)
+    return rows
+
+
 def side_by_side(
     target: TritonTarget,
     spec: ModelSpec,
@@ -192,6 +214,7 @@ def bench_model(
     settings: LoadGateSettings,
     model: dict[str, Any],
     save: Callable[[], None],
+    keep_trials: Callable[[list[dict[str, Any]]], None],
     others: dict[str, Candidate],
     earlier: dict[str, Any] | None = None,
 ) -> None:
@@ -236,6 +259,8 @@ def bench_model(
                         server.start()
                         target = TritonTarget(server, server.grpc_url, repository)
                         continue
+                    search_name = label.replace("quick search ", "quick_").split()[0]
+                    keep_trials(trial_rows(name, search_name, result.trials))
                     return result, run_summary(result)
 
             picks: dict[str, Candidate | None] = {}
@@ -340,7 +365,8 @@ def main() -> None:
         f"{arguments.runs} times, on the bench grid {BENCH_GRID}; validation/load.py "
         f"measure_level, windows of {settings.window_s:g} s, {settings.stable_windows} within "
         f"{settings.stability_percent:g}%, at most {settings.max_windows}; top {TOP} re-measured "
-        f"to {REPEATS} measurements each; then the spec as written and every pick measured side "
+        f"to {REPEATS} measurements each; the quick search within its default budget (15% of "
+        "the grid in trials, at least 20); then the spec as written and every pick measured side "
         f"by side, alternating, {SIDE_BY_SIDE_ROUNDS} rounds",
         "cpu_canary_ms_start": cpu_canary_ms(),
         "models": {},
@@ -348,6 +374,13 @@ def main() -> None:
 
     def save() -> None:
         write_results(arguments.out, results)
+
+    trials_path = arguments.out.with_suffix(".trials.jsonl")
+    trials_path.unlink(missing_ok=True)
+
+    def keep_trials(rows: list[dict[str, Any]]) -> None:
+        with trials_path.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
 
     for name in arguments.models.split(","):
         model: dict[str, Any] = {}
@@ -357,7 +390,9 @@ def main() -> None:
         if arguments.exhaustive_from:
             recorded = json.loads(arguments.exhaustive_from.read_text())["models"][name]
             earlier = {"exhaustive": recorded["exhaustive"], "from": str(arguments.exhaustive_from)}
-        bench_model(name, host, options, arguments.runs, settings, model, save, others, earlier)
+        bench_model(
+            name, host, options, arguments.runs, settings, model, save, keep_trials, others, earlier
+        )
     results["cpu_canary_ms_end"] = cpu_canary_ms()
     save()
 

@@ -6,9 +6,13 @@ Quick search: from the grid point nearest the spec's own settings, each axis in 
 up one step at a time, and down only when going up found nothing better. A direction stops at
 the first step that misses the p99 objective (without coming closer to it than the current
 point: further along, the p99 only grows), or after ``patience`` + 1 steps (2 by default) that
-do not beat the best point by more than the noise. The best point of the axis becomes the
-current one; passes repeat until no axis moves. Points already measured are never measured
-again by the climb.
+do not beat the best point by more than the noise. The point of the axis with the best figures
+becomes the current one, even when its lead is within the noise: across a plateau the climb
+goes on from its measured top, where the other axes may differ (sleepy_mlp: no queue delay
+beats 500 us at 4 instances, not at 2). Passes repeat until no axis moves; each move is to a
+point measured better than the current one, so the climb ends. Points already measured are
+never measured again by the climb. The quick search measures at most ``max_trials`` trials
+(default: 15% of the grid, at least 20), the re-measurement included.
 
 Triton is left serving the repository's own config when the run ends, also on an error.
 
@@ -17,6 +21,7 @@ Triton is left serving the repository's own config when the run ends, also on an
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +50,18 @@ MAX_RANKING_ROUNDS = 4
 _LIVE_TIMEOUT_S = 10.0
 
 
+QUICK_SHARE, MIN_QUICK_TRIALS = 0.15, 20
+
+
+def quick_search_budget(grid_size: int) -> int:
+    """The quick search's trials by default: 15% of the grid, at least 20."""
+    return max(MIN_QUICK_TRIALS, math.ceil(QUICK_SHARE * grid_size))
+
+
+class _BudgetSpent(Exception):
+    """The climb reached its share of the quick search's trials."""
+
+
 class TritonStopped(RuntimeError):
     """Triton stopped answering during the run: no later trial could be measured."""
 
@@ -59,6 +76,7 @@ class TuneOptions:
     # added 5-8% (within the noise) and two together 14%; with 0 the climb stopped at 2 or 3
     # instances, 0.89 of the exhaustive pick's throughput.
     patience: int = 1
+    max_trials: int | None = None  # the quick search's; None: quick_search_budget(grid)
 
 
 @dataclass(frozen=True)
@@ -138,6 +156,8 @@ class _Runner:
         self.trials: list[Trial] = []
         self.first: dict[Candidate, Assessment] = {}
         self.noise = Noise(0.0, 0.0, 0, 0)
+        self.max_trials: int | None = None  # None: no limit (the exhaustive search)
+        self.climb_trials: int | None = None  # the climb's share of max_trials
 
     def measure(self, candidate: Candidate, *, baseline: bool = False) -> Trial:
         spec = self.spec if baseline else self.space.spec_for(candidate)
@@ -166,6 +186,8 @@ class _Runner:
     def assessment(self, candidate: Candidate) -> Assessment:
         """The candidate's first measurement, measured now if it never was."""
         if candidate not in self.first:
+            if self.climb_trials is not None and len(self.trials) >= self.climb_trials:
+                raise _BudgetSpent
             self.first[candidate] = assess(self.objective, [self.measure(candidate)])
         return self.first[candidate]
 
@@ -195,7 +217,14 @@ def tune(
             for candidate in space.grid():
                 runner.assessment(candidate)
         else:
-            _climb(runner, start)
+            runner.max_trials = options.max_trials or quick_search_budget(len(space.grid()))
+            # kept for the re-measurement: the top candidates' and the spec's further trials
+            reserve = (options.top + 1) * (options.repeats - 1)
+            runner.climb_trials = max(len(runner.trials) + 1, runner.max_trials - reserve)
+            try:
+                _climb(runner, start)
+            except _BudgetSpent:
+                runner.progress(f"  the climb stops at {len(runner.trials)} trials (its budget)")
         _measure_top_again(runner, start)
     finally:
         _restore(target, spec, runner.progress)
@@ -241,14 +270,17 @@ def _walk(
     best: Assessment,
     allowed: set[Candidate],
 ) -> Assessment:
-    """Walk one direction from ``current``; the best point seen (``best`` if none beat it)."""
+    """Walk one direction from ``current``: the point with the best figures seen (``best`` if
+    none ranks above it). Steps that do not beat the best by more than the noise count towards
+    the stop."""
     here = runner.assessment(current)
+    top = best
     probe: Candidate | None = current
     misses = 0
     while True:
         probe = runner.space.neighbour(probe, axis, step) if probe is not None else None
         if probe is None:
-            return best
+            return top
         if probe not in allowed:  # refused by the spec's checks: never tried, step over it
             continue
         trial = runner.assessment(probe)
@@ -256,13 +288,15 @@ def _walk(
             continue
         p99_missed = any(value > runner.objective.p99_ms for value in trial.p99_ms)
         if p99_missed and not better(trial, here, runner.noise):
-            return best  # this direction cannot meet the p99
+            return top  # this direction cannot meet the p99
+        if trial.rank() > top.rank():
+            top = trial
         if better(trial, best, runner.noise):
             best, misses = trial, 0
         else:
             misses += 1
             if misses > runner.options.patience:
-                return best
+                return top
 
 
 def _first_that_loads(
@@ -306,6 +340,8 @@ def _measure_top_again(runner: _Runner, start: Candidate) -> None:
             if turn[0] == (last.candidate, last.baseline):  # never the same config twice in a row
                 turn = turn[1:] + turn[:1]
             for candidate, baseline in turn:
+                if runner.max_trials is not None and len(runner.trials) >= runner.max_trials:
+                    return
                 runner.measure(candidate, baseline=baseline)
             short = [c for c in short if len(runner.group(c, False)) < runner.options.repeats]
 
