@@ -46,6 +46,7 @@ from generators.triton_config import (
 from gpufleet.spec.model import Backend, ModelSpec, Platform
 from gpufleet.spec.model_checks import check_model_spec
 from gpufleet.spec.problems import FieldPath, format_field_path
+from gpufleet.spec.yaml_source import SpecDumper
 
 __all__ = [
     "SUPPORTED_FIELD_PATHS",
@@ -316,8 +317,8 @@ def config_differences(expected: Message, actual: Message) -> list[str]:
     return found
 
 
-class _YamlDumper(yaml.SafeDumper):
-    """Block style, no anchors or aliases."""
+class _YamlDumper(SpecDumper):
+    """Block style, no anchors or aliases; strings that look like numbers quoted."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True

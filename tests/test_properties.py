@@ -38,6 +38,7 @@ from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.model_checks import PLATFORM_BACKEND
 from gpufleet.spec.paths import FILE_NAME_PATTERN
 from gpufleet.spec.problems import SpecProblem
+from gpufleet.spec.yaml_source import SpecDumper
 from tests.conftest import SAMPLE_SPECS, snapshot, write_spec
 
 runner = CliRunner()
@@ -434,7 +435,9 @@ def model_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 def to_yaml(data: Any, *, unicode: bool = True) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=unicode)
+    """``data`` as YAML that the spec loader reads back as ``data``: PyYAML's own dumper writes
+    the text "08" plain, which the loader (YAML 1.2 scalars) reads as the number 8."""
+    return yaml.dump(data, Dumper=SpecDumper, sort_keys=False, allow_unicode=unicode)
 
 
 @given(data=spec_dicts(), unicode=st.booleans())
@@ -782,6 +785,27 @@ def mutated_specs(draw: st.DrawFn) -> Mutated:
 @example(
     mutated=Mutated(
         "out_of_range", "m", {"name": "m", "backend": "python", "max_batch_size": 2**31}, None
+    )
+)
+# Found by this test (a full `make test`, 2026-12-05): the file name "08", written plain by
+# PyYAML's dumper, read back as the number 8, so the file was refused for that and not for its
+# duplicate tensor name. to_yaml now writes what the loader reads back.
+@example(
+    mutated=Mutated(
+        "duplicate_tensor",
+        "a",
+        {
+            "name": "a",
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": 1,
+            "inputs": [
+                {"name": "0", "dtype": "bf16", "shape": [-1]},
+                {"name": "0", "dtype": "bf16", "shape": [-1]},
+            ],
+            "outputs": [{"name": "0", "dtype": "bf16", "shape": [-1]}],
+            "default_model_filename": "08",
+        },
+        ("inputs", 1, "name"),
     )
 )
 @settings(max_examples=200, **SETTINGS)

@@ -12,6 +12,7 @@ batch size and data for each required input.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from generators.triton_import import (
     parse_config_pbtxt,
     spec_to_yaml,
 )
+from gpufleet.spec.loading import load_model_spec_file
 from gpufleet.spec.model import (
     DynamicBatching,
     InputSpec,
@@ -83,7 +85,12 @@ def parse(text: str, origin: str = "test.pbtxt") -> pb.ModelConfig:
 
 
 def yaml_round_trip(spec: ModelSpec) -> ModelSpec:
-    return ModelSpec.model_validate(yaml.safe_load(spec_to_yaml(spec)))
+    """The spec as `gpufleet import` writes it, read back as every gpufleet command reads a spec
+    file (YAML 1.2 scalars: `08` is a number there, text in PyYAML's YAML 1.1)."""
+    with tempfile.TemporaryDirectory() as temp:
+        path = Path(temp) / f"{spec.name}.yaml"
+        path.write_text(spec_to_yaml(spec), encoding="utf-8")
+        return load_model_spec_file(path).spec
 
 
 def refusal(text: str) -> UnsupportedConfigError:
@@ -298,6 +305,7 @@ def test_yaml_keeps_strings_that_look_like_other_yaml_types() -> None:
         + """
         parameters { key: "1" value { string_value: "2" } }
         parameters { key: "yes" value { string_value: "no" } }
+        parameters { key: "08" value { string_value: "09" } }
         parameters { key: "null" value { string_value: "~" } }
         parameters { key: "x: y" value { string_value: "- [a]" } }
         parameters { key: "unicode" value { string_value: "naïve ✓" } }

@@ -1,4 +1,5 @@
-"""Read a YAML spec file so that every later problem can point at its file and line.
+"""Read a YAML spec file so that every later problem can point at its file and line, and write
+one that reads back as written (`SpecDumper`).
 
 PyYAML silently keeps the last of two equal keys and forgets line numbers once it builds
 Python objects; `read_yaml_file` refuses duplicate keys and returns a `YamlSource` whose
@@ -112,6 +113,16 @@ _StrictLoader.add_implicit_resolver(
 )
 _StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL, list("-+0123456789"))
 _StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int)
+
+
+class SpecDumper(yaml.SafeDumper):
+    """Safe dumper whose output the spec loader reads back as written: a string the loader
+    would read as a number is quoted. PyYAML's own resolvers follow YAML 1.1, where `08` is
+    text (not octal), so it wrote the tensor name "08" plain, and the loader read the integer
+    8. Its YAML 1.1 booleans (`no`, `on`) stay quoted too, which the loader reads as text."""
+
+
+SpecDumper.add_implicit_resolver(_INT_TAG, _DECIMAL, list("-+0123456789"))
 
 
 @dataclass
