@@ -96,12 +96,13 @@ class Assessment:
         return any(trial.loaded for trial in self.trials)
 
     @property
+    def throughput_readings(self) -> list[float]:
+        """The throughput at the highest level of each of its measurements."""
+        return [trial.levels[-1].throughput_per_s for trial in self.trials if trial.levels]
+
+    @property
     def lowest_throughput_per_s(self) -> float:
-        """The lowest throughput at the highest level over its measurements."""
-        return min(
-            (trial.levels[-1].throughput_per_s for trial in self.trials if trial.levels),
-            default=0.0,
-        )
+        return min(self.throughput_readings, default=0.0)
 
     @property
     def label(self) -> str:
@@ -177,7 +178,7 @@ class Noise:
     def unsteady(self, assessment: Assessment) -> bool:
         """Whether its throughput readings (at least 3, none left out) span more than UNSTEADY
         times the typical spread: more than one steady state, not noise."""
-        values = [trial.levels[-1].throughput_per_s for trial in assessment.trials if trial.levels]
+        values = assessment.throughput_readings
         if len(values) < 3 or statistics.median(values) <= 0:
             return False
         return (max(values) - min(values)) / statistics.median(values) > UNSTEADY * self.throughput
@@ -276,7 +277,7 @@ def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
         return choice
     if _beats_written(pick, written, noise):
         if not better(pick, written, noise) and _beats_lower_state(pick, written, noise):
-            readings = [t.levels[-1].throughput_per_s for t in written.trials if t.levels]
+            readings = written.throughput_readings
             return replace(
                 choice,
                 decided_by=f"{choice.decided_by}; the spec as written read "
@@ -296,8 +297,9 @@ def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
 
 
 def _beats_written(pick: Assessment, written: Assessment, noise: Noise) -> bool:
-    """``better`` (the objective met, or the throughput), or the same throughput and a p99 at
-    the lowest level lower by more than the noise."""
+    """``better`` (the objective met, or the throughput), or the same throughput and either a
+    spec as written taken at its lower state (``_beats_lower_state``) or a p99 at the lowest
+    level lower by more than the noise."""
     if better(pick, written, noise):
         return True
     spread = noise.between(pick, written)
