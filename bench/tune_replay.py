@@ -155,6 +155,23 @@ def replay(
     return len(result.trials), AS_WRITTEN if chosen.baseline else chosen.candidate.label
 
 
+def share_figures(shares: list[float]) -> dict[str, float]:
+    """The median, the 10th percentile and the count at 0.97 or more of sorted shares."""
+    return {
+        "median": round(statistics.median(shares), 3),
+        "p10": round(shares[len(shares) // 10], 3),
+        "at_least_0.97": sum(share >= 0.97 for share in shares),
+    }
+
+
+def pick_counts(runs: list[tuple[int, str]], scores: dict[str, float]) -> list[dict[str, Any]]:
+    """How often each config was picked, most often first, with its median reading."""
+    return [
+        {"config": label, "runs": count, "median_per_s": scores.get(label)}
+        for label, count in Counter(label for _, label in runs).most_common()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trials", type=Path, nargs="+", help="bench/tune.py's .trials.jsonl")
@@ -198,24 +215,10 @@ def main() -> None:
             if exhaustive_trials
             else None,
         },
-        "share_of_exhaustive_pick": {
-            "median": round(statistics.median(of_exhaustive), 3),
-            "p10": round(of_exhaustive[len(of_exhaustive) // 10], 3),
-            "at_least_0.97": sum(share >= 0.97 for share in of_exhaustive),
-        },
-        "exhaustive_picks": [
-            {"config": label, "runs": count, "median_per_s": scores.get(label)}
-            for label, count in Counter(label for _, label in fulls).most_common()
-        ],
-        "share_of_best": {
-            "median": round(statistics.median(shares), 3),
-            "p10": round(shares[len(shares) // 10], 3),
-            "at_least_0.97": sum(share >= 0.97 for share in shares),
-        },
-        "picks": [
-            {"config": label, "runs": count, "median_per_s": scores.get(label)}
-            for label, count in Counter(label for _, label in runs).most_common()
-        ],
+        "share_of_exhaustive_pick": share_figures(of_exhaustive),
+        "exhaustive_picks": pick_counts(fulls, scores),
+        "share_of_best": share_figures(shares),
+        "picks": pick_counts(runs, scores),
     }
     print(json.dumps(summary, indent=2))
     out = arguments.out or RESULTS / f"tune_replay_{arguments.model}.json"
