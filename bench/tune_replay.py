@@ -203,8 +203,8 @@ def main() -> None:
         "from": [str(path) for path in arguments.trials],
         "runs": arguments.runs,
         "jitter": {
-            "throughput": round(Replay(readings, random.Random(0)).throughput_jitter, 4),
-            "p99": round(Replay(readings, random.Random(0)).p99_jitter, 4),
+            "throughput": round(jitter_of(readings, 1), 4),
+            "p99": round(jitter_of(readings, 2), 4),
         },
         "best_median": {"config": best, "per_s": scores[best]},
         "trials": {
