@@ -51,6 +51,7 @@ _LIVE_TIMEOUT_S = 10.0
 
 
 QUICK_SHARE, MIN_QUICK_TRIALS = 0.15, 20
+FIRST_MEASUREMENTS_OF_SPEC = 2  # the spec as written, measured before the search
 
 
 def quick_search_budget(grid_size: int) -> int:
@@ -156,8 +157,15 @@ class _Runner:
         self.trials: list[Trial] = []
         self.first: dict[Candidate, Assessment] = {}
         self.noise = Noise(0.0, 0.0, 0, 0)
-        self.max_trials: int | None = None  # None: no limit (the exhaustive search)
-        self.climb_trials: int | None = None  # the climb's share of max_trials
+        # The quick search's limit (None: the exhaustive search has none), and the climb's share
+        # of it: the rest is kept for the top candidates' and the spec's further measurements.
+        self.max_trials: int | None = None
+        self.climb_trials: int | None = None
+        if not options.exhaustive:
+            self.max_trials = options.max_trials or quick_search_budget(len(space.grid()))
+            reserve = (options.top + 1) * (options.repeats - 1)
+            # at least one climb trial after the spec's first measurements
+            self.climb_trials = max(FIRST_MEASUREMENTS_OF_SPEC + 1, self.max_trials - reserve)
 
     def measure(self, candidate: Candidate, *, baseline: bool = False) -> Trial:
         spec = self.spec if baseline else self.space.spec_for(candidate)
@@ -210,17 +218,13 @@ def tune(
     runner = _Runner(spec, space, target, inputs, objective, options, progress or _quiet)
     try:
         start = space.snap(spec)
-        for _ in range(2):  # the spec as written, twice: the first figure of the noise
+        for _ in range(FIRST_MEASUREMENTS_OF_SPEC):  # the first figure of the noise
             runner.measure(start, baseline=True)
         runner.noise = measure_noise(assess_all(objective, runner.trials))
         if options.exhaustive:
             for candidate in space.grid():
                 runner.assessment(candidate)
         else:
-            runner.max_trials = options.max_trials or quick_search_budget(len(space.grid()))
-            # kept for the re-measurement: the top candidates' and the spec's further trials
-            reserve = (options.top + 1) * (options.repeats - 1)
-            runner.climb_trials = max(len(runner.trials) + 1, runner.max_trials - reserve)
             try:
                 _climb(runner, start)
             except _BudgetSpent:
