@@ -193,6 +193,7 @@ def main() -> None:
         runs.append(replay(spec, space, readings, seed, exhaustive=False))
         fulls.append(replay(spec, space, readings, seed + arguments.runs, exhaustive=True))
     shares = sorted(scores.get(label, 0.0) / scores[best] for _, label in runs)
+    exhaustive_shares = sorted(scores.get(label, 0.0) / scores[best] for _, label in fulls)
     of_exhaustive = sorted(
         scores.get(label, 0.0) / scores[full]
         for (_, label), (_, full) in zip(runs, fulls, strict=True)
@@ -216,6 +217,7 @@ def main() -> None:
             else None,
         },
         "share_of_exhaustive_pick": share_figures(of_exhaustive),
+        "exhaustive_share_of_best": share_figures(exhaustive_shares),
         "exhaustive_picks": pick_counts(fulls, scores),
         "share_of_best": share_figures(shares),
         "picks": pick_counts(runs, scores),

@@ -733,9 +733,9 @@ def tune_command(
     running Triton (configs swapped by explicit load, no restart), and show the spec's diff.
 
     Objective: the highest throughput whose p99 meets the spec at every concurrency level, then
-    the lowest p99 at the lowest level among those within noise. Reports (JSON, PNG, HTML) go to
-    --out. Exit codes: 0 found, 1 no config meets the objectives (the closest is shown), 2 bad
-    input or could not run. Local stacks only.
+    the lowest p99 at the lowest level among those within noise and measured again. Reports
+    (JSON, PNG, HTML) go to --out. Exit codes: 0 found, 1 no config meets the objectives (the
+    closest is shown), 2 bad input or could not run. Local stacks only.
     """
     from gpufleet.tune.command import TuneError, TuneRequest, run_tune
     from gpufleet.tune.report import decision_lines, trial_table
