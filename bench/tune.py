@@ -54,7 +54,7 @@ from gpufleet.tune.space import (  # noqa: E402
     SpaceLimits,
     build_space,
 )
-from gpufleet.tune.trial import Trial, TritonTarget, run_trial, synthetic_request  # noqa: E402
+from gpufleet.tune.trial import Trial, TritonTarget, synthetic_request  # noqa: E402
 from validation.tritonserver import LocalTritonServer  # noqa: E402
 
 # 4 instance counts x (max_batch_size 1, or 6 sizes x 3 delays x (none, max, and the level's batch
@@ -150,7 +150,6 @@ def side_by_side(
     in turn, SIDE_BY_SIDE_ROUNDS times, at every level the spec names: the load drifts on a
     shared machine, and alternating spreads the drift over all of them. Medians per level."""
     levels = list(objective.levels)
-    inputs = synthetic_request(spec)
     served: dict[Candidate | None, ModelSpec] = {None: spec}
     for candidate in picks.values():
         if candidate is not None:
@@ -159,9 +158,7 @@ def side_by_side(
     for _ in range(SIDE_BY_SIDE_ROUNDS):
         for key, model_spec in served.items():
             candidate = key or space.snap(spec)
-            runs[key].append(
-                run_trial(target, model_spec, candidate, inputs, levels, settings, number=0)
-            )
+            runs[key].append(target.run_trial(model_spec, candidate, levels, settings, number=0))
     figures = {key: _per_level(trials) for key, trials in runs.items()}
     written = figures[None]
     out: dict[str, Any] = {"as_written": written}
@@ -226,8 +223,8 @@ def bench_model(
         space = build_space(spec, host, BENCH_GRID)
         model.update(grid=len(space.grid()), quick_runs=[])
         with LocalTritonServer(repository, Path(scratch) / "triton") as server:
-            target = TritonTarget(server, server.grpc_url, repository)
             inputs = synthetic_request(spec)
+            target = TritonTarget(server, server.grpc_url, repository, inputs)
 
             def search(mode: str, label: str) -> tuple[TuneResult, dict[str, Any]]:
                 """One search; when Triton dies under it (seen twice in this bench: the
@@ -242,7 +239,6 @@ def bench_model(
                             spec,
                             space,
                             target,
-                            inputs,
                             options[mode],
                             progress=lambda line: print(line, flush=True),
                         )
@@ -257,7 +253,7 @@ def bench_model(
                         print(f"{name}: Triton died ({error}); starting it again", flush=True)
                         server.stop()
                         server.start()
-                        target = TritonTarget(server, server.grpc_url, repository)
+                        target = TritonTarget(server, server.grpc_url, repository, inputs)
                         continue
                     search_name = label.replace("quick search ", "quick_").split()[0]
                     keep_trials(trial_rows(name, search_name, result.trials))

@@ -39,6 +39,7 @@ from bench.loadgen import RESULTS, write_results  # noqa: E402
 from bench.tune import BENCH_GRID, REPEATS, SLEEPY, TOP  # noqa: E402
 from gpufleet.spec.loading import load_model_spec_file  # noqa: E402
 from gpufleet.spec.model import ModelSpec  # noqa: E402
+from gpufleet.spec.stack import LoadGateSettings  # noqa: E402
 from gpufleet.tune import search  # noqa: E402
 from gpufleet.tune.objective import Objective  # noqa: E402
 from gpufleet.tune.space import Candidate, HostFacts, SearchSpace, build_space  # noqa: E402
@@ -86,21 +87,22 @@ def model_spec(model: str) -> ModelSpec:
 
 
 class Replay:
-    """Stands in for gpufleet.tune.trial.run_trial: draws a recorded reading of the config."""
+    """Stands in for Triton (gpufleet.tune.trial.TuningTarget): each trial draws a recorded
+    reading of the config."""
+
+    address = "the replay"
 
     def __init__(self, readings: dict[str, list[Reading]], rng: random.Random) -> None:
         self.readings, self.rng = readings, rng
         self.throughput_jitter = jitter_of(readings, 1)
         self.p99_jitter = jitter_of(readings, 2)
 
-    def __call__(
+    def run_trial(
         self,
-        target: object,
         spec: ModelSpec,
         candidate: Candidate,
-        inputs: object,
         levels: list[int],
-        settings: object,
+        settings: LoadGateSettings,
         *,
         number: int,
         baseline: bool = False,
@@ -122,6 +124,12 @@ class Replay:
             for concurrency, throughput, p99 in reading
         )
         return Trial(number, candidate, figures, baseline=baseline, repeat=repeat)
+
+    def live(self) -> bool:
+        return True
+
+    def restore(self, spec: ModelSpec) -> None:
+        return None
 
 
 def medians(readings: dict[str, list[Reading]], objective: Objective) -> dict[str, float]:
@@ -145,10 +153,8 @@ def replay(
     exhaustive: bool,
 ) -> tuple[int, str]:
     """One search on recorded readings: its trial count and its pick's label."""
-    search.run_trial = Replay(readings, random.Random(seed))  # type: ignore[attr-defined]
-    search._restore = lambda target, spec, progress: None
     options = search.TuneOptions(exhaustive=exhaustive, top=TOP, repeats=REPEATS)
-    result = search.tune(spec, space, None, {}, options)  # type: ignore[arg-type]
+    result = search.tune(spec, space, Replay(readings, random.Random(seed)), options)
     chosen = result.choice.chosen
     if chosen is None:
         return len(result.trials), "nothing meets the objective"

@@ -219,9 +219,9 @@ def run(
     host: HostFacts = CPU_HOST,
 ) -> TuneResult:
     space = build_space(spec, host, limits)
-    target = TritonTarget(served, served.grpc_url, served.model_repository)
+    target = TritonTarget(served, served.grpc_url, served.model_repository, synthetic_request(spec))
     options = TuneOptions(settings=SETTINGS, top=2, repeats=2, exhaustive=exhaustive)
-    return tune(spec, space, target, synthetic_request(spec), options)
+    return tune(spec, space, target, options)
 
 
 def test_a_config_triton_refuses_is_recorded_and_skipped(
@@ -369,7 +369,9 @@ def test_a_triton_that_dies_ends_the_run_at_once(tmp_path: Path) -> None:
     with LocalTritonServer(
         write_repository(tmp_path), tmp_path / "triton", load_models=["mlp"]
     ) as server:
-        target = TritonTarget(server, server.grpc_url, server.model_repository)
+        target = TritonTarget(
+            server, server.grpc_url, server.model_repository, synthetic_request(spec)
+        )
         seen: list[str] = []
 
         def progress(line: str) -> None:
@@ -379,7 +381,7 @@ def test_a_triton_that_dies_ends_the_run_at_once(tmp_path: Path) -> None:
 
         options = TuneOptions(settings=SETTINGS, top=2, repeats=2, exhaustive=True)
         with pytest.raises(TritonStopped, match="stopped answering during trial 4"):
-            tune(spec, space, target, synthetic_request(spec), options, progress=progress)
+            tune(spec, space, target, options, progress=progress)
     trial_lines = [line for line in seen if line.lstrip().startswith("trial")]
     assert len(trial_lines) == 4, trial_lines
 
@@ -585,47 +587,48 @@ def plateau_figures(candidate: Candidate, baseline: bool, repeat: int) -> float:
     return per_s - (10 if candidate.preferred == "none" else 0)
 
 
-def stand_in_run_trial(
-    target: object,
-    spec: ModelSpec,
-    candidate: Candidate,
-    inputs: object,
-    levels: list[int],
-    settings: object,
-    *,
-    number: int,
-    baseline: bool = False,
-    repeat: int = 0,
-) -> Trial:
-    per_s = plateau_figures(candidate, baseline, repeat)
-    level = LevelResult(8, per_s, 5.0, 2.5, 0, True)
-    return Trial(number, candidate, (level,), baseline=baseline, repeat=repeat)
+class MadeUpTarget:
+    """Stands in for Triton (TuningTarget): each trial reads ``plateau_figures``."""
+
+    address = "the made-up target"
+
+    def run_trial(
+        self,
+        spec: ModelSpec,
+        candidate: Candidate,
+        levels: list[int],
+        settings: LoadGateSettings,
+        *,
+        number: int,
+        baseline: bool = False,
+        repeat: int = 0,
+    ) -> Trial:
+        per_s = plateau_figures(candidate, baseline, repeat)
+        level = LevelResult(8, per_s, 5.0, 2.5, 0, True)
+        return Trial(number, candidate, (level,), baseline=baseline, repeat=repeat)
+
+    def live(self) -> bool:
+        return True
+
+    def restore(self, spec: ModelSpec) -> None:
+        return None
 
 
-def climb_on_made_up_figures(
-    monkeypatch: pytest.MonkeyPatch, options: TuneOptions
-) -> tuple[TuneResult, list[str]]:
-    from gpufleet.tune import search
-
-    monkeypatch.setattr(search, "run_trial", stand_in_run_trial)
-    monkeypatch.setattr(search, "_restore", lambda target, spec, progress: None)
+def climb_on_made_up_figures(options: TuneOptions) -> tuple[TuneResult, list[str]]:
     spec = spec_with(objectives={"p99_latency_ms": 50, "concurrency": [8]})
     limits = SpaceLimits(instance_counts=(1, 2, 3, 4), max_batch_sizes=(8,), delays_us=(0, 500))
     space = build_space(spec, CPU_HOST, limits)
     lines: list[str] = []
-    target = None  # never reached: the trials are the stand-in's
-    return tune(spec, space, target, {}, options, progress=lines.append), lines  # type: ignore[arg-type]
+    return tune(spec, space, MadeUpTarget(), options, progress=lines.append), lines
 
 
-def test_the_climb_goes_on_from_the_measured_top_of_a_plateau(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_climb_goes_on_from_the_measured_top_of_a_plateau() -> None:
     """The quick search's own code on made-up figures (the measurement is a stand-in, no
     server). 2, 3 and 4 instances lie within the noise of each other; only at 4 does dropping
     the queue delay pay (2,400/s), as sleepy_mlp read on a quiet machine. The climb used to
     stay at 2 instances, the first step beyond the noise, walk the delay axis there, and end at
     0.86 of the best; it now goes on from 4 instances, the plateau's measured top."""
-    result, lines = climb_on_made_up_figures(monkeypatch, TuneOptions(top=2, repeats=2))
+    result, lines = climb_on_made_up_figures(TuneOptions(top=2, repeats=2))
 
     assert "  moved along instance_count: 4xcpu, mbs 8, delay 500 us, pref 8" in lines
     assert result.choice.chosen is not None
@@ -633,13 +636,11 @@ def test_the_climb_goes_on_from_the_measured_top_of_a_plateau(
     assert result.choice.chosen.throughput_per_s == 2400.0
 
 
-def test_the_quick_search_keeps_to_its_trial_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_quick_search_keeps_to_its_trial_budget() -> None:
     """Made-up figures as above (stand-in measurement, no server). With 8 trials, 3 are kept for
     the re-measurement (the top 2 and the spec as written, once more each): the climb stops at
     5 and the run at 8, and the pick still stands on two measurements."""
-    result, lines = climb_on_made_up_figures(
-        monkeypatch, TuneOptions(top=2, repeats=2, max_trials=8)
-    )
+    result, lines = climb_on_made_up_figures(TuneOptions(top=2, repeats=2, max_trials=8))
 
     assert "  the climb stops at 5 trials (its budget)" in lines
     assert len(result.trials) == 8

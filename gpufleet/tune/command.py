@@ -91,13 +91,12 @@ def run_tune(request: TuneRequest, say: Say) -> TuneOutcome:
     )
     local = LocalStack(stack, specs, say=say)
     with local.serving_triton() as control:
-        target = TritonTarget(control, control.grpc_url, control.model_repository)
+        target = TritonTarget(control, control.grpc_url, control.model_repository, inputs)
         try:
             result = tune(
                 spec,
                 space,
                 target,
-                inputs,
                 TuneOptions(
                     exhaustive=request.exhaustive, settings=settings, repeats=request.repeats
                 ),

@@ -16,7 +16,7 @@ never measured again by the climb. The quick search measures at most ``max_trial
 
 Triton is left serving the repository's own config when the run ends, also on an error.
 
-    result = tune(spec, space, target, inputs, TuneOptions(exhaustive=False), progress=print)
+    result = tune(spec, space, target, TuneOptions(exhaustive=False), progress=print)
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy.typing as npt
 
 from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.stack import LoadGateSettings
@@ -43,11 +41,10 @@ from gpufleet.tune.objective import (
     measure_noise,
 )
 from gpufleet.tune.space import AXES, Candidate, SearchSpace
-from gpufleet.tune.trial import Trial, TritonTarget, repository_config_override, run_trial
+from gpufleet.tune.trial import Trial, TuningTarget
 
 Progress = Callable[[str], None]
 MAX_RANKING_ROUNDS = 4
-_LIVE_TIMEOUT_S = 10.0
 
 
 QUICK_SHARE, MIN_QUICK_TRIALS = 0.15, 20
@@ -146,13 +143,12 @@ class _Runner:
         self,
         spec: ModelSpec,
         space: SearchSpace,
-        target: TritonTarget,
-        inputs: dict[str, npt.NDArray[Any]],
+        target: TuningTarget,
         objective: Objective,
         options: TuneOptions,
         progress: Progress,
     ) -> None:
-        self.spec, self.space, self.target, self.inputs = spec, space, target, inputs
+        self.spec, self.space, self.target = spec, space, target
         self.objective, self.options, self.progress = objective, options, progress
         self.trials: list[Trial] = []
         self.first: dict[Candidate, Assessment] = {}
@@ -170,11 +166,9 @@ class _Runner:
     def measure(self, candidate: Candidate, *, baseline: bool = False) -> Trial:
         spec = self.spec if baseline else self.space.spec_for(candidate)
         repeat = sum(1 for t in self.trials if t.candidate == candidate and t.baseline == baseline)
-        trial = run_trial(
-            self.target,
+        trial = self.target.run_trial(
             spec,
             candidate,
-            self.inputs,
             list(self.objective.levels),
             self.options.settings,
             number=len(self.trials) + 1,
@@ -183,9 +177,9 @@ class _Runner:
         )
         self.trials.append(trial)
         self.progress(_trial_line(trial, self.objective))
-        if not trial.loaded and not _live(self.target.grpc_url):
+        if not trial.loaded and not self.target.live():
             raise TritonStopped(
-                f"Triton at {self.target.grpc_url} stopped answering during trial {trial.number} "
+                f"{self.target.address} stopped answering during trial {trial.number} "
                 f"({trial.load_error}): a refused config is skipped, a dead server ends the run; "
                 "see Triton's log, bring it back (`gpufleet up`) and tune again"
             )
@@ -206,8 +200,7 @@ class _Runner:
 def tune(
     spec: ModelSpec,
     space: SearchSpace,
-    target: TritonTarget,
-    inputs: dict[str, npt.NDArray[Any]],
+    target: TuningTarget,
     options: TuneOptions,
     *,
     progress: Progress | None = None,
@@ -215,7 +208,7 @@ def tune(
     """Search ``space`` on ``target`` for ``spec``'s objective (see the module docstring)."""
     started = time.monotonic()
     objective = Objective.of(spec)
-    runner = _Runner(spec, space, target, inputs, objective, options, progress or _quiet)
+    runner = _Runner(spec, space, target, objective, options, progress or _quiet)
     try:
         start = space.snap(spec)
         for _ in range(FIRST_MEASUREMENTS_OF_SPEC):  # the first figure of the noise
@@ -350,23 +343,10 @@ def _measure_top_again(runner: _Runner, start: Candidate) -> None:
             short = [c for c in short if len(runner.group(c, False)) < runner.options.repeats]
 
 
-def _live(grpc_url: str) -> bool:
-    """Whether Triton answers its liveness check (a refused load from a live Triton is the
-    config's fault, not the server's)."""
-    import tritonclient.grpc as triton_grpc
-
+def _restore(target: TuningTarget, spec: ModelSpec, progress: Progress) -> None:
+    """The model back on the repository's config.pbtxt (the spec as deployed)."""
     try:
-        with triton_grpc.InferenceServerClient(grpc_url) as client:
-            return bool(client.is_server_live(client_timeout=_LIVE_TIMEOUT_S))
-    except Exception:  # refused, timed out, reset: not live
-        return False
-
-
-def _restore(target: TritonTarget, spec: ModelSpec, progress: Progress) -> None:
-    """Triton back on the repository's config.pbtxt (the spec as deployed)."""
-    try:
-        config = repository_config_override(target.repository, spec.name)
-        target.control.load_model(spec.name, config=config)
+        target.restore(spec)
     except Exception as error:
         progress(f"warning: could not reload {spec.name} with its repository config: {error}")
     else:

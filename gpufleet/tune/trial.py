@@ -8,14 +8,18 @@ method (``validation.load.measure_level``: perf_analyzer's windows), after two u
 windows at the highest level. A candidate Triton refuses
 to load is recorded with Triton's reason and skipped.
 
-    trial = run_trial(target, space.spec_for(candidate), candidate, inputs, settings)
+    target = TritonTarget(control, grpc_url, repository, synthetic_request(spec))
+    trial = target.run_trial(space.spec_for(candidate), candidate, [1, 8], settings, number=1)
+
+``TuningTarget`` is what a tuning run needs of the server it measures on; ``TritonTarget`` is
+the real one, and the offline replay (bench/tune_replay.py) and the tests stand in for it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,14 +57,110 @@ class ModelLoader(Protocol):
     def load_model(self, name: str, config: str | None = None) -> None: ...
 
 
+class TuningTarget(Protocol):
+    """What a tuning run needs of the server it measures on."""
+
+    @property
+    def address(self) -> str: ...
+
+    def run_trial(
+        self,
+        spec: ModelSpec,
+        candidate: Candidate,
+        levels: list[int],
+        settings: LoadGateSettings,
+        *,
+        number: int,
+        baseline: bool = False,
+        repeat: int = 0,
+    ) -> Trial:
+        """Serve ``spec`` and measure it at ``levels``; a config the server refuses is a trial
+        with its reason, not an error."""
+        ...
+
+    def live(self) -> bool:
+        """Whether the server still answers (a refusal from a live server is the config's)."""
+        ...
+
+    def restore(self, spec: ModelSpec) -> None:
+        """Serve the model with its repository's own config again; raises when that fails."""
+        ...
+
+
 @dataclass(frozen=True)
 class TritonTarget:
-    """The Triton a tuning run works on: its control API, its gRPC address and the model
-    repository whose config it is put back on at the end."""
+    """The Triton a tuning run works on: its control API, its gRPC address, the model
+    repository whose config it is put back on at the end, and the request each trial sends."""
 
     control: ModelLoader
     grpc_url: str
     repository: Path
+    inputs: dict[str, npt.NDArray[Any]]
+
+    @property
+    def address(self) -> str:
+        return f"Triton at {self.grpc_url}"
+
+    def run_trial(
+        self,
+        spec: ModelSpec,
+        candidate: Candidate,
+        levels: list[int],
+        settings: LoadGateSettings,
+        *,
+        number: int,
+        baseline: bool = False,
+        repeat: int = 0,
+    ) -> Trial:
+        """Load ``spec`` as a config override, then measure each level; never raises for a
+        candidate Triton refuses (the trial records why)."""
+        started = time.monotonic()
+        try:
+            self.control.load_model(spec.name, config=config_override(spec))
+        except Exception as error:  # any refusal (TritonModelControlError, a lost connection)
+            return Trial(
+                number,
+                candidate,
+                load_error=_first_line(error),
+                duration_s=time.monotonic() - started,
+                load_s=time.monotonic() - started,
+                baseline=baseline,
+                repeat=repeat,
+            )
+        loaded = time.monotonic()
+        # Two windows at the highest level, not counted: the first requests after a load meet
+        # instances still warming up (the python stub's first torch call), which read as noise.
+        warmup = settings.model_copy(update={"stable_windows": 2, "max_windows": 2})
+        measure_level(self.grpc_url, spec.name, self.inputs, max(levels), warmup)
+        measured = tuple(
+            LevelResult.of(measure_level(self.grpc_url, spec.name, self.inputs, level, settings))
+            for level in levels
+        )
+        return Trial(
+            number,
+            candidate,
+            measured,
+            duration_s=time.monotonic() - started,
+            load_s=loaded - started,
+            baseline=baseline,
+            repeat=repeat,
+        )
+
+    def live(self) -> bool:
+        import tritonclient.grpc as triton_grpc
+
+        try:
+            with triton_grpc.InferenceServerClient(self.grpc_url) as client:
+                return bool(client.is_server_live(client_timeout=_LIVE_TIMEOUT_S))
+        except Exception:  # refused, timed out, reset: not live
+            return False
+
+    def restore(self, spec: ModelSpec) -> None:
+        config = repository_config_override(self.repository, spec.name)
+        self.control.load_model(spec.name, config=config)
+
+
+_LIVE_TIMEOUT_S = 10.0
 
 
 def repository_config_override(repository: Path, model: str) -> str:
@@ -157,68 +257,6 @@ def synthetic_request(spec: ModelSpec, seed: int = 0) -> dict[str, npt.NDArray[A
         else:
             request[tensor.name] = np.zeros(shape, dtype=dtype)
     return request
-
-
-def run_trial(
-    target: TritonTarget,
-    spec: ModelSpec,
-    candidate: Candidate,
-    inputs: dict[str, npt.NDArray[Any]],
-    levels: list[int],
-    settings: LoadGateSettings,
-    *,
-    number: int,
-    baseline: bool = False,
-    repeat: int = 0,
-) -> Trial:
-    """Load ``spec`` as a config override, then measure each level; never raises for a
-    candidate Triton refuses (the trial records why)."""
-    started = time.monotonic()
-    try:
-        target.control.load_model(spec.name, config=config_override(spec))
-    except Exception as error:  # any refusal (TritonModelControlError, a lost connection)
-        return Trial(
-            number,
-            candidate,
-            load_error=_first_line(error),
-            duration_s=time.monotonic() - started,
-            load_s=time.monotonic() - started,
-            baseline=baseline,
-            repeat=repeat,
-        )
-    loaded = time.monotonic()
-    # Two windows at the highest level, not counted: the first requests after a load meet
-    # instances still warming up (the python stub's first torch call), which read as noise.
-    warmup = settings.model_copy(update={"stable_windows": 2, "max_windows": 2})
-    measure_level(target.grpc_url, spec.name, inputs, max(levels), warmup)
-    measured = tuple(
-        LevelResult.of(measure_level(target.grpc_url, spec.name, inputs, level, settings))
-        for level in levels
-    )
-    return Trial(
-        number,
-        candidate,
-        measured,
-        duration_s=time.monotonic() - started,
-        load_s=loaded - started,
-        baseline=baseline,
-        repeat=repeat,
-    )
-
-
-@dataclass
-class TrialLog:
-    """Every trial of a run, numbered in order."""
-
-    trials: list[Trial] = field(default_factory=list)
-
-    @property
-    def next_number(self) -> int:
-        return len(self.trials) + 1
-
-    def add(self, trial: Trial) -> Trial:
-        self.trials.append(trial)
-        return trial
 
 
 def _first_line(error: object) -> str:
