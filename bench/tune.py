@@ -226,14 +226,14 @@ def bench_model(
             inputs = synthetic_request(spec)
             target = TritonTarget(server, server.grpc_url, repository, inputs)
 
-            def search(mode: str, label: str) -> tuple[TuneResult, dict[str, Any]]:
-                """One search; when Triton dies under it (seen twice in this bench: the
-                python backend's stub), its log's tail is kept, Triton is started again and
-                the search starts over."""
+            def search(mode: str, search_name: str) -> tuple[TuneResult, dict[str, Any]]:
+                """One search (``search_name``: "exhaustive", "quick_1", ...); when Triton
+                dies under it (seen twice in this bench: the python backend's stub), its log's
+                tail is kept, Triton is started again and the search starts over."""
                 nonlocal target
                 deaths = 0
                 while True:
-                    print(f"{name}: {label}", flush=True)
+                    print(f"{name}: {search_name}", flush=True)
                     try:
                         result = tune(
                             spec,
@@ -248,14 +248,13 @@ def bench_model(
                             raise
                         tail = server.log_text()[-3000:]
                         model.setdefault("triton_deaths", []).append(
-                            {"during": label, "error": str(error), "log_tail": tail}
+                            {"during": search_name, "error": str(error), "log_tail": tail}
                         )
                         print(f"{name}: Triton died ({error}); starting it again", flush=True)
                         server.stop()
                         server.start()
                         target = TritonTarget(server, server.grpc_url, repository, inputs)
                         continue
-                    search_name = label.replace("quick search ", "quick_").split()[0]
                     keep_trials(trial_rows(name, search_name, result.trials))
                     return result, run_summary(result)
 
@@ -266,12 +265,12 @@ def bench_model(
                 chosen = earlier["exhaustive"]["chosen"]
                 picks["exhaustive"] = None if chosen == "as written" else _candidate_of(chosen)
             else:
-                full, model["exhaustive"] = search("exhaustive", "exhaustive search")
+                full, model["exhaustive"] = search("exhaustive", "exhaustive")
                 if full.choice.chosen is not None:
                     picks["exhaustive"] = _pick(full)
             save()
             for run in range(runs):
-                quick, summary = search("quick", f"quick search {run + 1}")
+                quick, summary = search("quick", f"quick_{run + 1}")
                 summary["trials_share_of_exhaustive"] = round(
                     summary["trials"] / model["exhaustive"]["trials"], 3
                 )
