@@ -14,6 +14,8 @@ cores has 364), then the quick search three times on the same grid, each compare
 exhaustive search's best (its trials, and its pick's throughput); then the spec as written, the
 exhaustive pick and every quick pick measured side by side, alternating, at every level the
 spec names, with the load gate's method: the fair comparison on a machine whose load drifts.
+Where the p99 at the lowest level decided a quick search, its band's highest-throughput
+candidate is measured side by side too (``quick_N_top_throughput``).
 The machine is shared with other busy processes: every figure is noisy. The tuner's own noise
 figure (the spread of repeated trials) is recorded with each run, and so is the load average.
 Every trial of every search is kept beside the results, one JSON line each

@@ -568,6 +568,7 @@ def test_only_candidates_measured_again_are_told_apart_by_their_p99(
     assessments = assess_all(objective, trials)
     choice = choose(assessments, measure_noise(assessments))
 
+    assert low_p99 in {item.candidate for item in choice.within_noise}, choice.decided_by
     assert choice.chosen is not None
     assert choice.chosen.candidate == (low_p99 if low_p99_wins else best), choice.decided_by
     assert choice.decided_by.startswith(

@@ -10,7 +10,8 @@ the highest level is at least ``min_throughput_per_s`` (when set). Among those:
    measured more than once take part: one p99 reading at a low level is a draw from a wide
    spread (sleepy_mlp, quiet machine: ±33% to ±80% between repeats), and the lowest single
    reading among many is luck (run H: picked at 0.91 of the best, its p99 not confirmed side by
-   side);
+   side). The best by throughput is among the top candidates measured again, unless the quick
+   search's budget ran out first;
 3. the pick replaces the spec as written only when it beats it (measured side by side in the
    same run) by more than the noise: it meets the objective where the spec as written does
    not, or has a higher throughput, or the same throughput and a lower p99 at the lowest level.
@@ -369,7 +370,8 @@ def _choose_candidate(assessments: Sequence[Assessment], noise: Noise) -> Choice
     return Choice(
         best,
         best,
-        f"throughput: {len(band)} candidates within its noise, none measured more than once "
-        "with a p99 at the lowest level lower by more than the noise",
+        f"throughput: {len(band)} candidates within its noise; of the {len(measured_again)} "
+        "measured more than once, none has a p99 at the lowest level lower by more than the "
+        "noise",
         band,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,8 @@ from gpufleet.spec.model import ModelSpec
 from gpufleet.spec.stack import LoadGateSettings
 from gpufleet.tune.space import Candidate
 from validation.load import LevelMeasurement, measure_level
+
+_LIVE_TIMEOUT_S = 10.0
 
 NUMPY_DTYPES = {
     "bool": np.bool_,
@@ -95,7 +97,7 @@ class TritonTarget:
     control: ModelLoader
     grpc_url: str
     repository: Path
-    inputs: dict[str, npt.NDArray[Any]]
+    inputs: dict[str, npt.NDArray[Any]] = field(compare=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -158,9 +160,6 @@ class TritonTarget:
     def restore(self, spec: ModelSpec) -> None:
         config = repository_config_override(self.repository, spec.name)
         self.control.load_model(spec.name, config=config)
-
-
-_LIVE_TIMEOUT_S = 10.0
 
 
 def repository_config_override(repository: Path, model: str) -> str:
