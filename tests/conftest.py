@@ -6,12 +6,16 @@ import asyncio
 import copy
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from validation.tritonserver import LocalTritonServer
 
 pytest_plugins = [
     "tests.triton_fixtures",
@@ -84,3 +88,25 @@ def pulumi_loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     asyncio.set_event_loop(None)
     loop.close()
+
+
+STATS_SETTLE_S = 10.0
+
+
+def settled_statistics(
+    server: LocalTritonServer, model: str, *, at_least_inferences: int = 0
+) -> dict[str, Any]:
+    """The model's statistics once they count at least ``at_least_inferences`` and two reads
+    0.1 s apart agree (at most STATS_SETTLE_S). Triton's python backend reports a request's
+    statistics after its response went out, so a read right after the last answer can lag:
+    seen with one core kept busy, an inference_count of 0 right after one answered request."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    stats = server.model_statistics(model)["model_stats"][0]
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = server.model_statistics(model)["model_stats"][0]
+        settled = again == stats and int(again["inference_count"]) >= at_least_inferences
+        stats = again
+        if settled:
+            break
+    return dict(stats)

@@ -24,6 +24,7 @@ from generators.triton_config import render_config_pbtxt
 from gpufleet.registry.demo import demo_network
 from gpufleet.spec.loading import model_spec_hash
 from gpufleet.spec.model import ModelSpec
+from tests.conftest import settled_statistics
 from tests.mlflow_fixtures import mlp_spec
 from tests.triton_fixtures import TritonServerFactory
 
@@ -255,7 +256,7 @@ def test_python_backend_model_serves_the_module_on_real_triton(
     for batch, got in zip(batches, results, strict=True):
         np.testing.assert_allclose(got, reference(module, batch)[0], rtol=1e-5, atol=1e-6)
     assert "python_mlp_0_0: model.pt on cpu, 1 torch thread(s)" in server.log_text()
-    stats = server.model_statistics(spec.name)["model_stats"][0]
+    stats = settled_statistics(server, spec.name, at_least_inferences=sum(map(len, batches)))
     # Triton handed several requests to one execute(), which answered each with its own rows.
     assert int(stats["execution_count"]) < len(batches)
     assert int(stats["inference_count"]) == sum(len(batch) for batch in batches)

@@ -38,7 +38,7 @@ from gpufleet.spec.model import (
     WarmupInput,
 )
 from gpufleet.spec.problems import SpecError
-from tests.conftest import SAMPLE_SPECS, write_spec
+from tests.conftest import SAMPLE_SPECS, settled_statistics, write_spec
 from validation.tritonserver import LocalTritonServer, TritonModelControlError
 
 PYTHON_MODELS = Path(__file__).parent / "data" / "python_models"
@@ -241,8 +241,8 @@ def _infer_concurrently(
     return [results[index] for index in range(len(batches))]
 
 
-def _counts(server: LocalTritonServer, model: str) -> tuple[int, int]:
-    stats = server.model_statistics(model)["model_stats"][0]
+def _counts(server: LocalTritonServer, model: str, at_least: int = 0) -> tuple[int, int]:
+    stats = settled_statistics(server, model, at_least_inferences=at_least)
     return int(stats["inference_count"]), int(stats["execution_count"])
 
 
@@ -259,7 +259,7 @@ def test_dynamic_batching_batches_concurrent_requests(
         np.testing.assert_allclose(
             result, torch_mlp.reference_outputs(row, 4), rtol=1e-5, atol=1e-6
         )
-    inferences, executions = _counts(server, "batching_mlp")
+    inferences, executions = _counts(server, "batching_mlp", before_inferences + 32)
     assert inferences - before_inferences == 32
     assert executions - before_executions == 4, "Triton did not batch 8 requests at a time"
     batch_sizes = {

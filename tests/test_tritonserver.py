@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, settled_statistics
 from validation.loopback import http_request
 from validation.tritonserver import (
     ADMIN_KEY_HEADER,
@@ -123,7 +123,7 @@ def test_python_model_loads_and_serves_inference(
     finally:
         client.close()
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + 1)
-    [stats] = server.model_statistics("add_one")["model_stats"]
+    stats = settled_statistics(server, "add_one", at_least_inferences=1)
     assert stats["inference_count"] == 1
 
 
