@@ -56,7 +56,12 @@ from gpufleet.tune.space import (  # noqa: E402
     SpaceLimits,
     build_space,
 )
-from gpufleet.tune.trial import Trial, TritonTarget, synthetic_request  # noqa: E402
+from gpufleet.tune.trial import (  # noqa: E402
+    Trial,
+    TrialRequest,
+    TritonTarget,
+    synthetic_request,
+)
 from validation.tritonserver import LocalTritonServer  # noqa: E402
 
 # 4 instance counts x (max_batch_size 1, or 6 sizes x 3 delays x (none, max, and the level's batch
@@ -151,7 +156,6 @@ def side_by_side(
     """The spec as written and each distinct pick (None: the search kept the spec as written),
     in turn, SIDE_BY_SIDE_ROUNDS times, at every level the spec names: the load drifts on a
     shared machine, and alternating spreads the drift over all of them. Medians per level."""
-    levels = list(objective.levels)
     served: dict[Candidate | None, ModelSpec] = {None: spec}
     for candidate in picks.values():
         if candidate is not None:
@@ -160,7 +164,8 @@ def side_by_side(
     for _ in range(SIDE_BY_SIDE_ROUNDS):
         for key, model_spec in served.items():
             candidate = key or space.snap(spec)
-            runs[key].append(target.run_trial(model_spec, candidate, levels, settings, number=0))
+            request = TrialRequest(model_spec, candidate, objective.levels, settings, 0)
+            runs[key].append(target.run_trial(request))
     figures = {key: _per_level(trials) for key, trials in runs.items()}
     written = figures[None]
     out: dict[str, Any] = {"as_written": written}

@@ -39,11 +39,10 @@ from bench.loadgen import RESULTS, write_results  # noqa: E402
 from bench.tune import BENCH_GRID, REPEATS, SLEEPY, TOP  # noqa: E402
 from gpufleet.spec.loading import load_model_spec_file  # noqa: E402
 from gpufleet.spec.model import ModelSpec  # noqa: E402
-from gpufleet.spec.stack import LoadGateSettings  # noqa: E402
 from gpufleet.tune import search  # noqa: E402
 from gpufleet.tune.objective import Objective  # noqa: E402
-from gpufleet.tune.space import Candidate, HostFacts, SearchSpace, build_space  # noqa: E402
-from gpufleet.tune.trial import LevelResult, Trial  # noqa: E402
+from gpufleet.tune.space import HostFacts, SearchSpace, build_space  # noqa: E402
+from gpufleet.tune.trial import LevelResult, Trial, TrialRequest  # noqa: E402
 
 AS_WRITTEN = "as written"
 Reading = tuple[tuple[int, float, float], ...]  # (concurrency, throughput/s, p99 ms) per level
@@ -97,18 +96,8 @@ class Replay:
         self.throughput_jitter = jitter_of(readings, 1)
         self.p99_jitter = jitter_of(readings, 2)
 
-    def run_trial(
-        self,
-        spec: ModelSpec,
-        candidate: Candidate,
-        levels: list[int],
-        settings: LoadGateSettings,
-        *,
-        number: int,
-        baseline: bool = False,
-        repeat: int = 0,
-    ) -> Trial:
-        label = AS_WRITTEN if baseline else candidate.label
+    def run_trial(self, request: TrialRequest) -> Trial:
+        label = AS_WRITTEN if request.baseline else request.candidate.label
         if label not in self.readings:
             raise SystemExit(f"no recorded trial of {label}: replay trials of the same grid")
         reading = self.rng.choice(self.readings[label])
@@ -123,7 +112,7 @@ class Replay:
             )
             for concurrency, throughput, p99 in reading
         )
-        return Trial(number, candidate, figures, baseline=baseline, repeat=repeat)
+        return request.trial(figures)
 
     def live(self) -> bool:
         return True

@@ -41,7 +41,7 @@ from gpufleet.tune.space import (
     SpaceLimits,
     build_space,
 )
-from gpufleet.tune.trial import LevelResult, Trial, TritonTarget, synthetic_request
+from gpufleet.tune.trial import LevelResult, Trial, TrialRequest, TritonTarget, synthetic_request
 from gpufleet.tune.write_back import COMMENT_PREFIX, apply_write_back, plan_write_back
 from tests.conftest import SAMPLE_SPECS
 from validation.tritonserver import LocalTritonServer
@@ -660,20 +660,9 @@ class MadeUpTarget:
 
     address = "the made-up target"
 
-    def run_trial(
-        self,
-        spec: ModelSpec,
-        candidate: Candidate,
-        levels: list[int],
-        settings: LoadGateSettings,
-        *,
-        number: int,
-        baseline: bool = False,
-        repeat: int = 0,
-    ) -> Trial:
-        per_s = plateau_figures(candidate, baseline, repeat)
-        level = LevelResult(8, per_s, 5.0, 2.5, 0, True)
-        return Trial(number, candidate, (level,), baseline=baseline, repeat=repeat)
+    def run_trial(self, request: TrialRequest) -> Trial:
+        per_s = plateau_figures(request.candidate, request.baseline, request.repeat)
+        return request.trial((LevelResult(8, per_s, 5.0, 2.5, 0, True),))
 
     def live(self) -> bool:
         return True

@@ -41,7 +41,7 @@ from gpufleet.tune.objective import (
     measure_noise,
 )
 from gpufleet.tune.space import AXES, Candidate, SearchSpace
-from gpufleet.tune.trial import Trial, TuningTarget
+from gpufleet.tune.trial import Trial, TrialRequest, TuningTarget
 
 Progress = Callable[[str], None]
 MAX_RANKING_ROUNDS = 4
@@ -166,15 +166,16 @@ class _Runner:
     def measure(self, candidate: Candidate, *, baseline: bool = False) -> Trial:
         spec = self.spec if baseline else self.space.spec_for(candidate)
         repeat = sum(1 for t in self.trials if t.candidate == candidate and t.baseline == baseline)
-        trial = self.target.run_trial(
+        request = TrialRequest(
             spec,
             candidate,
-            list(self.objective.levels),
+            self.objective.levels,
             self.options.settings,
-            number=len(self.trials) + 1,
-            baseline=baseline,
-            repeat=repeat,
+            len(self.trials) + 1,
+            baseline,
+            repeat,
         )
+        trial = self.target.run_trial(request)
         self.trials.append(trial)
         self.progress(_trial_line(trial, self.objective))
         if not trial.loaded and not self.target.live():

@@ -9,7 +9,8 @@ windows at the highest level. A candidate Triton refuses
 to load is recorded with Triton's reason and skipped.
 
     target = TritonTarget(control, grpc_url, repository, synthetic_request(spec))
-    trial = target.run_trial(space.spec_for(candidate), candidate, [1, 8], settings, number=1)
+    request = TrialRequest(space.spec_for(candidate), candidate, (1, 8), settings, number=1)
+    trial = target.run_trial(request)
 
 ``TuningTarget`` is what a tuning run needs of the server it measures on; ``TritonTarget`` is
 the real one, and the offline replay (bench/tune_replay.py) and the tests stand in for it.
@@ -59,25 +60,49 @@ class ModelLoader(Protocol):
     def load_model(self, name: str, config: str | None = None) -> None: ...
 
 
+@dataclass(frozen=True)
+class TrialRequest:
+    """One measurement a tuning run asks of its target: serve ``spec`` (``candidate``'s config,
+    or the spec as written when ``baseline``) and measure it at ``levels``."""
+
+    spec: ModelSpec
+    candidate: Candidate
+    levels: tuple[int, ...]
+    settings: LoadGateSettings
+    number: int  # the trial's place in the run, from 1
+    baseline: bool = False  # the spec's own settings, as written
+    repeat: int = 0  # 0: the first measurement of this config; n: the n-th re-measurement
+
+    def trial(
+        self,
+        levels: tuple[LevelResult, ...] = (),
+        *,
+        load_error: str = "",
+        duration_s: float = 0.0,
+        load_s: float = 0.0,
+    ) -> Trial:
+        """The trial of this request, with what it measured."""
+        return Trial(
+            self.number,
+            self.candidate,
+            levels,
+            load_error,
+            duration_s,
+            load_s,
+            baseline=self.baseline,
+            repeat=self.repeat,
+        )
+
+
 class TuningTarget(Protocol):
     """What a tuning run needs of the server it measures on."""
 
     @property
     def address(self) -> str: ...
 
-    def run_trial(
-        self,
-        spec: ModelSpec,
-        candidate: Candidate,
-        levels: list[int],
-        settings: LoadGateSettings,
-        *,
-        number: int,
-        baseline: bool = False,
-        repeat: int = 0,
-    ) -> Trial:
-        """Serve ``spec`` and measure it at ``levels``; a config the server refuses is a trial
-        with its reason, not an error."""
+    def run_trial(self, request: TrialRequest) -> Trial:
+        """Serve the request's spec and measure it at its levels; a config the server refuses
+        is a trial with its reason, not an error."""
         ...
 
     def live(self) -> bool:
@@ -103,49 +128,27 @@ class TritonTarget:
     def address(self) -> str:
         return f"Triton at {self.grpc_url}"
 
-    def run_trial(
-        self,
-        spec: ModelSpec,
-        candidate: Candidate,
-        levels: list[int],
-        settings: LoadGateSettings,
-        *,
-        number: int,
-        baseline: bool = False,
-        repeat: int = 0,
-    ) -> Trial:
-        """Load ``spec`` as a config override, then measure each level; never raises for a
-        candidate Triton refuses (the trial records why)."""
+    def run_trial(self, request: TrialRequest) -> Trial:
+        """Load the request's spec as a config override, then measure each level; never raises
+        for a candidate Triton refuses (the trial records why)."""
+        name, settings, levels = request.spec.name, request.settings, request.levels
         started = time.monotonic()
         try:
-            self.control.load_model(spec.name, config=config_override(spec))
+            self.control.load_model(name, config=config_override(request.spec))
         except Exception as error:  # any refusal (TritonModelControlError, a lost connection)
-            return Trial(
-                number,
-                candidate,
-                load_error=_first_line(error),
-                duration_s=time.monotonic() - started,
-                load_s=time.monotonic() - started,
-                baseline=baseline,
-                repeat=repeat,
-            )
+            elapsed = time.monotonic() - started
+            return request.trial(load_error=_first_line(error), duration_s=elapsed, load_s=elapsed)
         loaded = time.monotonic()
         # Two windows at the highest level, not counted: the first requests after a load meet
         # instances still warming up (the python stub's first torch call), which read as noise.
         warmup = settings.model_copy(update={"stable_windows": 2, "max_windows": 2})
-        measure_level(self.grpc_url, spec.name, self.inputs, max(levels), warmup)
+        measure_level(self.grpc_url, name, self.inputs, max(levels), warmup)
         measured = tuple(
-            LevelResult.of(measure_level(self.grpc_url, spec.name, self.inputs, level, settings))
+            LevelResult.of(measure_level(self.grpc_url, name, self.inputs, level, settings))
             for level in levels
         )
-        return Trial(
-            number,
-            candidate,
-            measured,
-            duration_s=time.monotonic() - started,
-            load_s=loaded - started,
-            baseline=baseline,
-            repeat=repeat,
+        return request.trial(
+            measured, duration_s=time.monotonic() - started, load_s=loaded - started
         )
 
     def live(self) -> bool:
