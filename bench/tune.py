@@ -164,7 +164,7 @@ def side_by_side(
     for _ in range(SIDE_BY_SIDE_ROUNDS):
         for key, model_spec in served.items():
             candidate = key or space.snap(spec)
-            request = TrialRequest(model_spec, candidate, objective.levels, settings, 0)
+            request = TrialRequest(model_spec, candidate, objective.levels, settings, number=0)
             runs[key].append(target.run_trial(request))
     figures = {key: _per_level(trials) for key, trials in runs.items()}
     written = figures[None]

@@ -171,9 +171,9 @@ class _Runner:
             candidate,
             self.objective.levels,
             self.options.settings,
-            len(self.trials) + 1,
-            baseline,
-            repeat,
+            number=len(self.trials) + 1,
+            baseline=baseline,
+            repeat=repeat,
         )
         trial = self.target.run_trial(request)
         self.trials.append(trial)
