@@ -302,8 +302,7 @@ def choose(assessments: Sequence[Assessment], noise: Noise) -> Choice:
         f"({written.throughput_per_s:.0f}/s, p99 {written.p99_lowest_ms:.2f} ms) by more than "
         "the noise"
     )
-    spread = noise.between(pick, written)
-    if pick.p99_lowest_ms < written.p99_lowest_ms * (1 - spread.p99):
+    if _lower_p99_than_median(pick, written, noise.between(pick, written)):
         best_reading = min(written.p99_lowest_readings, default=FAILED)
         decided_by += (
             f"; its p99 is lower than the spec's median, not than its best reading "
@@ -334,9 +333,14 @@ def _lower_p99_than_written(pick: Assessment, written: Assessment, spread: Sprea
     one of its states: tabular_mlp's spec as written read 5.1-5.9 ms three times and 2.3 ms once
     in run J's quick search 1, against a pick at 2.3-3.0 ms; the pick replaced it and served
     0.81 of its throughput side by side, at a higher p99."""
-    return pick.p99_lowest_ms < written.p99_lowest_ms * (1 - spread.p99) and (
+    return _lower_p99_than_median(pick, written, spread) and (
         pick.p99_lowest_ms < min(written.p99_lowest_readings, default=FAILED)
     )
+
+
+def _lower_p99_than_median(pick: Assessment, written: Assessment, spread: Spread) -> bool:
+    """The pick's median p99 at the lowest level below the spec's by more than the noise."""
+    return pick.p99_lowest_ms < written.p99_lowest_ms * (1 - spread.p99)
 
 
 def _beats_lower_state(pick: Assessment, written: Assessment, noise: Noise) -> bool:
